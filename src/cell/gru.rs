@@ -1,0 +1,285 @@
+//! GRU, gates r, z, n as `torch.nn.GRU`, in two variants:
+//! - `gru` (reset after the recurrent matmul, PyTorch/cuDNN):
+//!   `n = tanh(W_in x + b_in + r⊙(W_hn h + b_hn))`;
+//! - `gru-cho` (reset before it, Cho et al. 2014): `n = tanh(W_in x + b_in + W_hn (r⊙h) + b_hn)`;
+//!
+//! and in both `r = σ(..)`, `z = σ(..)`, `h' = (1 − z)⊙n + z⊙h`.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{activation::sigmoid, backend::Backend, Tensor, TensorData};
+
+use super::{
+    accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence,
+    sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell, CellConfig, Position,
+};
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
+
+/// Configuration of a [`Gru`] cell.
+#[derive(Config, Debug, PartialEq)]
+pub struct GruConfig {
+    /// Width of the input.
+    pub input_size: usize,
+    /// Width of the hidden state.
+    pub hidden_size: usize,
+    /// Reset gate applied after the recurrent matmul (PyTorch, cuDNN) rather than before it
+    /// (Cho et al. 2014).
+    #[config(default = true)]
+    pub reset_after: bool,
+}
+
+/// A GRU cell. Weights in PyTorch's layout: `weight_ih [3H, I]`, `weight_hh [3H, H]`, rows r, z, n.
+#[derive(Module, Debug)]
+pub struct Gru<B: Backend> {
+    /// Input-to-gates weights `[3H, I]`.
+    pub weight_ih: Param<Tensor<B, 2>>,
+    /// Hidden-to-gates weights `[3H, H]`.
+    pub weight_hh: Param<Tensor<B, 2>>,
+    /// Input bias `[3H]`.
+    pub bias_ih: Param<Tensor<B, 1>>,
+    /// Hidden bias `[3H]`.
+    pub bias_hh: Param<Tensor<B, 1>>,
+    /// Reset after the recurrent matmul (`gru`) or before it (`gru-cho`).
+    pub reset_after: bool,
+}
+
+impl GruConfig {
+    /// Builds the cell with PyTorch's initialisation, `U(-1/√H, 1/√H)` everywhere.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Gru<B> {
+        let (i, h) = (self.input_size, self.hidden_size);
+        let bound = 1.0 / (h as f64).sqrt();
+        Gru {
+            weight_ih: uniform_param([3 * h, i], bound, device),
+            weight_hh: uniform_param([3 * h, h], bound, device),
+            bias_ih: uniform_param([3 * h], bound, device),
+            bias_hh: uniform_param([3 * h], bound, device),
+            reset_after: self.reset_after,
+        }
+    }
+}
+
+impl CellConfig for GruConfig {
+    type Cell<B: Backend> = Gru<B>;
+
+    fn names() -> &'static [&'static str] {
+        &["gru", "gru-cho"]
+    }
+    fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
+        let reset_after = match name {
+            "gru" => true,
+            "gru-cho" => false,
+            _ => return None,
+        };
+        Some(Self::new(input_size, hidden_size).with_reset_after(reset_after))
+    }
+    fn name(&self) -> &'static str {
+        if self.reset_after {
+            "gru"
+        } else {
+            "gru-cho"
+        }
+    }
+    fn input_size(&self) -> usize {
+        self.input_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn at_position(&self, position: Position) -> Self {
+        Self {
+            input_size: position.input_size,
+            ..self.clone()
+        }
+    }
+    fn init_cell<B: Backend>(&self, device: &B::Device) -> Gru<B> {
+        self.init(device)
+    }
+}
+
+/// The GRU step. Reset-after: params `[W_hh^T [H, 3H], b_hh [1, 3H]]`, one matmul per step,
+/// saved r, z, n and `W_hn h + b_hn`. Reset-before: params `[W_hh^T]` (every bias folded into
+/// the projection), one matmul for r, z and one for the candidate, saved r, z, n.
+#[derive(Debug, Clone)]
+pub struct GruKernel {
+    /// Width of the hidden state.
+    pub hidden: usize,
+    /// Reset after the recurrent matmul.
+    pub reset_after: bool,
+}
+
+impl Recurrence for GruKernel {
+    fn input_width(&self) -> usize {
+        3 * self.hidden
+    }
+    fn state_width(&self) -> usize {
+        self.hidden
+    }
+    fn output_width(&self) -> usize {
+        self.hidden
+    }
+    fn saved_width(&self) -> usize {
+        if self.reset_after {
+            4 * self.hidden
+        } else {
+            3 * self.hidden
+        }
+    }
+    fn param_shapes(&self) -> Vec<[usize; 2]> {
+        let h = self.hidden;
+        if self.reset_after {
+            vec![[h, 3 * h], [1, 3 * h]]
+        } else {
+            vec![[h, 3 * h]]
+        }
+    }
+
+    fn step<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        xp: Tensor<B, 2>,
+        h: Tensor<B, 2>,
+    ) -> StepOutput<B> {
+        let hd = self.hidden;
+        let (r, z, n, extra) = if self.reset_after {
+            let hz = h.clone().matmul(params[0].clone()) + params[1].clone();
+            let r = sigmoid(cols(&xp, 0, hd) + cols(&hz, 0, hd));
+            let z = sigmoid(cols(&xp, hd, hd) + cols(&hz, hd, hd));
+            let hn = cols(&hz, 2 * hd, hd);
+            let n = (cols(&xp, 2 * hd, hd) + r.clone() * hn.clone()).tanh();
+            (r, z, n, Some(hn))
+        } else {
+            let w = &params[0];
+            let hz = h.clone().matmul(cols(w, 0, 2 * hd));
+            let r = sigmoid(cols(&xp, 0, hd) + cols(&hz, 0, hd));
+            let z = sigmoid(cols(&xp, hd, hd) + cols(&hz, hd, hd));
+            let n = (cols(&xp, 2 * hd, hd) + (r.clone() * h.clone()).matmul(cols(w, 2 * hd, hd)))
+                .tanh();
+            (r, z, n, None)
+        };
+        let h_new = n.clone() + (h - n.clone()) * z.clone();
+        let mut saved = vec![r, z, n];
+        saved.extend(extra);
+        StepOutput {
+            output: h_new.clone(),
+            state: h_new,
+            saved: Some(Tensor::cat(saved, 1)),
+        }
+    }
+
+    fn step_backward<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        step: StepRecord<B>,
+        param_grads: &mut [Tensor<B, 2>],
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let hd = self.hidden;
+        let saved = step.saved.expect("the GRU saves its gates");
+        let (r, z, n) = (cols(&saved, 0, hd), cols(&saved, hd, hd), cols(&saved, 2 * hd, hd));
+        let h = step.prev_state;
+        let grad_h = step.grad_output + step.grad_state;
+
+        let dn = grad_h.clone() * (z.clone().neg() + 1.0) * tanh_grad(n.clone());
+        let dz = grad_h.clone() * (h.clone() - n) * sigmoid_grad(z.clone());
+        let mut grad_prev = grad_h * z;
+        let w = &params[0];
+        if self.reset_after {
+            let hn = cols(&saved, 3 * hd, hd);
+            let dr = dn.clone() * hn * sigmoid_grad(r.clone());
+            let d_hz = Tensor::cat(vec![dr.clone(), dz.clone(), dn.clone() * r], 1);
+            accumulate(&mut param_grads[0], h.transpose().matmul(d_hz.clone()));
+            accumulate(&mut param_grads[1], batch_sum(d_hz.clone()));
+            grad_prev = grad_prev + d_hz.matmul(w.clone().transpose());
+            (Tensor::cat(vec![dr, dz, dn], 1), grad_prev)
+        } else {
+            let (w_rz, w_n) = (cols(w, 0, 2 * hd), cols(w, 2 * hd, hd));
+            let rh = r.clone() * h.clone();
+            let grad_rh = dn.clone().matmul(w_n.transpose());
+            let dr = grad_rh.clone() * h.clone() * sigmoid_grad(r.clone());
+            grad_prev = grad_prev + grad_rh * r;
+            let d_rz = Tensor::cat(vec![dr.clone(), dz.clone()], 1);
+            grad_prev = grad_prev + d_rz.clone().matmul(w_rz.transpose());
+            let grad_w = Tensor::cat(
+                vec![
+                    h.transpose().matmul(d_rz),
+                    rh.transpose().matmul(dn.clone()),
+                ],
+                1,
+            );
+            accumulate(&mut param_grads[0], grad_w);
+            (Tensor::cat(vec![dr, dz, dn], 1), grad_prev)
+        }
+    }
+}
+
+impl<B: Backend> Cell<B> for Gru<B> {
+    type Kernel = GruKernel;
+
+    fn input_size(&self) -> usize {
+        self.weight_ih.dims()[1]
+    }
+    fn hidden_size(&self) -> usize {
+        self.weight_hh.dims()[1]
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        &["h"]
+    }
+    fn kernel(&self) -> GruKernel {
+        GruKernel {
+            hidden: self.hidden_size(),
+            reset_after: self.reset_after,
+        }
+    }
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> {
+        let bias = if self.reset_after {
+            self.bias_ih.val()
+        } else {
+            self.bias_ih.val() + self.bias_hh.val()
+        };
+        project_sequence(input, self.weight_ih.val(), Some(bias))
+    }
+    fn recurrent_params(&self) -> Tensor<B, 1> {
+        let mut params = vec![self.weight_hh.val().transpose()];
+        if self.reset_after {
+            params.push(self.bias_hh.val().unsqueeze_dim(0));
+        }
+        flatten_params(params)
+    }
+
+    fn load_layer(
+        cells: Vec<Self>,
+        layer: usize,
+        source: &mut dyn TensorSource,
+    ) -> Result<Vec<Self>, ImportError> {
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(direction, cell)| {
+                let name = |base: &str| torch_name(base, layer, direction);
+                Ok(Gru {
+                    weight_ih: load_param(source, &name("weight_ih"), &cell.weight_ih)?,
+                    weight_hh: load_param(source, &name("weight_hh"), &cell.weight_hh)?,
+                    bias_ih: load_param(source, &name("bias_ih"), &cell.bias_ih)?,
+                    bias_hh: load_param(source, &name("bias_hh"), &cell.bias_hh)?,
+                    reset_after: cell.reset_after,
+                })
+            })
+            .collect()
+    }
+
+    fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
+        cells
+            .iter()
+            .enumerate()
+            .flat_map(|(direction, cell)| {
+                let name = |base: &str| torch_name(base, layer, direction);
+                [
+                    (name("weight_ih"), param_data(&cell.weight_ih)),
+                    (name("weight_hh"), param_data(&cell.weight_hh)),
+                    (name("bias_ih"), param_data(&cell.bias_ih)),
+                    (name("bias_hh"), param_data(&cell.bias_hh)),
+                ]
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,369 @@
+//! LSTM and its variants: `lstm` (gates i, f, g, o as `torch.nn.LSTM`), `peephole-lstm`
+//! (diagonal peepholes `p_i, p_f` on the old cell and `p_o` on the new one, Gers & Schmidhuber
+//! 2000) and `cifg-lstm` (coupled input and forget gate `f = 1 − i`, Greff et al. 2017; rows
+//! i, g, o only).
+//!
+//! Step (standard): `i, f, o = σ(z_i, z_f, z_o)`, `g = tanh(z_g)`, `c' = f⊙c + i⊙g`,
+//! `h' = o⊙tanh(c')` with `z = W_ih x + b_ih + W_hh h + b_hh`.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{activation::sigmoid, backend::Backend, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence,
+    sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell, CellConfig, Position,
+};
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
+
+/// Which LSTM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LstmVariant {
+    /// `torch.nn.LSTM`.
+    Standard,
+    /// Peephole connections from the cell to the gates.
+    Peephole,
+    /// Coupled input and forget gate.
+    Cifg,
+}
+
+/// Configuration of an [`Lstm`] cell.
+#[derive(Config, Debug, PartialEq)]
+pub struct LstmConfig {
+    /// Width of the input.
+    pub input_size: usize,
+    /// Width of the hidden state.
+    pub hidden_size: usize,
+    /// Which LSTM.
+    #[config(default = "LstmVariant::Standard")]
+    pub variant: LstmVariant,
+    /// Initial value of the forget-gate slice of `bias_ih` (`bias_hh`'s is 0); the zoo's default
+    /// 1 follows Gers et al. 2000 and Jozefowicz et al. 2015. `None` keeps PyTorch's uniform
+    /// initialisation. Unused by the CIFG variant, which has no forget rows.
+    #[config(default = "Some(1.0)")]
+    pub forget_bias: Option<f64>,
+}
+
+/// An LSTM cell. Weights in PyTorch's layout: `weight_ih [G, I]`, `weight_hh [G, H]` with
+/// `G = 4H` (rows i, f, g, o) or `3H` for CIFG (rows i, g, o).
+#[derive(Module, Debug)]
+pub struct Lstm<B: Backend> {
+    /// Input-to-gates weights `[G, I]`.
+    pub weight_ih: Param<Tensor<B, 2>>,
+    /// Hidden-to-gates weights `[G, H]`.
+    pub weight_hh: Param<Tensor<B, 2>>,
+    /// Input bias `[G]`.
+    pub bias_ih: Param<Tensor<B, 1>>,
+    /// Hidden bias `[G]`.
+    pub bias_hh: Param<Tensor<B, 1>>,
+    /// Peephole weights `[p_i, p_f, p_o]` (`[3H]`), peephole variant only.
+    pub weight_peephole: Option<Param<Tensor<B, 1>>>,
+    /// Input and forget gates coupled (CIFG).
+    pub coupled: bool,
+}
+
+impl LstmConfig {
+    fn gate_rows(&self) -> usize {
+        match self.variant {
+            LstmVariant::Cifg => 3 * self.hidden_size,
+            _ => 4 * self.hidden_size,
+        }
+    }
+
+    /// Builds the cell: PyTorch's `U(-1/√H, 1/√H)`, then the forget-gate bias (see
+    /// [`forget_bias`](LstmConfig::forget_bias)).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Lstm<B> {
+        let (i, h, g) = (self.input_size, self.hidden_size, self.gate_rows());
+        let bound = 1.0 / (h as f64).sqrt();
+        let mut bias_ih = uniform_param::<B, 1>([g], bound, device);
+        let mut bias_hh = uniform_param::<B, 1>([g], bound, device);
+        if let (Some(value), false) = (self.forget_bias, self.variant == LstmVariant::Cifg) {
+            bias_ih = Param::from_tensor(bias_ih.val().slice_fill(h..2 * h, value));
+            bias_hh = Param::from_tensor(bias_hh.val().slice_fill(h..2 * h, 0.0));
+        }
+        Lstm {
+            weight_ih: uniform_param([g, i], bound, device),
+            weight_hh: uniform_param([g, h], bound, device),
+            bias_ih,
+            bias_hh,
+            weight_peephole: (self.variant == LstmVariant::Peephole)
+                .then(|| uniform_param([3 * h], bound, device)),
+            coupled: self.variant == LstmVariant::Cifg,
+        }
+    }
+}
+
+impl CellConfig for LstmConfig {
+    type Cell<B: Backend> = Lstm<B>;
+
+    fn names() -> &'static [&'static str] {
+        &["lstm", "peephole-lstm", "cifg-lstm"]
+    }
+    fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
+        let variant = match name {
+            "lstm" => LstmVariant::Standard,
+            "peephole-lstm" => LstmVariant::Peephole,
+            "cifg-lstm" => LstmVariant::Cifg,
+            _ => return None,
+        };
+        Some(Self::new(input_size, hidden_size).with_variant(variant))
+    }
+    fn name(&self) -> &'static str {
+        match self.variant {
+            LstmVariant::Standard => "lstm",
+            LstmVariant::Peephole => "peephole-lstm",
+            LstmVariant::Cifg => "cifg-lstm",
+        }
+    }
+    fn input_size(&self) -> usize {
+        self.input_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn at_position(&self, position: Position) -> Self {
+        Self {
+            input_size: position.input_size,
+            ..self.clone()
+        }
+    }
+    fn init_cell<B: Backend>(&self, device: &B::Device) -> Lstm<B> {
+        self.init(device)
+    }
+}
+
+/// The LSTM step for all three variants. Biases are folded into the projection. Saved per
+/// step: the activated gates (i, f, g, o, or i, g, o when coupled).
+#[derive(Debug, Clone)]
+pub struct LstmKernel {
+    /// Width of the hidden state.
+    pub hidden: usize,
+    /// Peephole connections (`params[1]` is `[1, 3H]`).
+    pub peephole: bool,
+    /// Coupled input and forget gate.
+    pub coupled: bool,
+}
+
+impl LstmKernel {
+    fn gates(&self) -> usize {
+        if self.coupled {
+            3
+        } else {
+            4
+        }
+    }
+}
+
+/// Activated gates of one step.
+struct Gates<B: Backend> {
+    i: Tensor<B, 2>,
+    f: Tensor<B, 2>,
+    g: Tensor<B, 2>,
+    o: Tensor<B, 2>,
+}
+
+impl Recurrence for LstmKernel {
+    fn input_width(&self) -> usize {
+        self.gates() * self.hidden
+    }
+    fn state_width(&self) -> usize {
+        2 * self.hidden
+    }
+    fn output_width(&self) -> usize {
+        self.hidden
+    }
+    fn saved_width(&self) -> usize {
+        self.gates() * self.hidden
+    }
+    fn param_shapes(&self) -> Vec<[usize; 2]> {
+        let mut shapes = vec![[self.hidden, self.gates() * self.hidden]];
+        if self.peephole {
+            shapes.push([1, 3 * self.hidden]);
+        }
+        shapes
+    }
+
+    fn step<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        xp: Tensor<B, 2>,
+        state: Tensor<B, 2>,
+    ) -> StepOutput<B> {
+        let hd = self.hidden;
+        let (h, c) = (cols(&state, 0, hd), cols(&state, hd, hd));
+        let z = xp + h.matmul(params[0].clone());
+        let (gates, c_new) = if self.coupled {
+            let i = sigmoid(cols(&z, 0, hd));
+            let g = cols(&z, hd, hd).tanh();
+            let o = sigmoid(cols(&z, 2 * hd, hd));
+            let f = i.clone().neg() + 1.0;
+            let c_new = f.clone() * c + i.clone() * g.clone();
+            (Gates { i, f, g, o }, c_new)
+        } else {
+            let (mut zi, mut zf, mut zo) = (cols(&z, 0, hd), cols(&z, hd, hd), cols(&z, 3 * hd, hd));
+            if self.peephole {
+                let p = &params[1];
+                zi = zi + cols(p, 0, hd) * c.clone();
+                zf = zf + cols(p, hd, hd) * c.clone();
+            }
+            let (i, f, g) = (sigmoid(zi), sigmoid(zf), cols(&z, 2 * hd, hd).tanh());
+            let c_new = f.clone() * c + i.clone() * g.clone();
+            if self.peephole {
+                zo = zo + cols(&params[1], 2 * hd, hd) * c_new.clone();
+            }
+            (Gates { i, f, g, o: sigmoid(zo) }, c_new)
+        };
+        let h_new = gates.o.clone() * c_new.clone().tanh();
+        let saved = if self.coupled {
+            Tensor::cat(vec![gates.i, gates.g, gates.o], 1)
+        } else {
+            Tensor::cat(vec![gates.i, gates.f, gates.g, gates.o], 1)
+        };
+        StepOutput {
+            output: h_new.clone(),
+            state: Tensor::cat(vec![h_new, c_new], 1),
+            saved: Some(saved),
+        }
+    }
+
+    fn step_backward<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        step: StepRecord<B>,
+        param_grads: &mut [Tensor<B, 2>],
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let hd = self.hidden;
+        let saved = step.saved.expect("the LSTM saves its gates");
+        let (i, g, o, f) = if self.coupled {
+            let i = cols(&saved, 0, hd);
+            let f = i.clone().neg() + 1.0;
+            (i, cols(&saved, hd, hd), cols(&saved, 2 * hd, hd), f)
+        } else {
+            (
+                cols(&saved, 0, hd),
+                cols(&saved, 2 * hd, hd),
+                cols(&saved, 3 * hd, hd),
+                cols(&saved, hd, hd),
+            )
+        };
+        let (h_prev, c_prev) = (cols(&step.prev_state, 0, hd), cols(&step.prev_state, hd, hd));
+        let c_new = cols(&step.state, hd, hd);
+        let grad_h = step.grad_output + cols(&step.grad_state, 0, hd);
+        let mut grad_c = cols(&step.grad_state, hd, hd);
+
+        let tanh_c = c_new.clone().tanh();
+        let dz_o = grad_h.clone() * tanh_c.clone() * sigmoid_grad(o.clone());
+        grad_c = grad_c + grad_h * o * tanh_grad(tanh_c);
+        if self.peephole {
+            grad_c = grad_c + dz_o.clone() * cols(&params[1], 2 * hd, hd);
+        }
+        let d_i = grad_c.clone() * g.clone();
+        let dz_g = grad_c.clone() * i.clone() * tanh_grad(g);
+        let d_f = grad_c.clone() * c_prev.clone();
+        let mut grad_c_prev = grad_c * f.clone();
+
+        let gate_grads = if self.coupled {
+            // f = 1 − i: the forget path reaches z_i with the opposite sign.
+            let dz_i = (d_i - d_f) * sigmoid_grad(i);
+            vec![dz_i, dz_g, dz_o]
+        } else {
+            let dz_i = d_i * sigmoid_grad(i);
+            let dz_f = d_f * sigmoid_grad(f);
+            if self.peephole {
+                let p = &params[1];
+                grad_c_prev = grad_c_prev
+                    + dz_i.clone() * cols(p, 0, hd)
+                    + dz_f.clone() * cols(p, hd, hd);
+                let grad_p = Tensor::cat(
+                    vec![
+                        batch_sum(dz_i.clone() * c_prev.clone()),
+                        batch_sum(dz_f.clone() * c_prev),
+                        batch_sum(dz_o.clone() * c_new),
+                    ],
+                    1,
+                );
+                accumulate(&mut param_grads[1], grad_p);
+            }
+            vec![dz_i, dz_f, dz_g, dz_o]
+        };
+        let dz = Tensor::cat(gate_grads, 1);
+        accumulate(&mut param_grads[0], h_prev.transpose().matmul(dz.clone()));
+        let grad_h_prev = dz.clone().matmul(params[0].clone().transpose());
+        (dz, Tensor::cat(vec![grad_h_prev, grad_c_prev], 1))
+    }
+}
+
+impl<B: Backend> Cell<B> for Lstm<B> {
+    type Kernel = LstmKernel;
+
+    fn input_size(&self) -> usize {
+        self.weight_ih.dims()[1]
+    }
+    fn hidden_size(&self) -> usize {
+        self.weight_hh.dims()[1]
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        &["h", "c"]
+    }
+    fn kernel(&self) -> LstmKernel {
+        LstmKernel {
+            hidden: self.hidden_size(),
+            peephole: self.weight_peephole.is_some(),
+            coupled: self.coupled,
+        }
+    }
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> {
+        let bias = self.bias_ih.val() + self.bias_hh.val();
+        project_sequence(input, self.weight_ih.val(), Some(bias))
+    }
+    fn recurrent_params(&self) -> Tensor<B, 1> {
+        let mut params = vec![self.weight_hh.val().transpose()];
+        if let Some(p) = &self.weight_peephole {
+            params.push(p.val().unsqueeze_dim(0));
+        }
+        flatten_params(params)
+    }
+
+    fn load_layer(
+        cells: Vec<Self>,
+        layer: usize,
+        source: &mut dyn TensorSource,
+    ) -> Result<Vec<Self>, ImportError> {
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(direction, cell)| {
+                let name = |base: &str| torch_name(base, layer, direction);
+                Ok(Lstm {
+                    weight_ih: load_param(source, &name("weight_ih"), &cell.weight_ih)?,
+                    weight_hh: load_param(source, &name("weight_hh"), &cell.weight_hh)?,
+                    bias_ih: load_param(source, &name("bias_ih"), &cell.bias_ih)?,
+                    bias_hh: load_param(source, &name("bias_hh"), &cell.bias_hh)?,
+                    weight_peephole: match &cell.weight_peephole {
+                        Some(p) => Some(load_param(source, &name("weight_peephole"), p)?),
+                        None => None,
+                    },
+                    coupled: cell.coupled,
+                })
+            })
+            .collect()
+    }
+
+    fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
+        let mut tensors = Vec::new();
+        for (direction, cell) in cells.iter().enumerate() {
+            let name = |base: &str| torch_name(base, layer, direction);
+            tensors.push((name("weight_ih"), param_data(&cell.weight_ih)));
+            tensors.push((name("weight_hh"), param_data(&cell.weight_hh)));
+            tensors.push((name("bias_ih"), param_data(&cell.bias_ih)));
+            tensors.push((name("bias_hh"), param_data(&cell.bias_hh)));
+            if let Some(p) = &cell.weight_peephole {
+                tensors.push((name("weight_peephole"), param_data(p)));
+            }
+        }
+        tensors
+    }
+}

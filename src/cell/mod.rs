@@ -1,0 +1,356 @@
+//! Recurrent cells: one trait, one file per cell family, one registry.
+//!
+//! A cell splits its work in two: [`Cell::project`] runs the input-to-hidden matmul for every
+//! step of a sequence at once, and its [`Recurrence`] kernel advances the state one step from
+//! that projection (one stacked matmul per step at most). The [layer](crate::layer) owns time.
+
+pub mod gru;
+pub mod lstm;
+pub mod rnn;
+pub mod sru;
+
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{self, Recurrence, RnnBackend};
+
+/// A recurrent cell: what the layer needs to run it over a sequence.
+pub trait Cell<B: Backend>: Module<B> + core::fmt::Debug {
+    /// The cell's backend-free recurrent step.
+    type Kernel: Recurrence;
+
+    /// Width of the input at each step.
+    fn input_size(&self) -> usize;
+    /// Width of the hidden state (and of the output at each step).
+    fn hidden_size(&self) -> usize;
+    /// Names of the state components, each `[batch, hidden]`, in the order the packed state
+    /// holds them (`["h", "c"]` for an LSTM).
+    fn state_names(&self) -> &'static [&'static str];
+    /// The recurrent kernel, configured for this cell.
+    fn kernel(&self) -> Self::Kernel;
+    /// Projects a whole time-major input sequence `[T, batch, input]` at once into the
+    /// per-step kernel input `[T, batch, kernel.input_width()]`.
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>;
+    /// The kernel's recurrent parameters, flattened and concatenated in its order.
+    fn recurrent_params(&self) -> Tensor<B, 1>;
+
+    /// Loads the cells of one layer (one per direction) from a state dict, replacing the
+    /// parameters of `cells`; names follow the convention of the cell's family.
+    fn load_layer(
+        cells: Vec<Self>,
+        layer: usize,
+        source: &mut dyn TensorSource,
+    ) -> Result<Vec<Self>, ImportError>
+    where
+        Self: Sized;
+
+    /// The named tensors of one layer's cells (one per direction), as [`load_layer`] reads them.
+    ///
+    /// [`load_layer`]: Cell::load_layer
+    fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)>
+    where
+        Self: Sized;
+
+    /// Runs the cell over a time-major sequence from a packed state `[batch, state_width]`,
+    /// returning the packed per-step record of the [recurrence op](crate::ops).
+    fn run(
+        &self,
+        input: Tensor<B, 3>,
+        state: Tensor<B, 2>,
+        mask: Option<Tensor<B, 2>>,
+        reverse: bool,
+    ) -> Tensor<B, 3>
+    where
+        B: RnnBackend,
+    {
+        let projected = self.project(input);
+        ops::recurrence(
+            &self.kernel(),
+            projected,
+            state,
+            self.recurrent_params(),
+            mask,
+            reverse,
+        )
+    }
+}
+
+/// Where a cell sits in a layer stack; some cells (SRU) build themselves differently by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Width of this layer's input.
+    pub input_size: usize,
+    /// 0 for the forward direction, 1 for the reverse one.
+    pub direction: usize,
+    /// 1 or 2.
+    pub num_directions: usize,
+}
+
+/// A cell's configuration: serialisable, named, and able to build the cell.
+pub trait CellConfig: Clone + core::fmt::Debug + Serialize + DeserializeOwned {
+    /// The cell this config builds.
+    type Cell<B: Backend>: Cell<B>;
+
+    /// The short names this config answers to (`"lstm"`, `"peephole-lstm"`, ...).
+    fn names() -> &'static [&'static str];
+    /// The config a short name stands for, with the zoo's defaults; `None` if not ours.
+    fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self>;
+    /// The short name of this config.
+    fn name(&self) -> &'static str;
+    /// Width of the input.
+    fn input_size(&self) -> usize;
+    /// Width of the hidden state.
+    fn hidden_size(&self) -> usize;
+    /// This config for the cell at `position` in a layer stack.
+    fn at_position(&self, position: Position) -> Self;
+    /// Builds the cell with freshly initialised parameters.
+    fn init_cell<B: Backend>(&self, device: &B::Device) -> Self::Cell<B>;
+}
+
+/// A parameter drawn from `U(-bound, bound)`, PyTorch's default for recurrent weights.
+pub(crate) fn uniform_param<B: Backend, const D: usize>(
+    shape: [usize; D],
+    bound: f64,
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    Param::from_tensor(Tensor::random(
+        shape,
+        Distribution::Uniform(-bound, bound),
+        device,
+    ))
+}
+
+/// `x W^T + b` over a time-major sequence: `[T, batch, in]` with `weight [out, in]` gives
+/// `[T, batch, out]`, in one matmul.
+pub(crate) fn project_sequence<B: Backend>(
+    input: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 3> {
+    let [len, batch, width] = input.dims();
+    let [out, expected] = weight.dims();
+    assert_eq!(
+        width, expected,
+        "input has {width} features per step but the cell expects {expected} (input shape {:?})",
+        [len, batch, width]
+    );
+    let projected = input.reshape([len * batch, width]).matmul(weight.transpose());
+    let projected = match bias {
+        Some(bias) => projected + bias.unsqueeze_dim(0),
+        None => projected,
+    };
+    projected.reshape([len, batch, out])
+}
+
+/// Flattens 2-D parameters into the kernel's flat parameter vector.
+pub(crate) fn flatten_params<B: Backend>(params: Vec<Tensor<B, 2>>) -> Tensor<B, 1> {
+    let flat = params
+        .into_iter()
+        .map(|p| {
+            let n = p.shape().num_elements();
+            p.reshape([n])
+        })
+        .collect();
+    Tensor::cat(flat, 0)
+}
+
+/// Columns `[start, start + width)` of a `[batch, features]` tensor.
+pub(crate) fn cols<B: Backend>(t: &Tensor<B, 2>, start: usize, width: usize) -> Tensor<B, 2> {
+    t.clone().narrow(1, start, width)
+}
+
+/// `σ'(x)` written through `s = σ(x)`.
+pub(crate) fn sigmoid_grad<B: Backend>(s: Tensor<B, 2>) -> Tensor<B, 2> {
+    s.clone() * (s.neg() + 1.0)
+}
+
+/// `tanh'(x)` written through `y = tanh(x)`.
+pub(crate) fn tanh_grad<B: Backend>(y: Tensor<B, 2>) -> Tensor<B, 2> {
+    y.square().neg() + 1.0
+}
+
+/// Adds `value` to the accumulator `acc`.
+pub(crate) fn accumulate<B: Backend>(acc: &mut Tensor<B, 2>, value: Tensor<B, 2>) {
+    *acc = acc.clone() + value;
+}
+
+/// Column sums of a `[batch, width]` tensor as `[1, width]` (the gradient of a broadcast row).
+pub(crate) fn batch_sum<B: Backend>(t: Tensor<B, 2>) -> Tensor<B, 2> {
+    t.sum_dim(0)
+}
+
+/// The PyTorch-style name of a per-direction parameter: `weight_ih_l0`, `bias_hh_l1_reverse`.
+pub fn torch_name(base: &str, layer: usize, direction: usize) -> String {
+    let suffix = if direction == 1 { "_reverse" } else { "" };
+    format!("{base}_l{layer}{suffix}")
+}
+
+/// Reads a tensor from `source` into a parameter of the same shape as `like`.
+pub(crate) fn load_param<B: Backend, const D: usize>(
+    source: &mut dyn TensorSource,
+    name: &str,
+    like: &Param<Tensor<B, D>>,
+) -> Result<Param<Tensor<B, D>>, ImportError> {
+    let current = like.val();
+    let data = source.take(name, &current.dims())?;
+    Ok(Param::from_tensor(Tensor::from_data(
+        data,
+        &current.device(),
+    )))
+}
+
+/// A parameter's values as f32 tensor data, for export.
+pub(crate) fn param_data<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> TensorData {
+    param.val().into_data().convert::<f32>()
+}
+
+macro_rules! register_cells {
+    ($($variant:ident => $module:ident :: { $cell:ident, $config:ident, $kernel:ident }),* $(,)?) => {
+        /// Any cell of the zoo, chosen at run time by name.
+        #[derive(Module, Debug)]
+        pub enum AnyCell<B: Backend> {
+            $(
+                #[doc = concat!("A [`", stringify!($cell), "`](", stringify!($module), "::", stringify!($cell), ").")]
+                $variant($module::$cell<B>),
+            )*
+        }
+
+        /// The config of any cell of the zoo.
+        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+        #[serde(tag = "family", rename_all = "kebab-case")]
+        pub enum AnyCellConfig {
+            $(
+                #[doc = concat!("A [`", stringify!($config), "`](", stringify!($module), "::", stringify!($config), ").")]
+                $variant($module::$config),
+            )*
+        }
+
+        /// The kernel of any cell of the zoo.
+        #[derive(Clone, Debug)]
+        pub enum AnyKernel {
+            $(
+                #[doc = concat!("A [`", stringify!($kernel), "`](", stringify!($module), "::", stringify!($kernel), ").")]
+                $variant($module::$kernel),
+            )*
+        }
+
+        /// Every cell name the zoo knows, in registry order.
+        pub fn cell_names() -> Vec<&'static str> {
+            let mut names = Vec::new();
+            $( names.extend_from_slice(<$module::$config as CellConfig>::names()); )*
+            names
+        }
+
+        impl Recurrence for AnyKernel {
+            fn input_width(&self) -> usize { match self { $(Self::$variant(k) => k.input_width()),* } }
+            fn state_width(&self) -> usize { match self { $(Self::$variant(k) => k.state_width()),* } }
+            fn output_width(&self) -> usize { match self { $(Self::$variant(k) => k.output_width()),* } }
+            fn saved_width(&self) -> usize { match self { $(Self::$variant(k) => k.saved_width()),* } }
+            fn param_shapes(&self) -> Vec<[usize; 2]> { match self { $(Self::$variant(k) => k.param_shapes()),* } }
+            fn step<B: Backend>(
+                &self,
+                params: &[Tensor<B, 2>],
+                xp: Tensor<B, 2>,
+                state: Tensor<B, 2>,
+            ) -> ops::StepOutput<B> {
+                match self { $(Self::$variant(k) => k.step(params, xp, state)),* }
+            }
+            fn step_backward<B: Backend>(
+                &self,
+                params: &[Tensor<B, 2>],
+                step: ops::StepRecord<B>,
+                param_grads: &mut [Tensor<B, 2>],
+            ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+                match self { $(Self::$variant(k) => k.step_backward(params, step, param_grads)),* }
+            }
+        }
+
+        impl<B: Backend> Cell<B> for AnyCell<B> {
+            type Kernel = AnyKernel;
+            fn input_size(&self) -> usize { match self { $(Self::$variant(c) => c.input_size()),* } }
+            fn hidden_size(&self) -> usize { match self { $(Self::$variant(c) => c.hidden_size()),* } }
+            fn state_names(&self) -> &'static [&'static str] { match self { $(Self::$variant(c) => c.state_names()),* } }
+            fn kernel(&self) -> AnyKernel { match self { $(Self::$variant(c) => AnyKernel::$variant(c.kernel())),* } }
+            fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> { match self { $(Self::$variant(c) => c.project(input)),* } }
+            fn recurrent_params(&self) -> Tensor<B, 1> { match self { $(Self::$variant(c) => c.recurrent_params()),* } }
+
+            fn load_layer(
+                cells: Vec<Self>,
+                layer: usize,
+                source: &mut dyn TensorSource,
+            ) -> Result<Vec<Self>, ImportError> {
+                match cells.first() {
+                    $(Some(Self::$variant(_)) => {
+                        let inner = cells.into_iter().map(|c| match c {
+                            Self::$variant(c) => c,
+                            _ => unreachable!("a layer holds one cell family"),
+                        }).collect();
+                        Ok(<$module::$cell<B> as Cell<B>>::load_layer(inner, layer, source)?
+                            .into_iter().map(Self::$variant).collect())
+                    })*
+                    None => Ok(Vec::new()),
+                }
+            }
+
+            fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
+                match cells.first() {
+                    $(Some(Self::$variant(_)) => {
+                        let inner: Vec<$module::$cell<B>> = cells.iter().map(|c| match c {
+                            Self::$variant(c) => c.clone(),
+                            _ => unreachable!("a layer holds one cell family"),
+                        }).collect();
+                        <$module::$cell<B> as Cell<B>>::save_layer(&inner, layer)
+                    })*
+                    None => Vec::new(),
+                }
+            }
+        }
+
+        impl CellConfig for AnyCellConfig {
+            type Cell<B: Backend> = AnyCell<B>;
+            fn names() -> &'static [&'static str] {
+                static NAMES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+                NAMES.get_or_init(cell_names).as_slice()
+            }
+            fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
+                $(
+                    if let Some(config) = <$module::$config as CellConfig>::from_name(name, input_size, hidden_size) {
+                        return Some(Self::$variant(config));
+                    }
+                )*
+                None
+            }
+            fn name(&self) -> &'static str { match self { $(Self::$variant(c) => c.name()),* } }
+            fn input_size(&self) -> usize { match self { $(Self::$variant(c) => c.input_size()),* } }
+            fn hidden_size(&self) -> usize { match self { $(Self::$variant(c) => c.hidden_size()),* } }
+            fn at_position(&self, position: Position) -> Self {
+                match self { $(Self::$variant(c) => Self::$variant(c.at_position(position))),* }
+            }
+            fn init_cell<B: Backend>(&self, device: &B::Device) -> AnyCell<B> {
+                match self { $(Self::$variant(c) => AnyCell::$variant(c.init_cell(device))),* }
+            }
+        }
+    };
+}
+
+// The registry: adding a cell family is one line here plus its file.
+register_cells! {
+    Rnn => rnn::{ Rnn, RnnConfig, RnnKernel },
+    Lstm => lstm::{ Lstm, LstmConfig, LstmKernel },
+    Gru => gru::{ Gru, GruConfig, GruKernel },
+    Sru => sru::{ Sru, SruConfig, SruKernel },
+}
+
+impl AnyCellConfig {
+    /// The config for a cell name (`"gru"`, `"sru"`, ...), or an error listing the known names.
+    pub fn named(name: &str, input_size: usize, hidden_size: usize) -> Result<Self, String> {
+        Self::from_name(name, input_size, hidden_size).ok_or_else(|| {
+            format!(
+                "unknown cell '{name}' (known: {})",
+                cell_names().join(", ")
+            )
+        })
+    }
+}

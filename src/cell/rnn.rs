@@ -1,0 +1,224 @@
+//! The Elman RNN: `h' = φ(W_ih x + b_ih + W_hh h + b_hh)` with φ = tanh (`rnn`) or relu
+//! (`rnn-relu`). Parameter names and layouts as `torch.nn.RNN`.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
+
+use super::{
+    accumulate, flatten_params, load_param, param_data, project_sequence, tanh_grad, torch_name,
+    uniform_param, Cell, CellConfig, Position,
+};
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
+
+/// Configuration of an [`Rnn`] cell.
+#[derive(Config, Debug, PartialEq)]
+pub struct RnnConfig {
+    /// Width of the input.
+    pub input_size: usize,
+    /// Width of the hidden state.
+    pub hidden_size: usize,
+    /// relu instead of tanh.
+    #[config(default = false)]
+    pub relu: bool,
+}
+
+/// An Elman RNN cell. Weights in PyTorch's layout: `weight_ih [H, I]`, `weight_hh [H, H]`.
+#[derive(Module, Debug)]
+pub struct Rnn<B: Backend> {
+    /// Input-to-hidden weights `[H, I]`.
+    pub weight_ih: Param<Tensor<B, 2>>,
+    /// Hidden-to-hidden weights `[H, H]`.
+    pub weight_hh: Param<Tensor<B, 2>>,
+    /// Input bias `[H]`.
+    pub bias_ih: Param<Tensor<B, 1>>,
+    /// Hidden bias `[H]`.
+    pub bias_hh: Param<Tensor<B, 1>>,
+    /// relu instead of tanh.
+    pub relu: bool,
+}
+
+impl RnnConfig {
+    /// Builds the cell with PyTorch's initialisation, `U(-1/√H, 1/√H)` everywhere.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Rnn<B> {
+        let (i, h) = (self.input_size, self.hidden_size);
+        let bound = 1.0 / (h as f64).sqrt();
+        Rnn {
+            weight_ih: uniform_param([h, i], bound, device),
+            weight_hh: uniform_param([h, h], bound, device),
+            bias_ih: uniform_param([h], bound, device),
+            bias_hh: uniform_param([h], bound, device),
+            relu: self.relu,
+        }
+    }
+}
+
+impl CellConfig for RnnConfig {
+    type Cell<B: Backend> = Rnn<B>;
+
+    fn names() -> &'static [&'static str] {
+        &["rnn", "rnn-relu"]
+    }
+    fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
+        let relu = match name {
+            "rnn" => false,
+            "rnn-relu" => true,
+            _ => return None,
+        };
+        Some(Self::new(input_size, hidden_size).with_relu(relu))
+    }
+    fn name(&self) -> &'static str {
+        if self.relu {
+            "rnn-relu"
+        } else {
+            "rnn"
+        }
+    }
+    fn input_size(&self) -> usize {
+        self.input_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn at_position(&self, position: Position) -> Self {
+        Self {
+            input_size: position.input_size,
+            ..self.clone()
+        }
+    }
+    fn init_cell<B: Backend>(&self, device: &B::Device) -> Rnn<B> {
+        self.init(device)
+    }
+}
+
+/// The Elman step; biases are folded into the projection.
+#[derive(Debug, Clone)]
+pub struct RnnKernel {
+    /// Width of the hidden state.
+    pub hidden: usize,
+    /// relu instead of tanh.
+    pub relu: bool,
+}
+
+impl Recurrence for RnnKernel {
+    fn input_width(&self) -> usize {
+        self.hidden
+    }
+    fn state_width(&self) -> usize {
+        self.hidden
+    }
+    fn output_width(&self) -> usize {
+        self.hidden
+    }
+    fn saved_width(&self) -> usize {
+        0
+    }
+    fn param_shapes(&self) -> Vec<[usize; 2]> {
+        vec![[self.hidden, self.hidden]]
+    }
+
+    fn step<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        xp: Tensor<B, 2>,
+        state: Tensor<B, 2>,
+    ) -> StepOutput<B> {
+        let pre = xp + state.matmul(params[0].clone());
+        let h = if self.relu {
+            activation::relu(pre)
+        } else {
+            pre.tanh()
+        };
+        StepOutput {
+            output: h.clone(),
+            state: h,
+            saved: None,
+        }
+    }
+
+    fn step_backward<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        step: StepRecord<B>,
+        param_grads: &mut [Tensor<B, 2>],
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let grad_h = step.grad_output + step.grad_state;
+        let slope = if self.relu {
+            step.state.greater_elem(0.0).float()
+        } else {
+            tanh_grad(step.state)
+        };
+        let grad_pre = grad_h * slope;
+        accumulate(
+            &mut param_grads[0],
+            step.prev_state.transpose().matmul(grad_pre.clone()),
+        );
+        let grad_prev = grad_pre.clone().matmul(params[0].clone().transpose());
+        (grad_pre, grad_prev)
+    }
+}
+
+impl<B: Backend> Cell<B> for Rnn<B> {
+    type Kernel = RnnKernel;
+
+    fn input_size(&self) -> usize {
+        self.weight_ih.dims()[1]
+    }
+    fn hidden_size(&self) -> usize {
+        self.weight_hh.dims()[0]
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        &["h"]
+    }
+    fn kernel(&self) -> RnnKernel {
+        RnnKernel {
+            hidden: self.hidden_size(),
+            relu: self.relu,
+        }
+    }
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> {
+        let bias = self.bias_ih.val() + self.bias_hh.val();
+        project_sequence(input, self.weight_ih.val(), Some(bias))
+    }
+    fn recurrent_params(&self) -> Tensor<B, 1> {
+        flatten_params(vec![self.weight_hh.val().transpose()])
+    }
+
+    fn load_layer(
+        cells: Vec<Self>,
+        layer: usize,
+        source: &mut dyn TensorSource,
+    ) -> Result<Vec<Self>, ImportError> {
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(direction, cell)| {
+                let name = |base: &str| torch_name(base, layer, direction);
+                Ok(Rnn {
+                    weight_ih: load_param(source, &name("weight_ih"), &cell.weight_ih)?,
+                    weight_hh: load_param(source, &name("weight_hh"), &cell.weight_hh)?,
+                    bias_ih: load_param(source, &name("bias_ih"), &cell.bias_ih)?,
+                    bias_hh: load_param(source, &name("bias_hh"), &cell.bias_hh)?,
+                    relu: cell.relu,
+                })
+            })
+            .collect()
+    }
+
+    fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
+        cells
+            .iter()
+            .enumerate()
+            .flat_map(|(direction, cell)| {
+                let name = |base: &str| torch_name(base, layer, direction);
+                [
+                    (name("weight_ih"), param_data(&cell.weight_ih)),
+                    (name("weight_hh"), param_data(&cell.weight_hh)),
+                    (name("bias_ih"), param_data(&cell.bias_ih)),
+                    (name("bias_hh"), param_data(&cell.bias_hh)),
+                ]
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,366 @@
+//! SRU (Lei et al. 2018) with the semantics of the official `sru` 2.6 package:
+//! `U = x W` for every step at once (k = 3 blocks, or 4 with a skip projection when the layer's
+//! input width differs from its output width), then an elementwise recurrence
+//! `f = σ(U1 + v_f⊙c + b_f)`, `r = σ(U2 + v_r⊙c + b_r)`, `c' = f⊙c + (1−f)⊙U0`,
+//! `h = r⊙act(c') + (1−r)⊙x'`, with `x' = x·scale_x` (k = 3) or `U3` (k = 4).
+//!
+//! One zoo cell is one direction. State-dict names are the official ones, per layer:
+//! `rnn_lst.{k}.weight [I, dirs·H·k]` (blocks interleaved per hidden unit), `weight_c` and
+//! `bias` `[2·dirs·H]` (forget then reset, each direction's H values in turn), and the buffer
+//! `scale_x [1]`.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{activation::sigmoid, backend::Backend, ElementConversion, Tensor, TensorData};
+
+use super::{
+    accumulate, batch_sum, cols, flatten_params, project_sequence, sigmoid_grad,
+    tanh_grad, uniform_param, Cell, CellConfig, Position,
+};
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
+
+/// Configuration of an [`Sru`] cell (one direction of an official SRU layer).
+#[derive(Config, Debug, PartialEq)]
+pub struct SruConfig {
+    /// Width of the layer input.
+    pub input_size: usize,
+    /// Width of the hidden state.
+    pub hidden_size: usize,
+    /// Initial bias of the reset (highway) gate.
+    #[config(default = 0.0)]
+    pub highway_bias: f64,
+    /// Scale the skip term by `√(1 + 2·e^{highway_bias})` (k = 3 only).
+    #[config(default = false)]
+    pub rescale: bool,
+    /// `h = r⊙tanh(c') + ..` instead of `r⊙c' + ..`.
+    #[config(default = false)]
+    pub use_tanh: bool,
+    /// Keep the highway term `(1−r)⊙x'`.
+    #[config(default = true)]
+    pub has_skip_term: bool,
+    /// Width of the layer output (`hidden · directions`); k = 3 when it equals `input_size`.
+    /// `None` means `hidden_size` (one direction).
+    #[config(default = "None")]
+    pub output_size: Option<usize>,
+    /// Which direction of the layer this cell is (its skip term reads its own slice of x).
+    #[config(default = 0)]
+    pub direction: usize,
+}
+
+/// One direction of an SRU layer.
+#[derive(Module, Debug)]
+pub struct Sru<B: Backend> {
+    /// `[I, H·k]`, blocks interleaved per hidden unit as in the official package.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[2H]`: `v_f` then `v_r`.
+    pub weight_c: Param<Tensor<B, 1>>,
+    /// `[2H]`: `b_f` then `b_r` (already holding the highway bias).
+    pub bias: Param<Tensor<B, 1>>,
+    /// Scale of the skip term when k = 3 (a buffer, not trained).
+    pub scale_x: f64,
+    /// Use `tanh(c')` in the output.
+    pub use_tanh: bool,
+    /// Keep the highway term.
+    pub has_skip_term: bool,
+    /// First column of this direction's slice of x in the skip term (k = 3).
+    pub skip_offset: usize,
+    /// Width of the hidden state.
+    pub hidden: usize,
+}
+
+impl SruConfig {
+    fn blocks(&self) -> usize {
+        if self.input_size == self.output_size.unwrap_or(self.hidden_size) {
+            3
+        } else {
+            4
+        }
+    }
+
+    /// Builds the cell: `weight ~ U(±√(3/I))` (unit-variance projections for unit-variance
+    /// inputs), `weight_c ~ U(±½√(3/H))`, forget bias 0, reset bias `highway_bias`, and
+    /// `scale_x = √(1 + 2·e^{highway_bias})` when rescaling (else 1).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Sru<B> {
+        let (i, h, k) = (self.input_size, self.hidden_size, self.blocks());
+        let scale_x = if self.rescale && self.has_skip_term && k == 3 {
+            (1.0 + 2.0 * self.highway_bias.exp()).sqrt()
+        } else {
+            1.0
+        };
+        let bias = Tensor::<B, 1>::zeros([2 * h], device).slice_fill(h..2 * h, self.highway_bias);
+        Sru {
+            weight: uniform_param([i, h * k], (3.0 / i as f64).sqrt(), device),
+            weight_c: uniform_param([2 * h], 0.5 * (3.0 / h as f64).sqrt(), device),
+            bias: Param::from_tensor(bias),
+            scale_x,
+            use_tanh: self.use_tanh,
+            has_skip_term: self.has_skip_term,
+            skip_offset: self.direction * h,
+            hidden: h,
+        }
+    }
+}
+
+impl CellConfig for SruConfig {
+    type Cell<B: Backend> = Sru<B>;
+
+    fn names() -> &'static [&'static str] {
+        &["sru"]
+    }
+    fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
+        (name == "sru").then(|| Self::new(input_size, hidden_size))
+    }
+    fn name(&self) -> &'static str {
+        "sru"
+    }
+    fn input_size(&self) -> usize {
+        self.input_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn at_position(&self, position: Position) -> Self {
+        Self {
+            input_size: position.input_size,
+            output_size: Some(self.hidden_size * position.num_directions),
+            direction: position.direction,
+            ..self.clone()
+        }
+    }
+    fn init_cell<B: Backend>(&self, device: &B::Device) -> Sru<B> {
+        self.init(device)
+    }
+}
+
+/// The SRU step: elementwise only. Input per step `[U0 | U1 | U2 | x']`, state `c`, output
+/// `h`, params `[v_f | v_r]` and `[b_f | b_r]` (each `[1, 2H]`), saved `[f | r]`.
+#[derive(Debug, Clone)]
+pub struct SruKernel {
+    /// Width of the hidden state.
+    pub hidden: usize,
+    /// Use `tanh(c')` in the output.
+    pub use_tanh: bool,
+}
+
+impl SruKernel {
+    fn activation<B: Backend>(&self, c: Tensor<B, 2>) -> Tensor<B, 2> {
+        if self.use_tanh {
+            c.tanh()
+        } else {
+            c
+        }
+    }
+}
+
+impl Recurrence for SruKernel {
+    fn input_width(&self) -> usize {
+        4 * self.hidden
+    }
+    fn state_width(&self) -> usize {
+        self.hidden
+    }
+    fn output_width(&self) -> usize {
+        self.hidden
+    }
+    fn saved_width(&self) -> usize {
+        2 * self.hidden
+    }
+    fn param_shapes(&self) -> Vec<[usize; 2]> {
+        vec![[1, 2 * self.hidden], [1, 2 * self.hidden]]
+    }
+
+    fn step<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        xp: Tensor<B, 2>,
+        c: Tensor<B, 2>,
+    ) -> StepOutput<B> {
+        let hd = self.hidden;
+        let (v, b) = (&params[0], &params[1]);
+        let f = sigmoid(cols(&xp, hd, hd) + cols(v, 0, hd) * c.clone() + cols(b, 0, hd));
+        let r = sigmoid(cols(&xp, 2 * hd, hd) + cols(v, hd, hd) * c.clone() + cols(b, hd, hd));
+        let u0 = cols(&xp, 0, hd);
+        let c_new = u0.clone() + (c - u0) * f.clone();
+        let skip = cols(&xp, 3 * hd, hd);
+        let h = skip.clone() + (self.activation(c_new.clone()) - skip) * r.clone();
+        StepOutput {
+            output: h,
+            state: c_new,
+            saved: Some(Tensor::cat(vec![f, r], 1)),
+        }
+    }
+
+    fn step_backward<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        step: StepRecord<B>,
+        param_grads: &mut [Tensor<B, 2>],
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let hd = self.hidden;
+        let saved = step.saved.expect("the SRU saves its gates");
+        let (f, r) = (cols(&saved, 0, hd), cols(&saved, hd, hd));
+        let (c_prev, c_new) = (step.prev_state, step.state);
+        let (u0, skip) = (cols(&step.xp, 0, hd), cols(&step.xp, 3 * hd, hd));
+        let grad_h = step.grad_output;
+
+        let act = self.activation(c_new.clone());
+        let act_slope = if self.use_tanh {
+            tanh_grad(act.clone())
+        } else {
+            c_new.ones_like()
+        };
+        let dz_r = grad_h.clone() * (act - skip) * sigmoid_grad(r.clone());
+        let grad_skip = grad_h.clone() * (r.clone().neg() + 1.0);
+        let grad_c = step.grad_state + grad_h * r * act_slope;
+        let dz_f = grad_c.clone() * (c_prev.clone() - u0) * sigmoid_grad(f.clone());
+        let grad_u0 = grad_c.clone() * (f.clone().neg() + 1.0);
+
+        let v = &params[0];
+        let grad_c_prev =
+            grad_c * f + dz_f.clone() * cols(v, 0, hd) + dz_r.clone() * cols(v, hd, hd);
+        let grad_v = Tensor::cat(
+            vec![
+                batch_sum(dz_f.clone() * c_prev.clone()),
+                batch_sum(dz_r.clone() * c_prev),
+            ],
+            1,
+        );
+        accumulate(&mut param_grads[0], grad_v);
+        accumulate(
+            &mut param_grads[1],
+            Tensor::cat(vec![batch_sum(dz_f.clone()), batch_sum(dz_r.clone())], 1),
+        );
+        (
+            Tensor::cat(vec![grad_u0, dz_f, dz_r, grad_skip], 1),
+            grad_c_prev,
+        )
+    }
+}
+
+impl<B: Backend> Sru<B> {
+    fn blocks(&self) -> usize {
+        self.weight.dims()[1] / self.hidden
+    }
+}
+
+impl<B: Backend> Cell<B> for Sru<B> {
+    type Kernel = SruKernel;
+
+    fn input_size(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        &["c"]
+    }
+    fn kernel(&self) -> SruKernel {
+        SruKernel {
+            hidden: self.hidden,
+            use_tanh: self.use_tanh,
+        }
+    }
+
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [len, batch, _] = input.dims();
+        let (h, k) = (self.hidden, self.blocks());
+        // [I, H·k] interleaved per unit -> [k·H, I] block-major, for one matmul.
+        let weight = self
+            .weight
+            .val()
+            .reshape([self.input_size(), h, k])
+            .swap_dims(1, 2)
+            .reshape([self.input_size(), k * h])
+            .transpose();
+        let projected = project_sequence(input.clone(), weight, None);
+        if k == 4 {
+            return projected;
+        }
+        let skip = if self.has_skip_term {
+            input.narrow(2, self.skip_offset, h) * self.scale_x
+        } else {
+            Tensor::zeros([len, batch, h], &projected.device())
+        };
+        Tensor::cat(vec![projected, skip], 2)
+    }
+
+    fn recurrent_params(&self) -> Tensor<B, 1> {
+        flatten_params(vec![
+            self.weight_c.val().unsqueeze_dim(0),
+            self.bias.val().unsqueeze_dim(0),
+        ])
+    }
+
+    fn load_layer(
+        cells: Vec<Self>,
+        layer: usize,
+        source: &mut dyn TensorSource,
+    ) -> Result<Vec<Self>, ImportError> {
+        let dirs = cells.len();
+        let Some(first) = cells.first() else {
+            return Ok(cells);
+        };
+        let (input, h, k) = (first.input_size(), first.hidden, first.blocks());
+        let device = first.weight.val().device();
+        let name = |base: &str| format!("rnn_lst.{layer}.{base}");
+        let weight: Tensor<B, 2> = Tensor::from_data(
+            source.take(&name("weight"), &[input, dirs * h * k])?,
+            &device,
+        );
+        let weight_c: Tensor<B, 2> = Tensor::<B, 1>::from_data(
+            source.take(&name("weight_c"), &[2 * dirs * h])?,
+            &device,
+        )
+        .reshape([2, dirs * h]);
+        let bias: Tensor<B, 2> =
+            Tensor::<B, 1>::from_data(source.take(&name("bias"), &[2 * dirs * h])?, &device)
+                .reshape([2, dirs * h]);
+        let scale_x = Tensor::<B, 1>::from_data(source.take(&name("scale_x"), &[1])?, &device)
+            .into_scalar()
+            .elem::<f64>();
+        // Per direction: its column block of `weight`, its H values of each gate row.
+        let per_direction = |t: &Tensor<B, 2>, d: usize| -> Tensor<B, 1> {
+            t.clone().narrow(1, d * h, h).reshape([2 * h])
+        };
+        Ok(cells
+            .into_iter()
+            .enumerate()
+            .map(|(d, cell)| Sru {
+                weight: Param::from_tensor(weight.clone().narrow(1, d * h * k, h * k)),
+                weight_c: Param::from_tensor(per_direction(&weight_c, d)),
+                bias: Param::from_tensor(per_direction(&bias, d)),
+                scale_x,
+                ..cell
+            })
+            .collect())
+    }
+
+    fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
+        let Some(first) = cells.first() else {
+            return Vec::new();
+        };
+        let h = first.hidden;
+        let name = |base: &str| format!("rnn_lst.{layer}.{base}");
+        let weight = Tensor::cat(cells.iter().map(|c| c.weight.val()).collect(), 1);
+        // Gate-major over directions: [forget of every direction | reset of every direction].
+        let gate_major = |get: &dyn Fn(&Sru<B>) -> Tensor<B, 1>| -> Tensor<B, 1> {
+            let rows: Vec<Tensor<B, 2>> = cells.iter().map(|c| get(c).reshape([2, h])).collect();
+            Tensor::cat(rows, 1).reshape([2 * cells.len() * h])
+        };
+        let scale = Tensor::<B, 1>::from_floats([first.scale_x as f32], &weight.device());
+        vec![
+            (name("weight"), weight.into_data().convert::<f32>()),
+            (
+                name("weight_c"),
+                gate_major(&|c| c.weight_c.val()).into_data().convert::<f32>(),
+            ),
+            (
+                name("bias"),
+                gate_major(&|c| c.bias.val()).into_data().convert::<f32>(),
+            ),
+            (name("scale_x"), scale.into_data().convert::<f32>()),
+        ]
+    }
+}

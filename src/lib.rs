@@ -1,0 +1,38 @@
+//! # rnn-zoo
+//!
+//! Recurrent cells (Elman RNN, LSTM, peephole LSTM, CIFG LSTM, GRU in both reset placements,
+//! SRU) as backend-generic [Burn](https://burn.dev) modules, a sequence layer that runs any of
+//! them (stacked, bidirectional, masked, stateful), and weight import from PyTorch and the
+//! official SRU package.
+//!
+//! ```
+//! use burn::backend::{Autodiff, NdArray};
+//! use burn::tensor::{Distribution, Tensor};
+//! use rnn_zoo::prelude::*;
+//!
+//! type B = Autodiff<NdArray>;
+//! let device = Default::default();
+//! // A 2-layer bidirectional GRU over 16 input features, 32 hidden units per direction.
+//! let config = RnnLayerConfig::new(AnyCellConfig::named("gru", 16, 32).unwrap())
+//!     .with_num_layers(2)
+//!     .with_bidirectional(true);
+//! let layer = config.init::<B>(&device);
+//! let x = Tensor::<B, 3>::random([4, 10, 16], Distribution::Default, &device);
+//! let (output, state) = layer.forward(x, None);
+//! assert_eq!(output.dims(), [4, 10, 64]);
+//! assert_eq!(state.components[0].dims(), [4, 4, 32]); // [layers*dirs, batch, hidden]
+//! let _grads = output.sum().backward();
+//! ```
+
+pub mod backend;
+pub mod cell;
+pub mod import;
+pub mod layer;
+pub mod ops;
+
+/// The names most programs need.
+pub mod prelude {
+    pub use crate::cell::{AnyCell, AnyCellConfig, Cell, CellConfig};
+    pub use crate::layer::{load_safetensors, Mask, RnnLayer, RnnLayerConfig, RnnState};
+    pub use crate::ops::RnnBackend;
+}

@@ -1,0 +1,372 @@
+//! The recurrence op: a cell's recurrent step run over a whole sequence as one operation with a
+//! hand-written backward.
+//!
+//! Why one op: in burn 0.21 every slice of a sequence-long tensor taken inside an autodiff loop
+//! materialises a full-size gradient in backward, which makes training O(T²). Here the loop
+//! runs on the inner (non-autodiff) backend, where slicing is free, and the backward walks the
+//! sequence once, so a training step costs O(T).
+//!
+//! The op is a method of [`RnnBackend`], an extension of burn's [`Backend`]. Its default bodies
+//! are plain tensor ops (the fallback, and the reference every fast path is tested against);
+//! [`Autodiff`] wraps them in a custom backward node.
+
+use burn::backend::autodiff::{
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+    Autodiff,
+};
+use burn::tensor::{backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
+
+/// The recurrent part of a cell, free of any backend: it knows the widths of its tensors and
+/// how to advance one step (and its backward) from an input that was projected beforehand.
+///
+/// A step reads `xp` (`[batch, input_width]`, the input projection of that step) and the
+/// previous state (`[batch, state_width]`), and returns the output, the new state and whatever
+/// else its backward needs (`saved`). Parameters arrive as 2-D tensors of [`param_shapes`].
+///
+/// [`param_shapes`]: Recurrence::param_shapes
+pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
+    /// Width of one step's projected input.
+    fn input_width(&self) -> usize;
+    /// Width of the packed state (e.g. `[h | c]` is `2H` for an LSTM).
+    fn state_width(&self) -> usize;
+    /// Width of one step's output.
+    fn output_width(&self) -> usize;
+    /// Width of the extra per-step values that the backward reads (0 if none).
+    fn saved_width(&self) -> usize;
+    /// Shapes of the recurrent parameters, in the order the step receives them.
+    fn param_shapes(&self) -> Vec<[usize; 2]>;
+    /// One step forward.
+    fn step<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        xp: Tensor<B, 2>,
+        state: Tensor<B, 2>,
+    ) -> StepOutput<B>;
+    /// One step backward: returns the gradients of `xp` and of the previous state, and adds the
+    /// gradients of the parameters to `param_grads`.
+    fn step_backward<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        step: StepRecord<B>,
+        param_grads: &mut [Tensor<B, 2>],
+    ) -> (Tensor<B, 2>, Tensor<B, 2>);
+}
+
+/// What one forward step produces.
+#[derive(Debug, Clone)]
+pub struct StepOutput<B: Backend> {
+    /// `[batch, output_width]`.
+    pub output: Tensor<B, 2>,
+    /// `[batch, state_width]`.
+    pub state: Tensor<B, 2>,
+    /// `[batch, saved_width]`, or `None` when `saved_width` is 0.
+    pub saved: Option<Tensor<B, 2>>,
+}
+
+/// Everything a step's backward can read: its inputs, what it produced, and the gradients
+/// arriving at its output and at its new state.
+#[derive(Debug, Clone)]
+pub struct StepRecord<B: Backend> {
+    /// The step's projected input.
+    pub xp: Tensor<B, 2>,
+    /// The state the step started from.
+    pub prev_state: Tensor<B, 2>,
+    /// The step's output.
+    pub output: Tensor<B, 2>,
+    /// The step's new state.
+    pub state: Tensor<B, 2>,
+    /// The step's saved values (`None` when `saved_width` is 0).
+    pub saved: Option<Tensor<B, 2>>,
+    /// Gradient of the loss with respect to `output`.
+    pub grad_output: Tensor<B, 2>,
+    /// Gradient of the loss with respect to `state`.
+    pub grad_state: Tensor<B, 2>,
+}
+
+/// Gradients of the recurrence op's three differentiable inputs.
+#[derive(Debug, Clone)]
+pub struct RecurrenceGrads<B: Backend> {
+    /// `[T, batch, input_width]`.
+    pub xp: FloatTensor<B>,
+    /// `[batch, state_width]`.
+    pub state0: FloatTensor<B>,
+    /// `[param_len]`, the flat parameters.
+    pub params: FloatTensor<B>,
+}
+
+/// Inputs of the recurrence op, as primitives of one backend.
+#[derive(Debug, Clone)]
+pub struct RecurrenceInput<B: Backend> {
+    /// Time-major projected input `[T, batch, input_width]`.
+    pub xp: FloatTensor<B>,
+    /// Initial packed state `[batch, state_width]`.
+    pub state0: FloatTensor<B>,
+    /// The recurrent parameters flattened and concatenated, `[param_len]`.
+    pub params: FloatTensor<B>,
+    /// `[T, batch]`, 1 for a real step and 0 for padding; `None` when every step is real.
+    pub mask: Option<FloatTensor<B>>,
+    /// Walk the sequence from its end to its start.
+    pub reverse: bool,
+}
+
+/// A backend that can run the recurrence op. Every method has a plain-tensor default; a
+/// backend overrides them with a faster path where it has one.
+pub trait RnnBackend: Backend {
+    /// Runs the recurrence and returns the packed sequence `[T, batch, O + S + V]`: each step's
+    /// output, new state and saved values side by side (see [`Recurrence`]).
+    fn rnn_recurrence<K: Recurrence>(kernel: &K, input: RecurrenceInput<Self>) -> FloatTensor<Self> {
+        recurrence_forward::<Self, K>(kernel, input)
+    }
+
+    /// The backward of [`rnn_recurrence`](RnnBackend::rnn_recurrence), from its inputs, its
+    /// packed output and the gradient of that output.
+    fn rnn_recurrence_backward<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> RecurrenceGrads<Self> {
+        recurrence_backward::<Self, K>(kernel, input, packed, grad)
+    }
+}
+
+fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
+    tensor.into_primitive().tensor()
+}
+
+/// Splits the flat parameter vector into the kernel's 2-D parameters.
+fn unpack_params<B: Backend>(shapes: &[[usize; 2]], flat: Tensor<B, 1>) -> Vec<Tensor<B, 2>> {
+    let mut offset = 0;
+    shapes
+        .iter()
+        .map(|&[rows, cols]| {
+            let piece = flat.clone().narrow(0, offset, rows * cols).reshape([rows, cols]);
+            offset += rows * cols;
+            piece
+        })
+        .collect()
+}
+
+/// Step indices in the order the recurrence visits them.
+fn visit_order(len: usize, reverse: bool) -> Box<dyn Iterator<Item = usize>> {
+    if reverse {
+        Box::new((0..len).rev())
+    } else {
+        Box::new(0..len)
+    }
+}
+
+/// Row `t` of a time-major `[T, batch, width]` tensor, as `[batch, width]`.
+fn time_row<B: Backend>(tensor: &Tensor<B, 3>, t: usize) -> Tensor<B, 2> {
+    let [_, batch, width] = tensor.dims();
+    tensor.clone().narrow(0, t, 1).reshape([batch, width])
+}
+
+/// Mask column of step `t` as `[batch, 1]`.
+fn mask_column<B: Backend>(mask: &Tensor<B, 2>, t: usize) -> Tensor<B, 2> {
+    let [_, batch] = mask.dims();
+    mask.clone().narrow(0, t, 1).reshape([batch, 1])
+}
+
+/// The plain-tensor forward of the recurrence op.
+pub fn recurrence_forward<B: Backend, K: Recurrence>(
+    kernel: &K,
+    input: RecurrenceInput<B>,
+) -> FloatTensor<B> {
+    let xp: Tensor<B, 3> = float(input.xp);
+    let params = unpack_params(&kernel.param_shapes(), float(input.params));
+    let mask: Option<Tensor<B, 2>> = input.mask.map(float);
+    let len = xp.dims()[0];
+
+    let mut rows: Vec<Option<Tensor<B, 2>>> = vec![None; len];
+    let mut state: Tensor<B, 2> = float(input.state0);
+    for t in visit_order(len, input.reverse) {
+        let step = kernel.step(&params, time_row(&xp, t), state.clone());
+        let (output, new_state) = match &mask {
+            Some(mask) => {
+                let keep = mask_column(mask, t);
+                let carried = state.clone() + (step.state - state) * keep.clone();
+                (step.output * keep, carried)
+            }
+            None => (step.output, step.state),
+        };
+        let mut parts = vec![output, new_state.clone()];
+        parts.extend(step.saved);
+        rows[t] = Some(Tensor::cat(parts, 1));
+        state = new_state;
+    }
+    let rows: Vec<Tensor<B, 2>> = rows.into_iter().map(|row| row.expect("visited")).collect();
+    primitive(Tensor::stack::<3>(rows, 0))
+}
+
+/// The plain-tensor backward of the recurrence op: one walk over the sequence in the opposite
+/// order, each step's backward reading only its own rows.
+pub fn recurrence_backward<B: Backend, K: Recurrence>(
+    kernel: &K,
+    input: RecurrenceInput<B>,
+    packed: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> RecurrenceGrads<B> {
+    let shapes = kernel.param_shapes();
+    let xp: Tensor<B, 3> = float(input.xp);
+    let params = unpack_params(&shapes, float(input.params));
+    let mask: Option<Tensor<B, 2>> = input.mask.map(float);
+    let state0: Tensor<B, 2> = float(input.state0);
+    let packed: Tensor<B, 3> = float(packed);
+    let grad: Tensor<B, 3> = float(grad);
+    let [len, batch, _] = xp.dims();
+    let device = xp.device();
+    let (out_w, state_w, saved_w) = (
+        kernel.output_width(),
+        kernel.state_width(),
+        kernel.saved_width(),
+    );
+
+    let mut param_grads: Vec<Tensor<B, 2>> = shapes
+        .iter()
+        .map(|&shape| Tensor::zeros(shape, &device))
+        .collect();
+    let mut grad_xp: Vec<Option<Tensor<B, 2>>> = vec![None; len];
+    let mut grad_state = Tensor::<B, 2>::zeros([batch, state_w], &device);
+
+    let forward_order: Vec<usize> = visit_order(len, input.reverse).collect();
+    for (position, &t) in forward_order.iter().enumerate().rev() {
+        let row = time_row(&packed, t);
+        let grad_row = time_row(&grad, t);
+        let prev_state = match position {
+            0 => state0.clone(),
+            _ => time_row(&packed, forward_order[position - 1]).narrow(1, out_w, state_w),
+        };
+        let mut grad_output = grad_row.clone().narrow(1, 0, out_w);
+        let mut grad_new_state = grad_state + grad_row.narrow(1, out_w, state_w);
+        let mut grad_carried = None;
+        if let Some(mask) = &mask {
+            let keep = mask_column(mask, t);
+            grad_carried = Some(grad_new_state.clone() * (keep.clone().neg() + 1.0));
+            grad_output = grad_output * keep.clone();
+            grad_new_state = grad_new_state * keep;
+        }
+        let record = StepRecord {
+            xp: time_row(&xp, t),
+            prev_state,
+            output: row.clone().narrow(1, 0, out_w),
+            state: row.clone().narrow(1, out_w, state_w),
+            saved: (saved_w > 0).then(|| row.narrow(1, out_w + state_w, saved_w)),
+            grad_output,
+            grad_state: grad_new_state,
+        };
+        let (grad_xp_t, grad_prev) = kernel.step_backward(&params, record, &mut param_grads);
+        grad_xp[t] = Some(grad_xp_t);
+        grad_state = match grad_carried {
+            Some(carried) => grad_prev + carried,
+            None => grad_prev,
+        };
+    }
+
+    let grad_xp: Vec<Tensor<B, 2>> = grad_xp.into_iter().map(|g| g.expect("visited")).collect();
+    let flat_params: Vec<Tensor<B, 1>> = param_grads
+        .into_iter()
+        .map(|g| {
+            let n = g.shape().num_elements();
+            g.reshape([n])
+        })
+        .collect();
+    RecurrenceGrads {
+        xp: primitive(Tensor::stack::<3>(grad_xp, 0)),
+        state0: primitive(grad_state),
+        params: primitive(Tensor::cat(flat_params, 0)),
+    }
+}
+
+/// The autodiff node of the recurrence op; its state is everything the backward reads.
+#[derive(Debug)]
+struct RecurrenceBackward<K>(K);
+
+impl<B: RnnBackend, K: Recurrence> Backward<B, 3> for RecurrenceBackward<K> {
+    type State = (RecurrenceInput<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_xp, node_state0, node_params] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (input, packed) = ops.state;
+        let result = B::rnn_recurrence_backward(&self.0, input, packed, grad);
+        for (node, grad) in [
+            (node_xp, result.xp),
+            (node_state0, result.state0),
+            (node_params, result.params),
+        ] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
+    fn rnn_recurrence<K: Recurrence>(kernel: &K, input: RecurrenceInput<Self>) -> FloatTensor<Self> {
+        let nodes = [
+            input.xp.node.clone(),
+            input.state0.node.clone(),
+            input.params.node.clone(),
+        ];
+        let inner = RecurrenceInput::<B> {
+            xp: input.xp.primitive,
+            state0: input.state0.primitive,
+            params: input.params.primitive,
+            mask: input.mask.map(|mask| mask.primitive),
+            reverse: input.reverse,
+        };
+        match RecurrenceBackward(kernel.clone())
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let packed = B::rnn_recurrence(kernel, inner.clone());
+                prep.finish((inner, packed.clone()), packed)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rnn_recurrence(kernel, inner)),
+        }
+    }
+}
+
+#[cfg(feature = "ndarray")]
+impl<E, I, Q> RnnBackend for burn::backend::NdArray<E, I, Q>
+where
+    E: burn::backend::ndarray::FloatNdArrayElement,
+    I: burn::backend::ndarray::IntNdArrayElement,
+    Q: burn::backend::ndarray::QuantElement,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
+{
+}
+
+/// Runs the recurrence op on high-level tensors: the entry point the layer uses.
+pub fn recurrence<B: RnnBackend, K: Recurrence>(
+    kernel: &K,
+    xp: Tensor<B, 3>,
+    state0: Tensor<B, 2>,
+    params: Tensor<B, 1>,
+    mask: Option<Tensor<B, 2>>,
+    reverse: bool,
+) -> Tensor<B, 3> {
+    let input = RecurrenceInput {
+        xp: primitive(xp),
+        state0: primitive(state0),
+        params: primitive(params),
+        mask: mask.map(primitive),
+        reverse,
+    };
+    float(B::rnn_recurrence(kernel, input))
+}
