@@ -102,6 +102,11 @@ impl StateDict {
         &self.metadata
     }
 
+    /// The shape of tensor `name` (without prefix), if the file has it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|data| data.shape.to_vec())
+    }
+
     /// Names (without prefix) not yet taken.
     pub fn unused(&self) -> Vec<String> {
         self.tensors

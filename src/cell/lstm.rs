@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence,
-    sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell, CellConfig, Position,
+    sigmoid_grad, tanh_grad, torch_name, uniform, uniform_param, Cell, CellConfig, Position,
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
@@ -78,17 +78,17 @@ impl LstmConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Lstm<B> {
         let (i, h, g) = (self.input_size, self.hidden_size, self.gate_rows());
         let bound = 1.0 / (h as f64).sqrt();
-        let mut bias_ih = uniform_param::<B, 1>([g], bound, device);
-        let mut bias_hh = uniform_param::<B, 1>([g], bound, device);
+        let mut bias_ih = uniform::<B, 1>([g], bound, device);
+        let mut bias_hh = uniform::<B, 1>([g], bound, device);
         if let (Some(value), false) = (self.forget_bias, self.variant == LstmVariant::Cifg) {
-            bias_ih = Param::from_tensor(bias_ih.val().slice_fill(h..2 * h, value));
-            bias_hh = Param::from_tensor(bias_hh.val().slice_fill(h..2 * h, 0.0));
+            bias_ih = bias_ih.slice_fill(h..2 * h, value);
+            bias_hh = bias_hh.slice_fill(h..2 * h, 0.0);
         }
         Lstm {
             weight_ih: uniform_param([g, i], bound, device),
             weight_hh: uniform_param([g, h], bound, device),
-            bias_ih,
-            bias_hh,
+            bias_ih: Param::from_tensor(bias_ih),
+            bias_hh: Param::from_tensor(bias_hh),
             weight_peephole: (self.variant == LstmVariant::Peephole)
                 .then(|| uniform_param([3 * h], bound, device)),
             coupled: self.variant == LstmVariant::Cifg,

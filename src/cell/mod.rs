@@ -109,17 +109,22 @@ pub trait CellConfig: Clone + core::fmt::Debug + Serialize + DeserializeOwned {
     fn init_cell<B: Backend>(&self, device: &B::Device) -> Self::Cell<B>;
 }
 
-/// A parameter drawn from `U(-bound, bound)`, PyTorch's default for recurrent weights.
+/// Values drawn from `U(-bound, bound)`, PyTorch's default for recurrent weights.
+pub(crate) fn uniform<B: Backend, const D: usize>(
+    shape: [usize; D],
+    bound: f64,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::random(shape, Distribution::Uniform(-bound, bound), device)
+}
+
+/// A parameter drawn from `U(-bound, bound)`.
 pub(crate) fn uniform_param<B: Backend, const D: usize>(
     shape: [usize; D],
     bound: f64,
     device: &B::Device,
 ) -> Param<Tensor<B, D>> {
-    Param::from_tensor(Tensor::random(
-        shape,
-        Distribution::Uniform(-bound, bound),
-        device,
-    ))
+    Param::from_tensor(uniform(shape, bound, device))
 }
 
 /// `x W^T + b` over a time-major sequence: `[T, batch, in]` with `weight [out, in]` gives
