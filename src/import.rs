@@ -87,6 +87,17 @@ impl StateDict {
         })
     }
 
+    /// A state dict over tensors already in memory (e.g. another layer's
+    /// [`state_dict`](crate::layer::RnnLayer::state_dict)).
+    pub fn from_tensors(tensors: Vec<(String, TensorData)>) -> Self {
+        Self {
+            tensors: tensors.into_iter().collect(),
+            metadata: HashMap::new(),
+            prefix: String::new(),
+            used: BTreeSet::new(),
+        }
+    }
+
     /// Reads a safetensors file; see [`from_bytes`](StateDict::from_bytes).
     pub fn from_file(path: impl AsRef<Path>, prefix: &str) -> Result<Self, ImportError> {
         let path = path.as_ref();

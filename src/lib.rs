@@ -26,6 +26,7 @@
 
 pub mod backend;
 pub mod cell;
+pub mod check;
 pub mod import;
 pub mod layer;
 pub mod ops;

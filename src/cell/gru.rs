@@ -7,10 +7,10 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{activation::sigmoid, backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::{
-    accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence,
+    sigmoid, accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence,
     sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell, CellConfig, Position,
 };
 use crate::import::{ImportError, TensorSource};
@@ -281,5 +281,54 @@ impl<B: Backend> Cell<B> for Gru<B> {
                 ]
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{compare_step, finite_differences, reference::{self, *}};
+    use reference::sigmoid;
+    use crate::layer::RnnLayerConfig;
+
+    /// The GRU equations of design.md §3, one batch row, in plain f64.
+    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>], reset_after: bool) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let h = &state[0];
+        let n = h.len();
+        let gx = add(&w.mat("weight_ih_l0").matvec(x), &w.vec("bias_ih_l0"));
+        let w_hh = w.mat("weight_hh_l0");
+        let b_hh = w.vec("bias_hh_l0");
+        let gh_rz = add(&w_hh.rows(0, 2 * n).matvec(h), &part(&b_hh, 0, 2 * n));
+        let r: Vec<f64> = (0..n).map(|j| sigmoid(gx[j] + gh_rz[j])).collect();
+        let z: Vec<f64> = (0..n).map(|j| sigmoid(gx[n + j] + gh_rz[n + j])).collect();
+        let w_hn = w_hh.rows(2 * n, n);
+        let b_hn = part(&b_hh, 2 * n, n);
+        let cand: Vec<f64> = if reset_after {
+            let hn = add(&w_hn.matvec(h), &b_hn);
+            (0..n).map(|j| (gx[2 * n + j] + r[j] * hn[j]).tanh()).collect()
+        } else {
+            let rh: Vec<f64> = (0..n).map(|j| r[j] * h[j]).collect();
+            let hn = add(&w_hn.matvec(&rh), &b_hn);
+            (0..n).map(|j| (gx[2 * n + j] + hn[j]).tanh()).collect()
+        };
+        let h_new: Vec<f64> = (0..n).map(|j| (1.0 - z[j]) * cand[j] + z[j] * h[j]).collect();
+        (h_new.clone(), vec![h_new])
+    }
+
+    #[test]
+    fn step_matches_f64_reference() {
+        for reset_after in [true, false] {
+            let config = GruConfig::new(3, 4).with_reset_after(reset_after);
+            let err = compare_step(config, 3, |w, x, s| reference_step(w, x, s, reset_after));
+            assert!(err < 1e-12, "reset_after={reset_after}: {err:e}");
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for reset_after in [true, false] {
+            let config = RnnLayerConfig::new(GruConfig::new(3, 4).with_reset_after(reset_after));
+            finite_differences(&config, 2, 4, None);
+        }
     }
 }

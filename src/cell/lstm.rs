@@ -8,11 +8,11 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{activation::sigmoid, backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence,
+    sigmoid, accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence,
     sigmoid_grad, tanh_grad, torch_name, uniform, uniform_param, Cell, CellConfig, Position,
 };
 use crate::import::{ImportError, TensorSource};
@@ -365,5 +365,75 @@ impl<B: Backend> Cell<B> for Lstm<B> {
             }
         }
         tensors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{compare_step, finite_differences, reference::{self, *}};
+    use reference::sigmoid;
+    use crate::layer::RnnLayerConfig;
+
+    /// The LSTM equations of design.md §3, one batch row, in plain f64.
+    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>], variant: LstmVariant) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let (h, c) = (&state[0], &state[1]);
+        let n = h.len();
+        let z = add(
+            &add(&w.mat("weight_ih_l0").matvec(x), &w.vec("bias_ih_l0")),
+            &add(&w.mat("weight_hh_l0").matvec(h), &w.vec("bias_hh_l0")),
+        );
+        let p = match variant {
+            LstmVariant::Peephole => w.vec("weight_peephole_l0"),
+            _ => vec![0.0; 3 * n],
+        };
+        let mut h_new = vec![0.0; n];
+        let mut c_new = vec![0.0; n];
+        for j in 0..n {
+            let (i, f, g, zo) = match variant {
+                LstmVariant::Cifg => {
+                    let i = sigmoid(z[j]);
+                    (i, 1.0 - i, z[n + j].tanh(), z[2 * n + j])
+                }
+                _ => (
+                    sigmoid(z[j] + p[j] * c[j]),
+                    sigmoid(z[n + j] + p[n + j] * c[j]),
+                    z[2 * n + j].tanh(),
+                    z[3 * n + j],
+                ),
+            };
+            c_new[j] = f * c[j] + i * g;
+            let o = sigmoid(zo + p[2 * n + j] * c_new[j]);
+            h_new[j] = o * c_new[j].tanh();
+        }
+        (h_new.clone(), vec![h_new, c_new])
+    }
+
+    const VARIANTS: [LstmVariant; 3] = [LstmVariant::Standard, LstmVariant::Peephole, LstmVariant::Cifg];
+
+    #[test]
+    fn step_matches_f64_reference() {
+        for variant in VARIANTS {
+            let config = LstmConfig::new(3, 4).with_variant(variant);
+            let err = compare_step(config, 3, |w, x, s| reference_step(w, x, s, variant));
+            assert!(err < 1e-12, "{variant:?}: {err:e}");
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for variant in VARIANTS {
+            let config = RnnLayerConfig::new(LstmConfig::new(3, 4).with_variant(variant));
+            finite_differences(&config, 2, 4, None);
+        }
+    }
+
+    #[test]
+    fn forget_bias_initialisation() {
+        let lstm = LstmConfig::new(2, 3).init::<crate::check::F64>(&Default::default());
+        let b_ih = crate::check::values(&lstm.bias_ih.val().into_data());
+        let b_hh = crate::check::values(&lstm.bias_hh.val().into_data());
+        assert_eq!(&b_ih[3..6], &[1.0; 3]);
+        assert_eq!(&b_hh[3..6], &[0.0; 3]);
     }
 }

@@ -9,7 +9,7 @@ pub mod lstm;
 pub mod rnn;
 pub mod sru;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleDisplay, Param};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -17,7 +17,7 @@ use crate::import::{ImportError, TensorSource};
 use crate::ops::{self, Recurrence, RnnBackend};
 
 /// A recurrent cell: what the layer needs to run it over a sequence.
-pub trait Cell<B: Backend>: Module<B> + core::fmt::Debug {
+pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
     /// The cell's backend-free recurrent step.
     type Kernel: Recurrence;
 
@@ -166,6 +166,12 @@ pub(crate) fn cols<B: Backend>(t: &Tensor<B, 2>, start: usize, width: usize) -> 
     t.clone().narrow(1, start, width)
 }
 
+/// The logistic sigmoid as `(1 + tanh(x/2)) / 2`: stable for any `x`, and exact to the float
+/// type (burn-ndarray's own sigmoid is only f32-accurate on f64 tensors).
+pub(crate) fn sigmoid<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    ((x * 0.5).tanh() + 1.0) * 0.5
+}
+
 /// `σ'(x)` written through `s = σ(x)`.
 pub(crate) fn sigmoid_grad<B: Backend>(s: Tensor<B, 2>) -> Tensor<B, 2> {
     s.clone() * (s.neg() + 1.0)
@@ -201,14 +207,14 @@ pub(crate) fn load_param<B: Backend, const D: usize>(
     let current = like.val();
     let data = source.take(name, &current.dims())?;
     Ok(Param::from_tensor(Tensor::from_data(
-        data,
+        data.convert::<B::FloatElem>(),
         &current.device(),
     )))
 }
 
-/// A parameter's values as f32 tensor data, for export.
+/// A parameter's values, for export.
 pub(crate) fn param_data<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> TensorData {
-    param.val().into_data().convert::<f32>()
+    param.val().into_data()
 }
 
 macro_rules! register_cells {

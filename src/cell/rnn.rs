@@ -222,3 +222,39 @@ impl<B: Backend> Cell<B> for Rnn<B> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{compare_step, finite_differences, reference::*};
+    use crate::layer::RnnLayerConfig;
+
+    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>], relu: bool) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let pre = add(
+            &add(&w.mat("weight_ih_l0").matvec(x), &w.vec("bias_ih_l0")),
+            &add(&w.mat("weight_hh_l0").matvec(&state[0]), &w.vec("bias_hh_l0")),
+        );
+        let h: Vec<f64> = pre
+            .iter()
+            .map(|&a| if relu { a.max(0.0) } else { a.tanh() })
+            .collect();
+        (h.clone(), vec![h])
+    }
+
+    #[test]
+    fn step_matches_f64_reference() {
+        for relu in [false, true] {
+            let config = RnnConfig::new(3, 4).with_relu(relu);
+            let err = compare_step(config, 3, |w, x, s| reference_step(w, x, s, relu));
+            assert!(err < 1e-12, "relu={relu}: {err:e}");
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for relu in [false, true] {
+            let config = RnnLayerConfig::new(RnnConfig::new(3, 4).with_relu(relu));
+            finite_differences(&config, 2, 4, None);
+        }
+    }
+}

@@ -11,10 +11,10 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{activation::sigmoid, backend::Backend, ElementConversion, Tensor, TensorData};
+use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 
 use super::{
-    accumulate, batch_sum, cols, flatten_params, project_sequence, sigmoid_grad,
+    sigmoid, accumulate, batch_sum, cols, flatten_params, project_sequence, sigmoid_grad,
     tanh_grad, uniform_param, Cell, CellConfig, Position,
 };
 use crate::import::{ImportError, TensorSource};
@@ -349,18 +349,70 @@ impl<B: Backend> Cell<B> for Sru<B> {
             let rows: Vec<Tensor<B, 2>> = cells.iter().map(|c| get(c).reshape([2, h])).collect();
             Tensor::cat(rows, 1).reshape([2 * cells.len() * h])
         };
-        let scale = Tensor::<B, 1>::from_floats([first.scale_x as f32], &weight.device());
+        let scale = Tensor::<B, 1>::from_floats([first.scale_x], &weight.device());
         vec![
-            (name("weight"), weight.into_data().convert::<f32>()),
+            (name("weight"), weight.into_data()),
             (
                 name("weight_c"),
-                gate_major(&|c| c.weight_c.val()).into_data().convert::<f32>(),
+                gate_major(&|c| c.weight_c.val()).into_data(),
             ),
             (
                 name("bias"),
-                gate_major(&|c| c.bias.val()).into_data().convert::<f32>(),
+                gate_major(&|c| c.bias.val()).into_data(),
             ),
-            (name("scale_x"), scale.into_data().convert::<f32>()),
+            (name("scale_x"), scale.into_data()),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{compare_step, finite_differences, reference::{self, *}};
+    use reference::sigmoid;
+    use crate::layer::RnnLayerConfig;
+
+    /// The SRU equations of design.md §3 (official layout: weight `[I, H·k]` interleaved per
+    /// unit), one batch row, in plain f64.
+    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>], use_tanh: bool) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let c = &state[0];
+        let n = c.len();
+        let weight = w.mat("rnn_lst.0.weight");
+        let k = weight.cols / n;
+        let u = weight.vecmat(x);
+        let (vc, bias) = (w.vec("rnn_lst.0.weight_c"), w.vec("rnn_lst.0.bias"));
+        let scale = w.vec("rnn_lst.0.scale_x")[0];
+        let mut h = vec![0.0; n];
+        let mut c_new = vec![0.0; n];
+        for j in 0..n {
+            let block = |g: usize| u[j * k + g];
+            let f = sigmoid(block(1) + vc[j] * c[j] + bias[j]);
+            let r = sigmoid(block(2) + vc[n + j] * c[j] + bias[n + j]);
+            c_new[j] = f * c[j] + (1.0 - f) * block(0);
+            let skip = if k == 4 { block(3) } else { x[j] * scale };
+            let act = if use_tanh { c_new[j].tanh() } else { c_new[j] };
+            h[j] = r * act + (1.0 - r) * skip;
+        }
+        (h, vec![c_new])
+    }
+
+    #[test]
+    fn step_matches_f64_reference() {
+        for (input, use_tanh, rescale) in [(4, false, true), (3, false, false), (4, true, false)] {
+            let config = SruConfig::new(input, 4)
+                .with_use_tanh(use_tanh)
+                .with_rescale(rescale)
+                .with_highway_bias(-1.0);
+            let err = compare_step(config, 3, |w, x, s| reference_step(w, x, s, use_tanh));
+            assert!(err < 1e-12, "input={input} use_tanh={use_tanh}: {err:e}");
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for (input, use_tanh) in [(4, false), (3, true)] {
+            let cell = SruConfig::new(input, 4).with_use_tanh(use_tanh).with_rescale(true);
+            finite_differences(&RnnLayerConfig::new(cell), 2, 4, None);
+        }
     }
 }
