@@ -352,6 +352,21 @@ where
 {
 }
 
+// GPU backends run the plain-tensor path (a fused kernel is future work).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl<R, F, I, BT> RnnBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    burn_cubecl::CubeBackend<R, F, I, BT>: Backend,
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl<B: burn_fusion::FusionBackend> RnnBackend for burn_fusion::Fusion<B> {}
+
 /// Runs the recurrence op on high-level tensors: the entry point the layer uses.
 pub fn recurrence<B: RnnBackend, K: Recurrence>(
     kernel: &K,

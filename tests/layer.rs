@@ -1,0 +1,203 @@
+//! The sequence layer over every cell: gradients of a stacked, bidirectional, masked layer;
+//! masking against sequences run alone; the custom op against autodiff through plain steps;
+//! the single-step API; shape and mask errors.
+
+use burn::tensor::{Distribution, Tensor, TensorData};
+use rnn_zoo::cell::cell_names;
+use rnn_zoo::check::{finite_differences, max_abs_diff, values, F64Autodiff, F64};
+use rnn_zoo::layer::MaskError;
+use rnn_zoo::ops::{self, Recurrence, RecurrenceInput};
+use rnn_zoo::prelude::*;
+
+fn config(name: &str, input: usize, hidden: usize) -> RnnLayerConfig<AnyCellConfig> {
+    RnnLayerConfig::new(AnyCellConfig::named(name, input, hidden).unwrap())
+}
+
+#[test]
+fn stacked_bidirectional_masked_layer_matches_finite_differences() {
+    for name in cell_names() {
+        let config = config(name, 3, 3).with_num_layers(2).with_bidirectional(true);
+        let report = finite_differences(&config, 3, 4, Some(&[4, 2, 3]));
+        println!(
+            "finite differences {name:>14}: {} gradients, max relative error {:.1e}",
+            report.compared, report.max_relative_error
+        );
+    }
+}
+
+#[test]
+fn padded_batch_matches_each_sequence_alone() {
+    type B = F64;
+    let device = Default::default();
+    let lengths = [6, 3, 1];
+    for name in cell_names() {
+        let layer = config(name, 4, 5)
+            .with_num_layers(2)
+            .with_bidirectional(true)
+            .init::<B>(&device);
+        let input = Tensor::<B, 3>::random([3, 6, 4], Distribution::Default, &device);
+        let mask = Mask::from_lengths(&lengths, 6, &device).unwrap();
+        let (output, state) = layer.forward_masked(input.clone(), &mask, None);
+        for (b, &len) in lengths.iter().enumerate() {
+            let alone = input.clone().narrow(0, b, 1).narrow(1, 0, len);
+            let (out_alone, state_alone) = layer.forward(alone, None);
+            let out_b = output.clone().narrow(0, b, 1);
+            let err = max_abs_diff(
+                "output",
+                &out_b.clone().narrow(1, 0, len).into_data(),
+                &out_alone.into_data(),
+            );
+            assert!(err < 1e-12, "{name}: row {b} output differs by {err:e}");
+            if len < 6 {
+                let padding = values(&out_b.narrow(1, len, 6 - len).into_data());
+                assert!(padding.iter().all(|&v| v == 0.0), "{name}: padded outputs not zero");
+            }
+            for (k, (batched, single)) in state.components.iter().zip(&state_alone.components).enumerate() {
+                let err = max_abs_diff(
+                    "state",
+                    &batched.clone().narrow(1, b, 1).into_data(),
+                    &single.clone().into_data(),
+                );
+                assert!(err < 1e-12, "{name}: row {b} state {k} differs by {err:e}");
+            }
+        }
+    }
+}
+
+/// The hand-written backward of the recurrence op against autodiff through the kernel's plain
+/// tensor steps (the fallback path), masked, in both directions.
+#[test]
+fn custom_op_matches_autodiff_through_steps() {
+    type B = F64Autodiff;
+    let device = Default::default();
+    let (batch, len, hidden) = (3, 5, 4);
+    for name in cell_names() {
+        let cell = AnyCellConfig::named(name, 3, hidden).unwrap().init_cell::<B>(&device);
+        let kernel = cell.kernel();
+        let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
+        let width = kernel.output_width() + kernel.state_width() + kernel.saved_width();
+        let random = |shape: Vec<usize>| {
+            let n = shape.iter().product::<usize>();
+            Tensor::<B, 1>::random([n], Distribution::Uniform(-1.0, 1.0), &device)
+        };
+        let xp = random(vec![len, batch, kernel.input_width()]).reshape([len, batch, kernel.input_width()]);
+        let state0 = random(vec![batch, kernel.state_width()]).reshape([batch, kernel.state_width()]);
+        let params = random(vec![param_len]);
+        // Weights on the output and state columns only: saved values are not outputs.
+        let keep = kernel.output_width() + kernel.state_width();
+        let weights = random(vec![len, batch, width]).reshape([len, batch, width]).slice_fill(
+            [0..len, 0..batch, keep..width],
+            0.0,
+        );
+        let mask = rnn_zoo::layer::Mask::<B>::from_lengths(&[5, 2, 4], len, &device).unwrap();
+        let mask_tm: Tensor<B, 2> = {
+            let lengths = mask.lengths();
+            let data: Vec<f64> = (0..len)
+                .flat_map(|t| lengths.iter().map(move |&l| if t < l { 1.0 } else { 0.0 }))
+                .collect();
+            Tensor::from_data(TensorData::new(data, [len, batch]), &device)
+        };
+        for reverse in [false, true] {
+            let run = |custom: bool| {
+                let (xp, state0, params) = (
+                    xp.clone().require_grad(),
+                    state0.clone().require_grad(),
+                    params.clone().require_grad(),
+                );
+                let packed = if custom {
+                    ops::recurrence(&kernel, xp.clone(), state0.clone(), params.clone(), Some(mask_tm.clone()), reverse)
+                } else {
+                    let input = RecurrenceInput {
+                        xp: xp.clone().into_primitive().tensor(),
+                        state0: state0.clone().into_primitive().tensor(),
+                        params: params.clone().into_primitive().tensor(),
+                        mask: Some(mask_tm.clone().into_primitive().tensor()),
+                        reverse,
+                    };
+                    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(
+                        ops::recurrence_forward::<B, _>(&kernel, input),
+                    ))
+                };
+                let grads = (packed.clone() * weights.clone()).sum().backward();
+                let grad = |t: &Tensor<B, 3>| t.grad(&grads).unwrap().into_data();
+                (
+                    packed.narrow(2, 0, keep).into_data(),
+                    grad(&xp),
+                    state0.grad(&grads).unwrap().into_data(),
+                    params.grad(&grads).unwrap().into_data(),
+                )
+            };
+            let (custom, plain) = (run(true), run(false));
+            let errors = [
+                max_abs_diff("forward", &custom.0, &plain.0),
+                max_abs_diff("grad xp", &custom.1, &plain.1),
+                max_abs_diff("grad state0", &custom.2, &plain.2),
+                max_abs_diff("grad params", &custom.3, &plain.3),
+            ];
+            let worst = errors.iter().cloned().fold(0.0, f64::max);
+            assert!(worst < 1e-10, "{name} reverse={reverse}: {errors:?}");
+        }
+    }
+}
+
+#[test]
+fn single_steps_match_the_sequence() {
+    type B = F64;
+    let device = Default::default();
+    for name in cell_names() {
+        let layer = config(name, 3, 4).with_num_layers(2).init::<B>(&device);
+        let input = Tensor::<B, 3>::random([2, 5, 3], Distribution::Default, &device);
+        let (output, final_state) = layer.forward(input.clone(), None);
+        let mut state = None;
+        for t in 0..5 {
+            let (out, next) = layer.step(input.clone().narrow(1, t, 1).squeeze_dim(1), state);
+            let expected = output.clone().narrow(1, t, 1).squeeze_dim::<2>(1);
+            let err = max_abs_diff("step", &out.into_data(), &expected.into_data());
+            assert!(err < 1e-12, "{name}: step {t} differs by {err:e}");
+            state = Some(next);
+        }
+        for (a, b) in state.unwrap().components.into_iter().zip(final_state.components) {
+            assert!(max_abs_diff("state", &a.into_data(), &b.into_data()) < 1e-12);
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "input has shape [2, 5, 4] but the layer expects [batch, T, 3]")]
+fn wrong_input_width_names_both_shapes() {
+    let layer = config("lstm", 3, 4).init::<F64>(&Default::default());
+    layer.forward(Tensor::zeros([2, 5, 4], &Default::default()), None);
+}
+
+#[test]
+#[should_panic(expected = "state 'c' has shape [1, 3, 4], expected [1, 2, 4]")]
+fn wrong_state_shape_names_both_shapes() {
+    let device = Default::default();
+    let layer = config("lstm", 3, 4).init::<F64>(&device);
+    let state = RnnState {
+        components: vec![Tensor::zeros([1, 2, 4], &device), Tensor::zeros([1, 3, 4], &device)],
+    };
+    layer.forward(Tensor::zeros([2, 5, 3], &device), Some(state));
+}
+
+#[test]
+fn masks_must_be_prefixes() {
+    let device = Default::default();
+    let bools = Tensor::<F64, 2, burn::tensor::Bool>::from_data(
+        TensorData::new(vec![true, false, true, true, false, false], [2, 3]),
+        &device,
+    );
+    assert_eq!(
+        Mask::from_bool(bools).unwrap_err(),
+        MaskError::NotPrefix { row: 0, step: 2 }
+    );
+    assert!(matches!(
+        Mask::<F64>::from_lengths(&[2, 4], 3, &device),
+        Err(MaskError::TooLong { row: 1, length: 4, max: 3 })
+    ));
+    let ok = Tensor::<F64, 2, burn::tensor::Bool>::from_data(
+        TensorData::new(vec![true, true, true, false, false, false], [3, 2]),
+        &device,
+    );
+    assert_eq!(Mask::from_bool(ok).unwrap().lengths(), &[2, 1, 0]);
+}
