@@ -25,6 +25,7 @@
 //! ```
 
 pub mod backend;
+pub mod bench;
 pub mod cell;
 pub mod check;
 pub mod import;
