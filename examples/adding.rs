@@ -32,8 +32,15 @@ fn batch<B: Backend>(size: usize, len: usize, device: &B::Device) -> (Tensor<B, 
     let values = Tensor::<B, 2>::random([size, len], Distribution::Uniform(0.0, 1.0), device);
     let half = len / 2;
     let first = Tensor::<B, 1>::random([size], Distribution::Uniform(0.0, half as f64), device);
-    let second = Tensor::<B, 1>::random([size], Distribution::Uniform(half as f64, len as f64), device);
-    let (first, second) = (first.into_data().to_vec::<f32>().unwrap(), second.into_data().to_vec::<f32>().unwrap());
+    let second = Tensor::<B, 1>::random(
+        [size],
+        Distribution::Uniform(half as f64, len as f64),
+        device,
+    );
+    let (first, second) = (
+        first.into_data().to_vec::<f32>().unwrap(),
+        second.into_data().to_vec::<f32>().unwrap(),
+    );
     let mut marks = vec![0.0f32; size * len];
     for b in 0..size {
         marks[b * len + first[b] as usize] = 1.0;
@@ -68,7 +75,8 @@ fn main() {
         head: LinearConfig::new(128, 1).init(&device),
     };
     let mut optim = AdamConfig::new().init();
-    let (eval_x, eval_y) = batch::<<TrainBackend as AutodiffBackend>::InnerBackend>(500, len, &device);
+    let (eval_x, eval_y) =
+        batch::<<TrainBackend as AutodiffBackend>::InnerBackend>(500, len, &device);
     for step in 1..=steps {
         let (x, y) = batch::<TrainBackend>(50, len, &device);
         let loss = mse(model.forward(x), y);

@@ -112,7 +112,11 @@ fn bench_model<B: AutodiffBackend>(
         let loss = head.forward(forward(input.clone())).mean();
         let grads = loss.backward();
         // Reading a value waits for asynchronous backends to finish the step.
-        let _ = head.weight.val().grad(&grads).map(|g| g.sum().into_scalar());
+        let _ = head
+            .weight
+            .val()
+            .grad(&grads)
+            .map(|g| g.sum().into_scalar());
     });
     let (forward_ms, _) = time_ms(settings, || {
         let out = forward(input.clone().detach());
@@ -169,11 +173,25 @@ pub fn bench_burn_baseline<B: AutodiffBackend>(
     match which {
         "burn-lstm" => {
             let lstm = LstmConfig::new(shape.input, shape.hidden, true).init::<B>(device);
-            Ok(bench_model(which, shape, settings, |x| lstm.forward(x, None).0, &head, backend))
+            Ok(bench_model(
+                which,
+                shape,
+                settings,
+                |x| lstm.forward(x, None).0,
+                &head,
+                backend,
+            ))
         }
         "burn-gru" => {
             let gru = GruConfig::new(shape.input, shape.hidden, true).init::<B>(device);
-            Ok(bench_model(which, shape, settings, |x| gru.forward(x, None), &head, backend))
+            Ok(bench_model(
+                which,
+                shape,
+                settings,
+                |x| gru.forward(x, None),
+                &head,
+                backend,
+            ))
         }
         other => Err(format!("unknown baseline '{other}'")),
     }
@@ -181,7 +199,10 @@ pub fn bench_burn_baseline<B: AutodiffBackend>(
 
 /// The names `--cell all` runs: every zoo cell, then burn's own LSTM and GRU.
 pub fn all_names() -> Vec<String> {
-    let mut names: Vec<String> = AnyCellConfig::names().iter().map(|s| s.to_string()).collect();
+    let mut names: Vec<String> = AnyCellConfig::names()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     names.push("burn-lstm".into());
     names.push("burn-gru".into());
     names

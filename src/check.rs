@@ -52,7 +52,10 @@ pub fn max_abs_diff(what: &str, actual: &TensorData, expected: &TensorData) -> f
 
 /// A tensor's values as f64.
 pub fn values(data: &TensorData) -> Vec<f64> {
-    data.clone().convert::<f64>().to_vec::<f64>().expect("float data")
+    data.clone()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .expect("float data")
 }
 
 /// Buffers that a state dict carries but that are not trained parameters.
@@ -72,8 +75,12 @@ pub fn randomized<B: RnnBackend, C: Cell<B>>(layer: RnnLayer<B, C>, scale: f64) 
                 return (name, data);
             }
             let shape: [usize; 1] = [data.num_elements()];
-            let random = Tensor::<B, 1>::random(shape, Distribution::Uniform(-scale, scale), &device);
-            (name, TensorData::new(values(&random.into_data()), data.shape.clone()))
+            let random =
+                Tensor::<B, 1>::random(shape, Distribution::Uniform(-scale, scale), &device);
+            (
+                name,
+                TensorData::new(values(&random.into_data()), data.shape.clone()),
+            )
         })
         .collect();
     layer
@@ -109,10 +116,17 @@ pub fn finite_differences<C: CellConfig>(
     };
     let input = random([batch, len, layer.input_size()]);
     let state_shape = [layer.cells.len(), batch, layer.hidden_size()];
-    let state0: Vec<Tensor<B, 3>> = layer.state_names().iter().map(|_| random(state_shape)).collect();
+    let state0: Vec<Tensor<B, 3>> = layer
+        .state_names()
+        .iter()
+        .map(|_| random(state_shape))
+        .collect();
     let grad_out = random([batch, len, layer.output_size()]);
-    let state_weights: Vec<Tensor<B, 3>> =
-        layer.state_names().iter().map(|_| random(state_shape)).collect();
+    let state_weights: Vec<Tensor<B, 3>> = layer
+        .state_names()
+        .iter()
+        .map(|_| random(state_shape))
+        .collect();
     let mask = lengths.map(|l| Mask::<B>::from_lengths(l, len, &device).expect("valid lengths"));
 
     let loss = |layer: &RnnLayer<B, C::Cell<B>>, input: Tensor<B, 3>, state0: Vec<Tensor<B, 3>>| {
@@ -131,7 +145,8 @@ pub fn finite_differences<C: CellConfig>(
 
     // Analytic gradients.
     let input_tracked = input.clone().require_grad();
-    let state_tracked: Vec<Tensor<B, 3>> = state0.iter().map(|s| s.clone().require_grad()).collect();
+    let state_tracked: Vec<Tensor<B, 3>> =
+        state0.iter().map(|s| s.clone().require_grad()).collect();
     let grads = loss(&layer, input_tracked.clone(), state_tracked.clone()).backward();
     let param_grads = gradients_of(layer.clone(), &grads).state_dict();
 
@@ -166,7 +181,10 @@ pub fn finite_differences<C: CellConfig>(
                     .iter()
                     .map(|(n, d)| {
                         if n == name {
-                            (n.clone(), TensorData::new(perturbed.clone(), d.shape.clone()))
+                            (
+                                n.clone(),
+                                TensorData::new(perturbed.clone(), d.shape.clone()),
+                            )
                         } else {
                             (n.clone(), d.clone())
                         }
@@ -184,21 +202,27 @@ pub fn finite_differences<C: CellConfig>(
     }
 
     // Input and initial state.
-    let mut check_tensor = |what: &str, tracked: &Tensor<B, 3>, eval: &dyn Fn(Tensor<B, 3>) -> f64| {
-        let analytic = values(&tracked.grad(&grads).expect("a gradient").into_data());
-        let base_data = tracked.clone().detach().into_data();
-        let base = values(&base_data);
-        for j in 0..base.len() {
-            let at = |delta: f64| {
-                let mut v = base.clone();
-                v[j] += delta;
-                eval(Tensor::from_data(TensorData::new(v, base_data.shape.clone()), &device))
-            };
-            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            record(analytic[j], numeric, &format!("{what}[{j}]"));
-        }
-    };
-    check_tensor("input", &input_tracked, &|x| scalar(loss(&layer, x, state0.clone())));
+    let mut check_tensor =
+        |what: &str, tracked: &Tensor<B, 3>, eval: &dyn Fn(Tensor<B, 3>) -> f64| {
+            let analytic = values(&tracked.grad(&grads).expect("a gradient").into_data());
+            let base_data = tracked.clone().detach().into_data();
+            let base = values(&base_data);
+            for j in 0..base.len() {
+                let at = |delta: f64| {
+                    let mut v = base.clone();
+                    v[j] += delta;
+                    eval(Tensor::from_data(
+                        TensorData::new(v, base_data.shape.clone()),
+                        &device,
+                    ))
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                record(analytic[j], numeric, &format!("{what}[{j}]"));
+            }
+        };
+    check_tensor("input", &input_tracked, &|x| {
+        scalar(loss(&layer, x, state0.clone()))
+    });
     for (k, tracked) in state_tracked.iter().enumerate() {
         check_tensor(&format!("state{k}"), tracked, &|s| {
             let mut states = state0.clone();
@@ -229,14 +253,22 @@ pub mod reference {
         pub fn matvec(&self, x: &[f64]) -> Vec<f64> {
             assert_eq!(x.len(), self.cols, "matvec width");
             (0..self.rows)
-                .map(|r| (0..self.cols).map(|c| self.data[r * self.cols + c] * x[c]).sum())
+                .map(|r| {
+                    (0..self.cols)
+                        .map(|c| self.data[r * self.cols + c] * x[c])
+                        .sum()
+                })
                 .collect()
         }
         /// `x · self` (a row vector times the matrix).
         pub fn vecmat(&self, x: &[f64]) -> Vec<f64> {
             assert_eq!(x.len(), self.rows, "vecmat width");
             (0..self.cols)
-                .map(|c| (0..self.rows).map(|r| x[r] * self.data[r * self.cols + c]).sum())
+                .map(|c| {
+                    (0..self.rows)
+                        .map(|r| x[r] * self.data[r * self.cols + c])
+                        .sum()
+                })
                 .collect()
         }
         /// Rows `[start, start + n)`.
@@ -256,7 +288,10 @@ pub mod reference {
     impl Weights {
         /// A 2-D tensor as a matrix.
         pub fn mat(&self, name: &str) -> Mat {
-            let (shape, data) = self.0.get(name).unwrap_or_else(|| panic!("no weight '{name}'"));
+            let (shape, data) = self
+                .0
+                .get(name)
+                .unwrap_or_else(|| panic!("no weight '{name}'"));
             assert_eq!(shape.len(), 2, "'{name}' is not a matrix");
             Mat {
                 rows: shape[0],
@@ -266,7 +301,11 @@ pub mod reference {
         }
         /// A tensor's values.
         pub fn vec(&self, name: &str) -> Vec<f64> {
-            self.0.get(name).unwrap_or_else(|| panic!("no weight '{name}'")).1.clone()
+            self.0
+                .get(name)
+                .unwrap_or_else(|| panic!("no weight '{name}'"))
+                .1
+                .clone()
         }
     }
 
@@ -313,7 +352,13 @@ pub fn compare_step<C: CellConfig>(
     let state0: Vec<Tensor<B, 3>> = layer
         .state_names()
         .iter()
-        .map(|_| Tensor::random([1, batch, hidden], Distribution::Uniform(-1.0, 1.0), &device))
+        .map(|_| {
+            Tensor::random(
+                [1, batch, hidden],
+                Distribution::Uniform(-1.0, 1.0),
+                &device,
+            )
+        })
         .collect();
     let (output, state) = layer.step(
         x.clone(),
@@ -325,7 +370,10 @@ pub fn compare_step<C: CellConfig>(
         values(&t).chunks(width).map(<[f64]>::to_vec).collect()
     };
     let xs = rows(x.into_data(), input);
-    let s0: Vec<Vec<Vec<f64>>> = state0.into_iter().map(|s| rows(s.into_data(), hidden)).collect();
+    let s0: Vec<Vec<Vec<f64>>> = state0
+        .into_iter()
+        .map(|s| rows(s.into_data(), hidden))
+        .collect();
     let out = rows(output.into_data(), hidden);
     let s1: Vec<Vec<Vec<f64>>> = state
         .components

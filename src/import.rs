@@ -70,7 +70,8 @@ pub struct StateDict {
 impl StateDict {
     /// Parses safetensors bytes; only keys starting with `prefix` are visible (without it).
     pub fn from_bytes(bytes: &[u8], prefix: &str) -> Result<Self, ImportError> {
-        let file = SafeTensors::deserialize(bytes).map_err(|e| ImportError::Format(e.to_string()))?;
+        let file =
+            SafeTensors::deserialize(bytes).map_err(|e| ImportError::Format(e.to_string()))?;
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| ImportError::Format(e.to_string()))?;
         let mut tensors = BTreeMap::new();
@@ -134,7 +135,10 @@ impl StateDict {
             Ok(())
         } else {
             Err(ImportError::Unexpected(
-                unused.into_iter().map(|n| format!("{}{n}", self.prefix)).collect(),
+                unused
+                    .into_iter()
+                    .map(|n| format!("{}{n}", self.prefix))
+                    .collect(),
             ))
         }
     }
@@ -197,7 +201,11 @@ pub fn to_safetensors_bytes(
     let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, data)| {
-            let values = data.clone().convert::<f32>().to_vec::<f32>().expect("f32 data");
+            let values = data
+                .clone()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32 data");
             let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             (format!("{prefix}{name}"), data.shape.to_vec(), bytes)
         })

@@ -30,9 +30,7 @@ use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::cell::{Cell, CellConfig, Position};
-use crate::import::{
-    to_safetensors_bytes, write_atomically, ImportError, StateDict, TensorSource,
-};
+use crate::import::{to_safetensors_bytes, write_atomically, ImportError, StateDict, TensorSource};
 use crate::ops::RnnBackend;
 
 /// Configuration of an [`RnnLayer`].
@@ -301,7 +299,11 @@ impl<B: Backend, C: Cell<B>> RnnLayer<B, C> {
 impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
     /// Runs the layer over full-length sequences `[batch, T, input]`, from `state` (zeros if
     /// `None`). Returns the output `[batch, T, directions·hidden]` and the final state.
-    pub fn forward(&self, input: Tensor<B, 3>, state: Option<RnnState<B>>) -> (Tensor<B, 3>, RnnState<B>) {
+    pub fn forward(
+        &self,
+        input: Tensor<B, 3>,
+        state: Option<RnnState<B>>,
+    ) -> (Tensor<B, 3>, RnnState<B>) {
         self.run(input, None, state)
     }
 
@@ -327,7 +329,11 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
 
     /// One step for inference or step-by-step generation: `input [batch, input]` gives the
     /// output `[batch, hidden]` and the next state. Unidirectional layers only.
-    pub fn step(&self, input: Tensor<B, 2>, state: Option<RnnState<B>>) -> (Tensor<B, 2>, RnnState<B>) {
+    pub fn step(
+        &self,
+        input: Tensor<B, 2>,
+        state: Option<RnnState<B>>,
+    ) -> (Tensor<B, 2>, RnnState<B>) {
         assert!(
             !self.bidirectional,
             "step-by-step use needs a unidirectional layer"
@@ -350,7 +356,11 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
             [batch, len, width],
             self.input_size()
         );
-        assert!(len > 0, "input has no time steps (shape {:?})", [batch, len, width]);
+        assert!(
+            len > 0,
+            "input has no time steps (shape {:?})",
+            [batch, len, width]
+        );
         let state = state.unwrap_or_else(|| self.zero_state(batch, &input.device()));
         self.check_state(&state, batch);
 
@@ -390,7 +400,10 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
             }
         }
         let state = RnnState {
-            components: finals.into_iter().map(|parts| Tensor::stack(parts, 0)).collect(),
+            components: finals
+                .into_iter()
+                .map(|parts| Tensor::stack(parts, 0))
+                .collect(),
         };
         (x.swap_dims(0, 1), state)
     }
@@ -425,7 +438,11 @@ impl<B: Backend, C: Cell<B>> RnnLayer<B, C> {
     }
 
     /// Writes the layer's parameters as a safetensors file, names prefixed with `prefix`.
-    pub fn save_safetensors(&self, path: impl AsRef<Path>, prefix: &str) -> Result<(), ImportError> {
+    pub fn save_safetensors(
+        &self,
+        path: impl AsRef<Path>,
+        prefix: &str,
+    ) -> Result<(), ImportError> {
         let bytes = to_safetensors_bytes(&self.state_dict(), prefix, None)?;
         write_atomically(path.as_ref(), &bytes)
     }

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # rnn-zoo
 //!
 //! Recurrent cells (Elman RNN, LSTM, peephole LSTM, CIFG LSTM, GRU in both reset placements,
@@ -27,10 +28,16 @@
 pub mod backend;
 pub mod bench;
 pub mod cell;
+#[cfg(feature = "ndarray")]
 pub mod check;
 pub mod import;
 pub mod layer;
 pub mod ops;
+
+// The README's examples are compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 /// The names most programs need.
 pub mod prelude {

@@ -116,7 +116,10 @@ pub struct RecurrenceInput<B: Backend> {
 pub trait RnnBackend: Backend {
     /// Runs the recurrence and returns the packed sequence `[T, batch, O + S + V]`: each step's
     /// output, new state and saved values side by side (see [`Recurrence`]).
-    fn rnn_recurrence<K: Recurrence>(kernel: &K, input: RecurrenceInput<Self>) -> FloatTensor<Self> {
+    fn rnn_recurrence<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+    ) -> FloatTensor<Self> {
         recurrence_forward::<Self, K>(kernel, input)
     }
 
@@ -146,7 +149,10 @@ fn unpack_params<B: Backend>(shapes: &[[usize; 2]], flat: Tensor<B, 1>) -> Vec<T
     shapes
         .iter()
         .map(|&[rows, cols]| {
-            let piece = flat.clone().narrow(0, offset, rows * cols).reshape([rows, cols]);
+            let piece = flat
+                .clone()
+                .narrow(0, offset, rows * cols)
+                .reshape([rows, cols]);
             offset += rows * cols;
             piece
         })
@@ -314,7 +320,10 @@ impl<B: RnnBackend, K: Recurrence> Backward<B, 3> for RecurrenceBackward<K> {
 }
 
 impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
-    fn rnn_recurrence<K: Recurrence>(kernel: &K, input: RecurrenceInput<Self>) -> FloatTensor<Self> {
+    fn rnn_recurrence<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+    ) -> FloatTensor<Self> {
         let nodes = [
             input.xp.node.clone(),
             input.state0.node.clone(),

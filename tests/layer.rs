@@ -16,7 +16,9 @@ fn config(name: &str, input: usize, hidden: usize) -> RnnLayerConfig<AnyCellConf
 #[test]
 fn stacked_bidirectional_masked_layer_matches_finite_differences() {
     for name in cell_names() {
-        let config = config(name, 3, 3).with_num_layers(2).with_bidirectional(true);
+        let config = config(name, 3, 3)
+            .with_num_layers(2)
+            .with_bidirectional(true);
         let report = finite_differences(&config, 3, 4, Some(&[4, 2, 3]));
         println!(
             "finite differences {name:>14}: {} gradients, max relative error {:.1e}",
@@ -50,9 +52,17 @@ fn padded_batch_matches_each_sequence_alone() {
             assert!(err < 1e-12, "{name}: row {b} output differs by {err:e}");
             if len < 6 {
                 let padding = values(&out_b.narrow(1, len, 6 - len).into_data());
-                assert!(padding.iter().all(|&v| v == 0.0), "{name}: padded outputs not zero");
+                assert!(
+                    padding.iter().all(|&v| v == 0.0),
+                    "{name}: padded outputs not zero"
+                );
             }
-            for (k, (batched, single)) in state.components.iter().zip(&state_alone.components).enumerate() {
+            for (k, (batched, single)) in state
+                .components
+                .iter()
+                .zip(&state_alone.components)
+                .enumerate()
+            {
                 let err = max_abs_diff(
                     "state",
                     &batched.clone().narrow(1, b, 1).into_data(),
@@ -72,7 +82,9 @@ fn custom_op_matches_autodiff_through_steps() {
     let device = Default::default();
     let (batch, len, hidden) = (3, 5, 4);
     for name in cell_names() {
-        let cell = AnyCellConfig::named(name, 3, hidden).unwrap().init_cell::<B>(&device);
+        let cell = AnyCellConfig::named(name, 3, hidden)
+            .unwrap()
+            .init_cell::<B>(&device);
         let kernel = cell.kernel();
         let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
         let width = kernel.output_width() + kernel.state_width() + kernel.saved_width();
@@ -80,15 +92,19 @@ fn custom_op_matches_autodiff_through_steps() {
             let n = shape.iter().product::<usize>();
             Tensor::<B, 1>::random([n], Distribution::Uniform(-1.0, 1.0), &device)
         };
-        let xp = random(vec![len, batch, kernel.input_width()]).reshape([len, batch, kernel.input_width()]);
-        let state0 = random(vec![batch, kernel.state_width()]).reshape([batch, kernel.state_width()]);
+        let xp = random(vec![len, batch, kernel.input_width()]).reshape([
+            len,
+            batch,
+            kernel.input_width(),
+        ]);
+        let state0 =
+            random(vec![batch, kernel.state_width()]).reshape([batch, kernel.state_width()]);
         let params = random(vec![param_len]);
         // Weights on the output and state columns only: saved values are not outputs.
         let keep = kernel.output_width() + kernel.state_width();
-        let weights = random(vec![len, batch, width]).reshape([len, batch, width]).slice_fill(
-            [0..len, 0..batch, keep..width],
-            0.0,
-        );
+        let weights = random(vec![len, batch, width])
+            .reshape([len, batch, width])
+            .slice_fill([0..len, 0..batch, keep..width], 0.0);
         let mask = rnn_zoo::layer::Mask::<B>::from_lengths(&[5, 2, 4], len, &device).unwrap();
         let mask_tm: Tensor<B, 2> = {
             let lengths = mask.lengths();
@@ -105,7 +121,14 @@ fn custom_op_matches_autodiff_through_steps() {
                     params.clone().require_grad(),
                 );
                 let packed = if custom {
-                    ops::recurrence(&kernel, xp.clone(), state0.clone(), params.clone(), Some(mask_tm.clone()), reverse)
+                    ops::recurrence(
+                        &kernel,
+                        xp.clone(),
+                        state0.clone(),
+                        params.clone(),
+                        Some(mask_tm.clone()),
+                        reverse,
+                    )
                 } else {
                     let input = RecurrenceInput {
                         xp: xp.clone().into_primitive().tensor(),
@@ -156,7 +179,12 @@ fn single_steps_match_the_sequence() {
             assert!(err < 1e-12, "{name}: step {t} differs by {err:e}");
             state = Some(next);
         }
-        for (a, b) in state.unwrap().components.into_iter().zip(final_state.components) {
+        for (a, b) in state
+            .unwrap()
+            .components
+            .into_iter()
+            .zip(final_state.components)
+        {
             assert!(max_abs_diff("state", &a.into_data(), &b.into_data()) < 1e-12);
         }
     }
@@ -175,7 +203,10 @@ fn wrong_state_shape_names_both_shapes() {
     let device = Default::default();
     let layer = config("lstm", 3, 4).init::<F64>(&device);
     let state = RnnState {
-        components: vec![Tensor::zeros([1, 2, 4], &device), Tensor::zeros([1, 3, 4], &device)],
+        components: vec![
+            Tensor::zeros([1, 2, 4], &device),
+            Tensor::zeros([1, 3, 4], &device),
+        ],
     };
     layer.forward(Tensor::zeros([2, 5, 3], &device), Some(state));
 }
@@ -193,7 +224,11 @@ fn masks_must_be_prefixes() {
     );
     assert!(matches!(
         Mask::<F64>::from_lengths(&[2, 4], 3, &device),
-        Err(MaskError::TooLong { row: 1, length: 4, max: 3 })
+        Err(MaskError::TooLong {
+            row: 1,
+            length: 4,
+            max: 3
+        })
     ));
     let ok = Tensor::<F64, 2, burn::tensor::Bool>::from_data(
         TensorData::new(vec![true, true, true, false, false, false], [3, 2]),

@@ -73,9 +73,15 @@ fn bool_of(config: &Map<String, Value>, key: &str) -> bool {
 fn parse_config(text: &str) -> FixtureConfig {
     let config: Map<String, Value> = serde_json::from_str(text).expect("config is JSON");
     for key in config.keys() {
-        assert!(CONFIG_KEYS.contains(&key.as_str()), "unknown config key '{key}'");
+        assert!(
+            CONFIG_KEYS.contains(&key.as_str()),
+            "unknown config key '{key}'"
+        );
     }
-    let (input, hidden) = (usize_of(&config, "input_size"), usize_of(&config, "hidden_size"));
+    let (input, hidden) = (
+        usize_of(&config, "input_size"),
+        usize_of(&config, "hidden_size"),
+    );
     let module = get(&config, "module").as_str().expect("module is a string");
     let named = |name: &str| AnyCellConfig::named(name, input, hidden).unwrap();
     let cell = match module {
@@ -95,14 +101,21 @@ fn parse_config(text: &str) -> FixtureConfig {
         ),
         reference if reference.starts_with("reference.") => {
             let cell = get(&config, "cell").as_str().unwrap();
-            assert_eq!(reference, format!("reference.{cell}"), "module and cell disagree");
+            assert_eq!(
+                reference,
+                format!("reference.{cell}"),
+                "module and cell disagree"
+            );
             named(cell)
         }
         other => panic!("unknown module '{other}'"),
     };
     let official_sru = module == "sru.SRU";
     if !official_sru {
-        assert!(bool_of(&config, "batch_first"), "only batch-first torch fixtures are known");
+        assert!(
+            bool_of(&config, "batch_first"),
+            "only batch-first torch fixtures are known"
+        );
     }
     FixtureConfig {
         cell,
@@ -142,7 +155,11 @@ fn sru_state_from_zoo(t: Tensor<B, 3>, dirs: usize) -> Tensor<B, 3> {
 /// Runs one fixture; returns (tensors compared, largest error).
 fn check_fixture(path: &Path) -> (usize, f64) {
     let mut dict = StateDict::from_file(path, "").unwrap();
-    let config = parse_config(dict.metadata().get("config").expect("metadata has a config"));
+    let config = parse_config(
+        dict.metadata()
+            .get("config")
+            .expect("metadata has a config"),
+    );
     let dirs = if config.bidirectional { 2 } else { 1 };
     let layer_config = RnnLayerConfig::new(config.cell.clone())
         .with_num_layers(config.num_layers)
@@ -171,7 +188,10 @@ fn check_fixture(path: &Path) -> (usize, f64) {
         })
         .collect();
     let state = initial.iter().any(Option::is_some).then(|| {
-        let zero = layer.zero_state(input.dims()[if time_major { 1 } else { 0 }], &Default::default());
+        let zero = layer.zero_state(
+            input.dims()[if time_major { 1 } else { 0 }],
+            &Default::default(),
+        );
         RnnState {
             components: initial
                 .into_iter()
@@ -190,7 +210,11 @@ fn check_fixture(path: &Path) -> (usize, f64) {
     let mut worst: f64 = 0.0;
     let mut compare = |name: &str, actual: TensorData, expected: TensorData| {
         let err = common::max_abs_diff(name, &actual, &expected);
-        assert!(err <= TOLERANCE, "{}: {name} differs by {err:e}", path.display());
+        assert!(
+            err <= TOLERANCE,
+            "{}: {name} differs by {err:e}",
+            path.display()
+        );
         compared += 1;
         worst = worst.max(err);
     };
@@ -202,10 +226,18 @@ fn check_fixture(path: &Path) -> (usize, f64) {
         } else {
             component
         };
-        compare(&format!("{name}_n"), component.into_data(), take_any(&mut dict, &format!("{name}_n")));
+        compare(
+            &format!("{name}_n"),
+            component.into_data(),
+            take_any(&mut dict, &format!("{name}_n")),
+        );
     }
     let grad_input = input.grad(&grads).expect("input gradient");
-    compare("grad.input", grad_input.into_data(), take_any(&mut dict, "grad.input"));
+    compare(
+        "grad.input",
+        grad_input.into_data(),
+        take_any(&mut dict, "grad.input"),
+    );
 
     let grad_layer = common::gradients_of(layer, &grads);
     for (name, grad) in grad_layer.state_dict() {
@@ -215,11 +247,19 @@ fn check_fixture(path: &Path) -> (usize, f64) {
             compare(&key, grad, expected);
         } else {
             // Buffers (SRU's scale_x) have no gradient in the fixture.
-            assert!(name.ends_with("scale_x"), "{}: fixture has no '{key}'", path.display());
+            assert!(
+                name.ends_with("scale_x"),
+                "{}: fixture has no '{key}'",
+                path.display()
+            );
         }
     }
     let unused = dict.unused();
-    assert!(unused.is_empty(), "{}: tensors not compared: {unused:?}", path.display());
+    assert!(
+        unused.is_empty(),
+        "{}: tensors not compared: {unused:?}",
+        path.display()
+    );
     (compared, worst)
 }
 
@@ -232,7 +272,11 @@ fn parity_with_fixtures() {
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no *.safetensors fixtures in {}", dir.display());
+    assert!(
+        !files.is_empty(),
+        "no *.safetensors fixtures in {}",
+        dir.display()
+    );
     let mut tensors = 0;
     for file in &files {
         let (n, worst) = check_fixture(file);

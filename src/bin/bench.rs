@@ -68,7 +68,15 @@ fn run(args: Args) -> Result<(), String> {
         println!("backend: {}", describe());
         println!(
             "{:<14} {:>6} {:>6} {:>6} {:>6} {:>12} {:>18} {:>11} {:>14}",
-            "cell", "batch", "T", "input", "hidden", "train ms", "(min..max)", "forward ms", "train steps/s"
+            "cell",
+            "batch",
+            "T",
+            "input",
+            "hidden",
+            "train ms",
+            "(min..max)",
+            "forward ms",
+            "train steps/s"
         );
     }
     for &seq_len in &args.seq_len {
@@ -86,7 +94,10 @@ fn run(args: Args) -> Result<(), String> {
                 bench_cell::<TrainBackend>(name, shape, settings, &device, backend_name())?
             };
             if args.json {
-                println!("{}", serde_json::to_string(&result).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&result).map_err(|e| e.to_string())?
+                );
             } else {
                 let (lo, hi) = result.train_step_range_ms;
                 println!(

@@ -10,7 +10,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::{
-    sigmoid, accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence,
+    accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence, sigmoid,
     sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell, CellConfig, Position,
 };
 use crate::import::{ImportError, TensorSource};
@@ -175,7 +175,11 @@ impl Recurrence for GruKernel {
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let hd = self.hidden;
         let saved = step.saved.expect("the GRU saves its gates");
-        let (r, z, n) = (cols(&saved, 0, hd), cols(&saved, hd, hd), cols(&saved, 2 * hd, hd));
+        let (r, z, n) = (
+            cols(&saved, 0, hd),
+            cols(&saved, hd, hd),
+            cols(&saved, 2 * hd, hd),
+        );
         let h = step.prev_state;
         let grad_h = step.grad_output + step.grad_state;
 
@@ -287,12 +291,20 @@ impl<B: Backend> Cell<B> for Gru<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{compare_step, finite_differences, reference::{self, *}};
-    use reference::sigmoid;
+    use crate::check::{
+        compare_step, finite_differences,
+        reference::{self, *},
+    };
     use crate::layer::RnnLayerConfig;
+    use reference::sigmoid;
 
     /// The GRU equations of design.md §3, one batch row, in plain f64.
-    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>], reset_after: bool) -> (Vec<f64>, Vec<Vec<f64>>) {
+    fn reference_step(
+        w: &Weights,
+        x: &[f64],
+        state: &[Vec<f64>],
+        reset_after: bool,
+    ) -> (Vec<f64>, Vec<Vec<f64>>) {
         let h = &state[0];
         let n = h.len();
         let gx = add(&w.mat("weight_ih_l0").matvec(x), &w.vec("bias_ih_l0"));
@@ -305,13 +317,17 @@ mod tests {
         let b_hn = part(&b_hh, 2 * n, n);
         let cand: Vec<f64> = if reset_after {
             let hn = add(&w_hn.matvec(h), &b_hn);
-            (0..n).map(|j| (gx[2 * n + j] + r[j] * hn[j]).tanh()).collect()
+            (0..n)
+                .map(|j| (gx[2 * n + j] + r[j] * hn[j]).tanh())
+                .collect()
         } else {
             let rh: Vec<f64> = (0..n).map(|j| r[j] * h[j]).collect();
             let hn = add(&w_hn.matvec(&rh), &b_hn);
             (0..n).map(|j| (gx[2 * n + j] + hn[j]).tanh()).collect()
         };
-        let h_new: Vec<f64> = (0..n).map(|j| (1.0 - z[j]) * cand[j] + z[j] * h[j]).collect();
+        let h_new: Vec<f64> = (0..n)
+            .map(|j| (1.0 - z[j]) * cand[j] + z[j] * h[j])
+            .collect();
         (h_new.clone(), vec![h_new])
     }
 

@@ -12,7 +12,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    sigmoid, accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence,
+    accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence, sigmoid,
     sigmoid_grad, tanh_grad, torch_name, uniform, uniform_param, Cell, CellConfig, Position,
 };
 use crate::import::{ImportError, TensorSource};
@@ -203,7 +203,8 @@ impl Recurrence for LstmKernel {
             let c_new = f.clone() * c + i.clone() * g.clone();
             (Gates { i, f, g, o }, c_new)
         } else {
-            let (mut zi, mut zf, mut zo) = (cols(&z, 0, hd), cols(&z, hd, hd), cols(&z, 3 * hd, hd));
+            let (mut zi, mut zf, mut zo) =
+                (cols(&z, 0, hd), cols(&z, hd, hd), cols(&z, 3 * hd, hd));
             if self.peephole {
                 let p = &params[1];
                 zi = zi + cols(p, 0, hd) * c.clone();
@@ -214,7 +215,15 @@ impl Recurrence for LstmKernel {
             if self.peephole {
                 zo = zo + cols(&params[1], 2 * hd, hd) * c_new.clone();
             }
-            (Gates { i, f, g, o: sigmoid(zo) }, c_new)
+            (
+                Gates {
+                    i,
+                    f,
+                    g,
+                    o: sigmoid(zo),
+                },
+                c_new,
+            )
         };
         let h_new = gates.o.clone() * c_new.clone().tanh();
         let saved = if self.coupled {
@@ -249,7 +258,10 @@ impl Recurrence for LstmKernel {
                 cols(&saved, hd, hd),
             )
         };
-        let (h_prev, c_prev) = (cols(&step.prev_state, 0, hd), cols(&step.prev_state, hd, hd));
+        let (h_prev, c_prev) = (
+            cols(&step.prev_state, 0, hd),
+            cols(&step.prev_state, hd, hd),
+        );
         let c_new = cols(&step.state, hd, hd);
         let grad_h = step.grad_output + cols(&step.grad_state, 0, hd);
         let mut grad_c = cols(&step.grad_state, hd, hd);
@@ -274,9 +286,8 @@ impl Recurrence for LstmKernel {
             let dz_f = d_f * sigmoid_grad(f);
             if self.peephole {
                 let p = &params[1];
-                grad_c_prev = grad_c_prev
-                    + dz_i.clone() * cols(p, 0, hd)
-                    + dz_f.clone() * cols(p, hd, hd);
+                grad_c_prev =
+                    grad_c_prev + dz_i.clone() * cols(p, 0, hd) + dz_f.clone() * cols(p, hd, hd);
                 let grad_p = Tensor::cat(
                     vec![
                         batch_sum(dz_i.clone() * c_prev.clone()),
@@ -371,12 +382,20 @@ impl<B: Backend> Cell<B> for Lstm<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{compare_step, finite_differences, reference::{self, *}};
-    use reference::sigmoid;
+    use crate::check::{
+        compare_step, finite_differences,
+        reference::{self, *},
+    };
     use crate::layer::RnnLayerConfig;
+    use reference::sigmoid;
 
     /// The LSTM equations of design.md §3, one batch row, in plain f64.
-    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>], variant: LstmVariant) -> (Vec<f64>, Vec<Vec<f64>>) {
+    fn reference_step(
+        w: &Weights,
+        x: &[f64],
+        state: &[Vec<f64>],
+        variant: LstmVariant,
+    ) -> (Vec<f64>, Vec<Vec<f64>>) {
         let (h, c) = (&state[0], &state[1]);
         let n = h.len();
         let z = add(
@@ -409,7 +428,11 @@ mod tests {
         (h_new.clone(), vec![h_new, c_new])
     }
 
-    const VARIANTS: [LstmVariant; 3] = [LstmVariant::Standard, LstmVariant::Peephole, LstmVariant::Cifg];
+    const VARIANTS: [LstmVariant; 3] = [
+        LstmVariant::Standard,
+        LstmVariant::Peephole,
+        LstmVariant::Cifg,
+    ];
 
     #[test]
     fn step_matches_f64_reference() {

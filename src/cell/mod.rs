@@ -137,11 +137,14 @@ pub(crate) fn project_sequence<B: Backend>(
     let [len, batch, width] = input.dims();
     let [out, expected] = weight.dims();
     assert_eq!(
-        width, expected,
+        width,
+        expected,
         "input has {width} features per step but the cell expects {expected} (input shape {:?})",
         [len, batch, width]
     );
-    let projected = input.reshape([len * batch, width]).matmul(weight.transpose());
+    let projected = input
+        .reshape([len * batch, width])
+        .matmul(weight.transpose());
     let projected = match bias {
         Some(bias) => projected + bias.unsqueeze_dim(0),
         None => projected,
@@ -357,11 +360,7 @@ register_cells! {
 impl AnyCellConfig {
     /// The config for a cell name (`"gru"`, `"sru"`, ...), or an error listing the known names.
     pub fn named(name: &str, input_size: usize, hidden_size: usize) -> Result<Self, String> {
-        Self::from_name(name, input_size, hidden_size).ok_or_else(|| {
-            format!(
-                "unknown cell '{name}' (known: {})",
-                cell_names().join(", ")
-            )
-        })
+        Self::from_name(name, input_size, hidden_size)
+            .ok_or_else(|| format!("unknown cell '{name}' (known: {})", cell_names().join(", ")))
     }
 }

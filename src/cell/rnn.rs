@@ -229,10 +229,18 @@ mod tests {
     use crate::check::{compare_step, finite_differences, reference::*};
     use crate::layer::RnnLayerConfig;
 
-    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>], relu: bool) -> (Vec<f64>, Vec<Vec<f64>>) {
+    fn reference_step(
+        w: &Weights,
+        x: &[f64],
+        state: &[Vec<f64>],
+        relu: bool,
+    ) -> (Vec<f64>, Vec<Vec<f64>>) {
         let pre = add(
             &add(&w.mat("weight_ih_l0").matvec(x), &w.vec("bias_ih_l0")),
-            &add(&w.mat("weight_hh_l0").matvec(&state[0]), &w.vec("bias_hh_l0")),
+            &add(
+                &w.mat("weight_hh_l0").matvec(&state[0]),
+                &w.vec("bias_hh_l0"),
+            ),
         );
         let h: Vec<f64> = pre
             .iter()

@@ -14,7 +14,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 
 use super::{
-    sigmoid, accumulate, batch_sum, cols, flatten_params, project_sequence, sigmoid_grad,
+    accumulate, batch_sum, cols, flatten_params, project_sequence, sigmoid, sigmoid_grad,
     tanh_grad, uniform_param, Cell, CellConfig, Position,
 };
 use crate::import::{ImportError, TensorSource};
@@ -309,11 +309,9 @@ impl<B: Backend> Cell<B> for Sru<B> {
             source.take(&name("weight"), &[input, dirs * h * k])?,
             &device,
         );
-        let weight_c: Tensor<B, 2> = Tensor::<B, 1>::from_data(
-            source.take(&name("weight_c"), &[2 * dirs * h])?,
-            &device,
-        )
-        .reshape([2, dirs * h]);
+        let weight_c: Tensor<B, 2> =
+            Tensor::<B, 1>::from_data(source.take(&name("weight_c"), &[2 * dirs * h])?, &device)
+                .reshape([2, dirs * h]);
         let bias: Tensor<B, 2> =
             Tensor::<B, 1>::from_data(source.take(&name("bias"), &[2 * dirs * h])?, &device)
                 .reshape([2, dirs * h]);
@@ -356,10 +354,7 @@ impl<B: Backend> Cell<B> for Sru<B> {
                 name("weight_c"),
                 gate_major(&|c| c.weight_c.val()).into_data(),
             ),
-            (
-                name("bias"),
-                gate_major(&|c| c.bias.val()).into_data(),
-            ),
+            (name("bias"), gate_major(&|c| c.bias.val()).into_data()),
             (name("scale_x"), scale.into_data()),
         ]
     }
@@ -368,13 +363,21 @@ impl<B: Backend> Cell<B> for Sru<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{compare_step, finite_differences, reference::{self, *}};
-    use reference::sigmoid;
+    use crate::check::{
+        compare_step, finite_differences,
+        reference::{self, *},
+    };
     use crate::layer::RnnLayerConfig;
+    use reference::sigmoid;
 
     /// The SRU equations of design.md §3 (official layout: weight `[I, H·k]` interleaved per
     /// unit), one batch row, in plain f64.
-    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>], use_tanh: bool) -> (Vec<f64>, Vec<Vec<f64>>) {
+    fn reference_step(
+        w: &Weights,
+        x: &[f64],
+        state: &[Vec<f64>],
+        use_tanh: bool,
+    ) -> (Vec<f64>, Vec<Vec<f64>>) {
         let c = &state[0];
         let n = c.len();
         let weight = w.mat("rnn_lst.0.weight");
@@ -411,7 +414,9 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         for (input, use_tanh) in [(4, false), (3, true)] {
-            let cell = SruConfig::new(input, 4).with_use_tanh(use_tanh).with_rescale(true);
+            let cell = SruConfig::new(input, 4)
+                .with_use_tanh(use_tanh)
+                .with_rescale(true);
             finite_differences(&RnnLayerConfig::new(cell), 2, 4, None);
         }
     }
