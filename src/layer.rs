@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cell::{Cell, CellConfig, Position};
 use crate::import::{to_safetensors_bytes, write_atomically, ImportError, StateDict, TensorSource};
-use crate::ops::RnnBackend;
+use crate::ops::{RecurrencePath, RnnBackend};
 
 /// Configuration of an [`RnnLayer`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -304,7 +304,7 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
         input: Tensor<B, 3>,
         state: Option<RnnState<B>>,
     ) -> (Tensor<B, 3>, RnnState<B>) {
-        self.run(input, None, state)
+        self.run(input, None, state, RecurrencePath::Fused)
     }
 
     /// Runs the layer over a right-padded batch: padded steps output zeros and leave the state
@@ -316,15 +316,26 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
         mask: &Mask<B>,
         state: Option<RnnState<B>>,
     ) -> (Tensor<B, 3>, RnnState<B>) {
-        let [batch, len, _] = input.dims();
-        assert_eq!(
-            mask.keep.dims(),
-            [len, batch],
-            "mask covers [batch, T] = {:?} but the input is [batch, T] = {:?}",
-            [mask.keep.dims()[1], mask.keep.dims()[0]],
-            [batch, len]
-        );
-        self.run(input, Some(mask.keep.clone()), state)
+        self.check_mask(&input, mask);
+        self.run(input, Some(mask.keep.clone()), state, RecurrencePath::Fused)
+    }
+
+    /// [`forward`](RnnLayer::forward) or [`forward_masked`](RnnLayer::forward_masked) along a
+    /// chosen [`RecurrencePath`] (e.g. the plain path, to check the fused one).
+    pub fn forward_with_path(
+        &self,
+        input: Tensor<B, 3>,
+        mask: Option<&Mask<B>>,
+        state: Option<RnnState<B>>,
+        path: RecurrencePath,
+    ) -> (Tensor<B, 3>, RnnState<B>) {
+        match mask {
+            Some(mask) => {
+                self.check_mask(&input, mask);
+                self.run(input, Some(mask.keep.clone()), state, path)
+            }
+            None => self.run(input, None, state, path),
+        }
     }
 
     /// One step for inference or step-by-step generation: `input [batch, input]` gives the
@@ -338,8 +349,19 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
             !self.bidirectional,
             "step-by-step use needs a unidirectional layer"
         );
-        let (output, state) = self.run(input.unsqueeze_dim(1), None, state);
+        let (output, state) = self.run(input.unsqueeze_dim(1), None, state, RecurrencePath::Fused);
         (output.squeeze_dim(1), state)
+    }
+
+    fn check_mask(&self, input: &Tensor<B, 3>, mask: &Mask<B>) {
+        let [batch, len, _] = input.dims();
+        assert_eq!(
+            mask.keep.dims(),
+            [len, batch],
+            "mask covers [batch, T] = {:?} but the input is [batch, T] = {:?}",
+            [mask.keep.dims()[1], mask.keep.dims()[0]],
+            [batch, len]
+        );
     }
 
     fn run(
@@ -347,6 +369,7 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
         input: Tensor<B, 3>,
         mask: Option<Tensor<B, 2>>,
         state: Option<RnnState<B>>,
+        path: RecurrencePath,
     ) -> (Tensor<B, 3>, RnnState<B>) {
         let [batch, len, width] = input.dims();
         assert_eq!(
@@ -381,7 +404,7 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
                     1,
                 );
                 let reverse = direction == 1;
-                let packed = self.cells[index].run(x.clone(), state0, mask.clone(), reverse);
+                let packed = self.cells[index].run(x.clone(), state0, mask.clone(), reverse, path);
                 // The final state is the last row the recurrence visited.
                 let last = if reverse { 0 } else { len - 1 };
                 let final_state = packed

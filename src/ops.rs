@@ -376,8 +376,40 @@ where
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 impl<B: burn_fusion::FusionBackend> RnnBackend for burn_fusion::Fusion<B> {}
 
+/// How the recurrence is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecurrencePath {
+    /// One op with a hand-written backward (the backend's fastest path): what training uses.
+    #[default]
+    Fused,
+    /// The kernel's plain tensor steps, differentiated by autodiff op by op. Same numbers,
+    /// but its backward costs O(T²) in burn 0.21: a reference for checking the fused path.
+    Plain,
+}
+
 /// Runs the recurrence op on high-level tensors: the entry point the layer uses.
 pub fn recurrence<B: RnnBackend, K: Recurrence>(
+    kernel: &K,
+    xp: Tensor<B, 3>,
+    state0: Tensor<B, 2>,
+    params: Tensor<B, 1>,
+    mask: Option<Tensor<B, 2>>,
+    reverse: bool,
+) -> Tensor<B, 3> {
+    recurrence_with(
+        RecurrencePath::Fused,
+        kernel,
+        xp,
+        state0,
+        params,
+        mask,
+        reverse,
+    )
+}
+
+/// [`recurrence`] along the chosen [`RecurrencePath`].
+pub fn recurrence_with<B: RnnBackend, K: Recurrence>(
+    path: RecurrencePath,
     kernel: &K,
     xp: Tensor<B, 3>,
     state0: Tensor<B, 2>,
@@ -392,5 +424,8 @@ pub fn recurrence<B: RnnBackend, K: Recurrence>(
         mask: mask.map(primitive),
         reverse,
     };
-    float(B::rnn_recurrence(kernel, input))
+    float(match path {
+        RecurrencePath::Fused => B::rnn_recurrence(kernel, input),
+        RecurrencePath::Plain => recurrence_forward::<B, K>(kernel, input),
+    })
 }

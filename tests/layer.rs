@@ -6,7 +6,7 @@ use burn::tensor::{Distribution, Tensor, TensorData};
 use rnn_zoo::cell::cell_names;
 use rnn_zoo::check::{finite_differences, max_abs_diff, values, F64Autodiff, F64};
 use rnn_zoo::layer::MaskError;
-use rnn_zoo::ops::{self, Recurrence, RecurrenceInput};
+use rnn_zoo::ops::{self, Recurrence, RecurrencePath};
 use rnn_zoo::prelude::*;
 
 fn config(name: &str, input: usize, hidden: usize) -> RnnLayerConfig<AnyCellConfig> {
@@ -120,27 +120,20 @@ fn custom_op_matches_autodiff_through_steps() {
                     state0.clone().require_grad(),
                     params.clone().require_grad(),
                 );
-                let packed = if custom {
-                    ops::recurrence(
-                        &kernel,
-                        xp.clone(),
-                        state0.clone(),
-                        params.clone(),
-                        Some(mask_tm.clone()),
-                        reverse,
-                    )
+                let path = if custom {
+                    RecurrencePath::Fused
                 } else {
-                    let input = RecurrenceInput {
-                        xp: xp.clone().into_primitive().tensor(),
-                        state0: state0.clone().into_primitive().tensor(),
-                        params: params.clone().into_primitive().tensor(),
-                        mask: Some(mask_tm.clone().into_primitive().tensor()),
-                        reverse,
-                    };
-                    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(
-                        ops::recurrence_forward::<B, _>(&kernel, input),
-                    ))
+                    RecurrencePath::Plain
                 };
+                let packed = ops::recurrence_with(
+                    path,
+                    &kernel,
+                    xp.clone(),
+                    state0.clone(),
+                    params.clone(),
+                    Some(mask_tm.clone()),
+                    reverse,
+                );
                 let grads = (packed.clone() * weights.clone()).sum().backward();
                 let grad = |t: &Tensor<B, 3>| t.grad(&grads).unwrap().into_data();
                 (
@@ -235,4 +228,66 @@ fn masks_must_be_prefixes() {
         &device,
     );
     assert_eq!(Mask::from_bool(ok).unwrap().lengths(), &[2, 1, 0]);
+}
+
+/// The fused op against the plain path on a stacked, bidirectional, masked layer: outputs,
+/// final states and the gradients of the input, the initial state and every parameter.
+#[test]
+fn fused_path_matches_plain_path_on_stacked_bidirectional_masked_layer() {
+    use rnn_zoo::check::gradients_of;
+    use rnn_zoo::ops::RecurrencePath;
+    type B = F64Autodiff;
+    let device = Default::default();
+    for name in cell_names() {
+        let layer = config(name, 3, 4)
+            .with_num_layers(2)
+            .with_bidirectional(true)
+            .init::<B>(&device);
+        let input = Tensor::<B, 3>::random([3, 5, 3], Distribution::Default, &device);
+        let state0 = layer.zero_state(3, &device);
+        let mask = Mask::from_lengths(&[5, 2, 4], 5, &device).unwrap();
+        let run = |path: RecurrencePath| {
+            let x = input.clone().require_grad();
+            let s0: Vec<Tensor<B, 3>> = state0
+                .components
+                .iter()
+                .map(|s| (s.clone() + 0.3).require_grad())
+                .collect();
+            let (output, state) = layer.forward_with_path(
+                x.clone(),
+                Some(&mask),
+                Some(RnnState {
+                    components: s0.clone(),
+                }),
+                path,
+            );
+            let mut loss = (output.clone() * output.clone()).sum();
+            for c in &state.components {
+                loss = loss + c.clone().sum();
+            }
+            let grads = loss.backward();
+            let mut tensors = vec![output.into_data(), x.grad(&grads).unwrap().into_data()];
+            tensors.extend(state.components.into_iter().map(|c| c.into_data()));
+            tensors.extend(s0.iter().map(|s| s.grad(&grads).unwrap().into_data()));
+            tensors.extend(
+                gradients_of(layer.clone(), &grads)
+                    .state_dict()
+                    .into_iter()
+                    .map(|(_, d)| d),
+            );
+            tensors
+        };
+        let (fused, plain) = (run(RecurrencePath::Fused), run(RecurrencePath::Plain));
+        assert_eq!(fused.len(), plain.len());
+        let worst = fused
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| max_abs_diff(name, a, b))
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 1e-5,
+            "{name}: fused and plain paths differ by {worst:e}"
+        );
+        println!("fused vs plain {name:>14}: max abs difference {worst:.1e}");
+    }
 }

@@ -14,7 +14,7 @@ use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{self, Recurrence, RnnBackend};
+use crate::ops::{self, Recurrence, RecurrencePath, RnnBackend};
 
 /// A recurrent cell: what the layer needs to run it over a sequence.
 pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
@@ -61,12 +61,14 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
         state: Tensor<B, 2>,
         mask: Option<Tensor<B, 2>>,
         reverse: bool,
+        path: RecurrencePath,
     ) -> Tensor<B, 3>
     where
         B: RnnBackend,
     {
         let projected = self.project(input);
-        ops::recurrence(
+        ops::recurrence_with(
+            path,
             &self.kernel(),
             projected,
             state,
