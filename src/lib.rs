@@ -33,6 +33,7 @@ pub mod check;
 pub mod import;
 pub mod layer;
 pub mod ops;
+pub mod task;
 
 // The README's examples are compiled and run as doc tests.
 #[doc = include_str!("../README.md")]
