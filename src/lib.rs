@@ -34,6 +34,7 @@ pub mod import;
 pub mod layer;
 pub mod ops;
 pub mod task;
+pub mod train;
 
 // The README's examples are compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

@@ -121,6 +121,14 @@ impl TaskKind {
     pub fn default_length(self) -> usize {
         100
     }
+    /// Default training steps: the copy task's default run takes minutes on 2 cores; the
+    /// adding task at T = 100 needs thousands of steps for an LSTM.
+    pub fn default_steps(self) -> usize {
+        match self {
+            Self::CopyTask => 2000,
+            Self::AddingTask => 10_000,
+        }
+    }
 }
 
 /// Any task of the zoo.
