@@ -2,10 +2,10 @@
 //! `U[0, 1]`, two of them marked (one in each half); the target is their sum, read at the last
 //! step.
 
-use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng};
 
-use super::{Batch, Metrics, Targets, Task};
+use super::{host_mean, Batch, Metrics, Targets, Task};
 
 /// The adding task over sequences of `seq_len` steps.
 #[derive(Debug, Clone, Copy)]
@@ -59,19 +59,19 @@ impl Task for AddingTask {
         }
     }
 
-    fn loss<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1> {
+    fn losses<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1> {
         let Targets::Values(values) = &batch.targets else {
             unreachable!("the adding task has value targets")
         };
         let device = outputs.device();
         let target =
             Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), &device);
-        (Self::predictions(outputs) - target).square().mean()
+        (Self::predictions(outputs) - target).square()
     }
 
     fn evaluate<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Metrics {
         Metrics {
-            metric: self.loss(outputs, batch).into_scalar().elem::<f64>(),
+            metric: host_mean(self.losses(outputs, batch)),
             recall_accuracy: None,
         }
     }

@@ -64,8 +64,9 @@ pub trait Task: Send + Sync {
     fn output_size(&self) -> usize;
     /// Draws a batch.
     fn batch(&self, size: usize, rng: &mut StdRng) -> Batch;
-    /// Training loss of the head's outputs `[batch, T, output_size]`.
-    fn loss<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1>;
+    /// Per-element training losses of the head's outputs `[batch, T, output_size]` (their mean
+    /// is the loss).
+    fn losses<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1>;
     /// Evaluation metrics of the head's outputs.
     fn evaluate<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Metrics;
     /// What a memoryless predictor scores on the metric.
@@ -85,6 +86,15 @@ pub fn step_rng(seed: u64, step: u64) -> StdRng {
 /// The generator of the held-out set under `seed` (distinct from every training step's).
 pub fn eval_rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(!seed.wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+/// The mean of a tensor, summed on the host in a fixed order: burn-ndarray's SIMD reductions
+/// can differ in the last bit with the buffer's alignment, and reported values must repeat
+/// exactly when a run is resumed.
+pub fn host_mean<B: Backend>(values: Tensor<B, 1>) -> f64 {
+    let data = values.into_data().convert::<f64>();
+    let values = data.to_vec::<f64>().expect("float values");
+    values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
 /// Class targets as an Int tensor `[n]`.
@@ -165,8 +175,8 @@ impl Task for AnyTask {
     fn batch(&self, size: usize, rng: &mut StdRng) -> Batch {
         delegate!(self, t => t.batch(size, rng))
     }
-    fn loss<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1> {
-        delegate!(self, t => t.loss(outputs, batch))
+    fn losses<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1> {
+        delegate!(self, t => t.losses(outputs, batch))
     }
     fn evaluate<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Metrics {
         delegate!(self, t => t.evaluate(outputs, batch))

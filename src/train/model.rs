@@ -108,7 +108,9 @@ struct SquaredNorm<'a> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            self.total += g.square().sum().into_scalar().elem_f64();
+            // Summed on the host in a fixed order so that a resumed run repeats exactly.
+            let values = g.into_data().convert::<f64>();
+            self.total += values.iter::<f64>().map(|v| v * v).sum::<f64>();
         }
     }
 }
@@ -123,16 +125,6 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
         if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
             self.grads.register::<B::InnerBackend, D>(param.id, g * self.factor);
         }
-    }
-}
-
-trait ElemF64 {
-    fn elem_f64(self) -> f64;
-}
-
-impl<E: burn::tensor::ElementConversion> ElemF64 for E {
-    fn elem_f64(self) -> f64 {
-        self.elem::<f64>()
     }
 }
 
@@ -212,4 +204,46 @@ pub fn chrono_init<B: Backend>(
         .load_state_dict(&mut StateDict::from_tensors(dict))
         .map_err(|e| e.to_string())?;
     Ok(SequenceModel { rnn, ..model })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{values, F64};
+
+    fn bias(model: &SequenceModel<F64>, name: &str) -> Vec<f64> {
+        let dict = model.rnn.state_dict();
+        values(&dict.iter().find(|(n, _)| n == name).expect("bias").1)
+    }
+
+    #[test]
+    fn chrono_sets_forget_and_input_biases() {
+        let device = Default::default();
+        let config = RnnLayerConfig::new(AnyCellConfig::named("lstm", 3, 4).unwrap());
+        let model = chrono_init(SequenceModel::<F64>::new(&config, 2, &device), "lstm", 100, 0).unwrap();
+        let (b_ih, b_hh) = (bias(&model, "bias_ih_l0"), bias(&model, "bias_hh_l0"));
+        for j in 0..4 {
+            let forget = b_ih[4 + j];
+            assert!((0.0..=(99f64).ln()).contains(&forget), "{forget}");
+            assert!((b_ih[j] + forget).abs() < 1e-6, "input bias is minus the forget bias");
+            assert_eq!((b_hh[j], b_hh[4 + j]), (0.0, 0.0));
+        }
+        let rnn = RnnLayerConfig::new(AnyCellConfig::named("rnn", 3, 4).unwrap());
+        assert!(chrono_init(SequenceModel::<F64>::new(&rnn, 2, &device), "rnn", 100, 0).is_err());
+    }
+
+    #[test]
+    fn global_norm_clipping_scales_all_gradients_together() {
+        type B = burn::backend::Autodiff<F64>;
+        let device = Default::default();
+        let config = RnnLayerConfig::new(AnyCellConfig::named("gru", 3, 4).unwrap());
+        let model = SequenceModel::<B>::new(&config, 2, &device);
+        let x = Tensor::<B, 3>::ones([2, 5, 3], &device);
+        let loss = (model.forward(x) * 100.0).sum();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let before = clip_global_norm(&model, &mut grads, 1.0);
+        assert!(before > 1.0);
+        let after = clip_global_norm(&model, &mut grads, 0.0);
+        assert!((after - 1.0).abs() < 1e-5, "norm after clipping: {after}");
+    }
 }

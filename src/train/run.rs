@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsParams;
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::{backend::AutodiffBackend, ElementConversion};
+use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +19,7 @@ use crate::cell::AnyCellConfig;
 use crate::import::write_atomically;
 use crate::layer::RnnLayerConfig;
 use crate::ops::RnnBackend;
-use crate::task::{eval_rng, step_rng, AnyTask, Batch, Metrics, Task};
+use crate::task::{eval_rng, host_mean, step_rng, AnyTask, Batch, Metrics, Task};
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -229,8 +229,9 @@ where
     let mut last_checkpoint = start;
     for step in start + 1..=config.steps {
         let batch = task.batch(config.batch_size, &mut step_rng(seed, step as u64));
-        let loss = task.loss(model.forward(batch.input_tensor(device)), &batch);
-        let mut loss_value = loss.clone().into_scalar().elem::<f64>();
+        let losses = task.losses(model.forward(batch.input_tensor(device)), &batch);
+        let mut loss_value = host_mean(losses.clone());
+        let loss = losses.mean();
         if injected_nan(step) {
             loss_value = f64::NAN;
         }
