@@ -17,10 +17,30 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// Tiny settings: small model, short sequences, frequent evaluation and checkpoints.
 fn tiny(task: &str, out: &Path) -> Vec<String> {
-    let length = if task == "copy-task" { "--delay" } else { "--seq-len" };
+    let length = if task == "copy-task" {
+        "--delay"
+    } else {
+        "--seq-len"
+    };
     [
-        task, length, "5", "--hidden", "8", "--batch-size", "4", "--steps", "12", "--eval-every", "4",
-        "--checkpoint-every", "4", "--eval-size", "8", "--threads", "1", "--out",
+        task,
+        length,
+        "5",
+        "--hidden",
+        "8",
+        "--batch-size",
+        "4",
+        "--steps",
+        "12",
+        "--eval-every",
+        "4",
+        "--checkpoint-every",
+        "4",
+        "--eval-size",
+        "8",
+        "--threads",
+        "1",
+        "--out",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -43,10 +63,16 @@ fn assert_error(output: &Output, code: i32, needle: &str) {
     let message = err.lines().find(|l| l.starts_with("error:"));
     assert!(message.is_some(), "no line starts with 'error:': {err}");
     if code == 2 {
-        assert!(err.starts_with("error:"), "first line must start with 'error:': {err}");
+        assert!(
+            err.starts_with("error:"),
+            "first line must start with 'error:': {err}"
+        );
     }
     assert!(err.contains(needle), "'{needle}' not in: {err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
 }
 
 fn metrics_without_time(path: &Path) -> Vec<Value> {
@@ -65,12 +91,26 @@ fn metrics_without_time(path: &Path) -> Vec<Value> {
 fn a_comparison_writes_the_documented_layout() {
     let out = scratch("layout");
     let mut args = tiny("copy-task", &out);
-    args.extend(["--cell".into(), "gru,sru".into(), "--seed".into(), "0,1".into()]);
+    args.extend([
+        "--cell".into(),
+        "gru,sru".into(),
+        "--seed".into(),
+        "0,1".into(),
+    ]);
     let output = run(&args);
     assert!(output.status.success(), "{}", stderr(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("| gru |") && stdout.contains("| sru |"), "{stdout}");
-    for name in ["results.md", "results.csv", "curves.svg", "curves.png", "experiment.json"] {
+    assert!(
+        stdout.contains("| gru |") && stdout.contains("| sru |"),
+        "{stdout}"
+    );
+    for name in [
+        "results.md",
+        "results.csv",
+        "curves.svg",
+        "curves.png",
+        "experiment.json",
+    ] {
         assert!(out.join(name).is_file(), "{name} missing");
     }
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
@@ -78,10 +118,25 @@ fn a_comparison_writes_the_documented_layout() {
     for cell in ["gru", "sru"] {
         for seed in [0, 1] {
             let dir = out.join(format!("{cell}-s{seed}"));
-            let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            let config: Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                    .unwrap();
             assert_eq!(config["cell"][0], cell);
-            let summary: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-            for key in ["task", "length", "cell", "seed", "parameters", "backend", "final_metric", "best_metric", "solved_at", "wall_time_s"] {
+            let summary: Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap())
+                    .unwrap();
+            for key in [
+                "task",
+                "length",
+                "cell",
+                "seed",
+                "parameters",
+                "backend",
+                "final_metric",
+                "best_metric",
+                "solved_at",
+                "wall_time_s",
+            ] {
                 assert!(summary.get(key).is_some(), "summary has no {key}");
             }
             let lines = metrics_without_time(&dir.join("metrics.jsonl"));
@@ -110,7 +165,10 @@ fn print_config_resolves_file_then_flags() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let printed = String::from_utf8_lossy(&output.stdout);
-    assert!(printed.contains("steps = 77") && printed.contains("lr = 0.002"), "{printed}");
+    assert!(
+        printed.contains("steps = 77") && printed.contains("lr = 0.002"),
+        "{printed}"
+    );
     assert!(printed.contains("cell = [\"lstm\"]"), "{printed}");
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -120,19 +178,35 @@ fn bad_input_gives_a_short_error() {
     let out = scratch("errors");
     std::fs::create_dir_all(&out).unwrap();
     assert_error(&run(&["copy-task".into(), "--bogus".into()]), 2, "--bogus");
-    assert_error(&run(&["copy-task".into(), "--cell".into(), "tranformer".into()]), 2, "unknown cell 'tranformer'");
-    assert_error(&run(&["copy-task".into(), "--hidden".into(), "0".into()]), 2, "hidden = 0 is out of range (allowed 1..=65536)");
+    assert_error(
+        &run(&["copy-task".into(), "--cell".into(), "tranformer".into()]),
+        2,
+        "unknown cell 'tranformer'",
+    );
+    assert_error(
+        &run(&["copy-task".into(), "--hidden".into(), "0".into()]),
+        2,
+        "hidden = 0 is out of range (allowed 1..=65536)",
+    );
     let file = out.join("bad.toml");
     std::fs::write(&file, "stepz = 5\n").unwrap();
     assert_error(
-        &run(&["copy-task".into(), "--config".into(), file.display().to_string()]),
+        &run(&[
+            "copy-task".into(),
+            "--config".into(),
+            file.display().to_string(),
+        ]),
         2,
         "stepz",
     );
     // An output folder below a regular file cannot be created.
     let blocker = out.join("file");
     std::fs::write(&blocker, "x").unwrap();
-    assert_error(&run(&tiny("copy-task", &blocker.join("runs"))), 1, "cannot create output folder");
+    assert_error(
+        &run(&tiny("copy-task", &blocker.join("runs"))),
+        1,
+        "cannot create output folder",
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -143,7 +217,11 @@ fn a_corrupt_checkpoint_is_reported() {
     let dir = out.join("gru-s0");
     std::fs::remove_file(dir.join("summary.json")).unwrap();
     std::fs::write(dir.join("checkpoint/checkpoint.mpk"), b"garbage").unwrap();
-    let output = run(&["adding-task".into(), "--resume".into(), out.display().to_string()]);
+    let output = run(&[
+        "adding-task".into(),
+        "--resume".into(),
+        out.display().to_string(),
+    ]);
     assert_error(&output, 1, "corrupt checkpoint");
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -157,11 +235,19 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         .output()
         .unwrap();
     assert_error(&output, 1, "non-finite loss");
-    assert!(stderr(&output).contains("last good checkpoint (step 4)"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("last good checkpoint (step 4)"),
+        "{}",
+        stderr(&output)
+    );
     let ckpt = out.join("gru-s0/checkpoint/checkpoint.mpk");
     assert!(ckpt.is_file());
     // Resuming continues from step 4 and finishes.
-    let resumed = run(&["adding-task".into(), "--resume".into(), out.display().to_string()]);
+    let resumed = run(&[
+        "adding-task".into(),
+        "--resume".into(),
+        out.display().to_string(),
+    ]);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -192,7 +278,9 @@ fn a_run_killed_between_checkpoints_resumes_exactly() {
     let start = Instant::now();
     // Kill once a checkpoint is behind us and the run is between two checkpoints.
     loop {
-        let steps = std::fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0);
+        let steps = std::fs::read_to_string(&metrics)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
         if steps * 2 >= 24 || start.elapsed() > Duration::from_secs(120) {
             break;
         }
@@ -201,9 +289,16 @@ fn a_run_killed_between_checkpoints_resumes_exactly() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let partial = std::fs::read_to_string(&metrics).unwrap().lines().count();
-    assert!(partial < 30, "the run finished before it was killed ({partial} evaluations)");
+    assert!(
+        partial < 30,
+        "the run finished before it was killed ({partial} evaluations)"
+    );
 
-    let resumed = run(&["copy-task".into(), "--resume".into(), killed.display().to_string()]);
+    let resumed = run(&[
+        "copy-task".into(),
+        "--resume".into(),
+        killed.display().to_string(),
+    ]);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     assert_eq!(
         metrics_without_time(&metrics),

@@ -12,7 +12,11 @@ use rnn_zoo::train::config::{ExperimentConfig, InitKind, OptimizerKind, Override
 use rnn_zoo::train::report::{markdown, rows, run_experiment};
 
 #[derive(Parser, Debug)]
-#[command(name = "experiment", version, about = "Train and compare recurrent cells on long-dependency tasks")]
+#[command(
+    name = "experiment",
+    version,
+    about = "Train and compare recurrent cells on long-dependency tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     task: TaskCommand,
@@ -127,8 +131,22 @@ enum Failure {
 
 fn resolve(cli: &Cli) -> Result<(ExperimentConfig, bool), Failure> {
     let (task, length, common) = match &cli.task {
-        TaskCommand::CopyTask { delay, common } => (TaskKind::CopyTask, Overrides { delay: *delay, ..Default::default() }, common),
-        TaskCommand::AddingTask { seq_len, common } => (TaskKind::AddingTask, Overrides { seq_len: *seq_len, ..Default::default() }, common),
+        TaskCommand::CopyTask { delay, common } => (
+            TaskKind::CopyTask,
+            Overrides {
+                delay: *delay,
+                ..Default::default()
+            },
+            common,
+        ),
+        TaskCommand::AddingTask { seq_len, common } => (
+            TaskKind::AddingTask,
+            Overrides {
+                seq_len: *seq_len,
+                ..Default::default()
+            },
+            common,
+        ),
     };
     if let Some(dir) = &common.resume {
         let path = dir.join("experiment.json");
@@ -137,7 +155,11 @@ fn resolve(cli: &Cli) -> Result<(ExperimentConfig, bool), Failure> {
         let mut config: ExperimentConfig = serde_json::from_str(&text)
             .map_err(|e| Failure::Usage(format!("cannot resume from {}: {e}", path.display())))?;
         if config.task != task {
-            return Err(Failure::Usage(format!("{} holds a {} experiment", dir.display(), config.task.name())));
+            return Err(Failure::Usage(format!(
+                "{} holds a {} experiment",
+                dir.display(),
+                config.task.name()
+            )));
         }
         config.out = dir.clone();
         if let Some(threads) = common.threads {
@@ -147,8 +169,9 @@ fn resolve(cli: &Cli) -> Result<(ExperimentConfig, bool), Failure> {
     }
     let file = match &common.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Failure::Usage(format!("cannot read config {}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Failure::Usage(format!("cannot read config {}: {e}", path.display()))
+            })?;
             Overrides::from_toml(&text)
                 .map_err(|e| Failure::Usage(format!("config {}: {e}", path.display())))?
         }
@@ -162,18 +185,32 @@ fn resolve(cli: &Cli) -> Result<(ExperimentConfig, bool), Failure> {
 fn run(cli: Cli) -> Result<(), Failure> {
     let (config, print_only) = resolve(&cli)?;
     if print_only {
-        println!("{}", toml::to_string(&config).map_err(|e| Failure::Run(e.to_string()))?);
+        println!(
+            "{}",
+            toml::to_string(&config).map_err(|e| Failure::Run(e.to_string()))?
+        );
         return Ok(());
     }
     // burn-ndarray runs on rayon's global pool and matrixmultiply's own threads.
     std::env::set_var("MATMUL_NUM_THREADS", config.threads.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(config.threads).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(config.threads)
+        .build_global();
     eprintln!("backend: {}", describe());
     eprintln!("output: {}", config.out.display());
-    let summaries = run_experiment::<TrainBackend>(&config, &default_device(), backend_name()).map_err(Failure::Run)?;
+    let summaries = run_experiment::<TrainBackend>(&config, &default_device(), backend_name())
+        .map_err(Failure::Run)?;
     let task = config.task.build(config.length);
     use rnn_zoo::task::Task;
-    println!("{}", markdown(&config, &rows(&config, &summaries), task.baseline(), task.metric_name()));
+    println!(
+        "{}",
+        markdown(
+            &config,
+            &rows(&config, &summaries),
+            task.baseline(),
+            task.metric_name()
+        )
+    );
     println!("results: {}", config.out.join("results.md").display());
     Ok(())
 }

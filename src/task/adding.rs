@@ -103,13 +103,12 @@ mod tests {
         let Targets::Values(targets) = &batch.targets else {
             panic!()
         };
-        for b in 0..500 {
-            let row = &batch.inputs[b * 80..(b + 1) * 80];
+        for (row, target) in batch.inputs.chunks(80).zip(targets) {
             let marked: Vec<usize> = (0..40).filter(|&t| row[t * 2 + 1] == 1.0).collect();
             assert_eq!(marked.len(), 2);
             assert!(marked[0] < 20 && marked[1] >= 20);
             let sum: f32 = marked.iter().map(|&t| row[t * 2]).sum();
-            assert!((sum - targets[b]).abs() < 1e-6);
+            assert!((sum - target).abs() < 1e-6);
             assert!((0..40).all(|t| (0.0..1.0).contains(&row[t * 2])));
         }
     }

@@ -134,7 +134,10 @@ fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -
     let shifted = logits - max;
     let log_norm = shifted.clone().exp().sum_dim(1).log();
     let log_probs = shifted - log_norm;
-    log_probs.gather(1, targets.reshape([n, 1])).neg().reshape([n])
+    log_probs
+        .gather(1, targets.reshape([n, 1]))
+        .neg()
+        .reshape([n])
 }
 
 #[cfg(test)]

@@ -120,17 +120,39 @@ impl Overrides {
             ($($f:ident),*) => { Overrides { $($f: other.$f.or(self.$f)),* } };
         }
         pick!(
-            delay, seq_len, cell, steps, batch_size, hidden, layers, lr, optimizer, clip, init,
-            eval_every, checkpoint_every, eval_size, seed, threads, out
+            delay,
+            seq_len,
+            cell,
+            steps,
+            batch_size,
+            hidden,
+            layers,
+            lr,
+            optimizer,
+            clip,
+            init,
+            eval_every,
+            checkpoint_every,
+            eval_size,
+            seed,
+            threads,
+            out
         )
     }
 }
 
-fn in_range<T: PartialOrd + std::fmt::Display>(key: &str, value: T, lo: T, hi: T) -> Result<T, String> {
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    lo: T,
+    hi: T,
+) -> Result<T, String> {
     if value >= lo && value <= hi {
         Ok(value)
     } else {
-        Err(format!("{key} = {value} is out of range (allowed {lo}..={hi})"))
+        Err(format!(
+            "{key} = {value} is out of range (allowed {lo}..={hi})"
+        ))
     }
 }
 
@@ -166,13 +188,26 @@ impl ExperimentConfig {
             TaskKind::AddingTask => ("seq-len", o.seq_len, o.delay.map(|_| "delay")),
         };
         if let Some(key) = other {
-            return Err(format!("{key} does not apply to {} (use {length_key})", task.name()));
+            return Err(format!(
+                "{key} does not apply to {} (use {length_key})",
+                task.name()
+            ));
         }
         let config = Self {
             task,
-            length: in_range(length_key, length.unwrap_or(task.default_length()), 1, 100_000)?,
+            length: in_range(
+                length_key,
+                length.unwrap_or(task.default_length()),
+                1,
+                100_000,
+            )?,
             cell: parse_cells(o.cell.as_deref().unwrap_or("gru"))?,
-            steps: in_range("steps", o.steps.unwrap_or(task.default_steps()), 1, 100_000_000)?,
+            steps: in_range(
+                "steps",
+                o.steps.unwrap_or(task.default_steps()),
+                1,
+                100_000_000,
+            )?,
             batch_size: in_range("batch-size", o.batch_size.unwrap_or(50), 1, 65_536)?,
             hidden: in_range("hidden", o.hidden.unwrap_or(128), 1, 65_536)?,
             layers: in_range("layers", o.layers.unwrap_or(1), 1, 64)?,
@@ -181,7 +216,12 @@ impl ExperimentConfig {
             clip: in_range("clip", o.clip.unwrap_or(1.0), 0.0, 1e9)?,
             init: o.init.unwrap_or(InitKind::Default),
             eval_every: in_range("eval-every", o.eval_every.unwrap_or(100), 1, 100_000_000)?,
-            checkpoint_every: in_range("checkpoint-every", o.checkpoint_every.unwrap_or(500), 1, 100_000_000)?,
+            checkpoint_every: in_range(
+                "checkpoint-every",
+                o.checkpoint_every.unwrap_or(500),
+                1,
+                100_000_000,
+            )?,
             eval_size: in_range("eval-size", o.eval_size.unwrap_or(1000), 1, 1_000_000)?,
             seed: parse_seeds(o.seed.as_deref().unwrap_or("0"))?,
             threads: in_range("threads", o.threads.unwrap_or(2), 1, 1024)?,

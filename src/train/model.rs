@@ -71,7 +71,12 @@ where
     }
 
     /// One update.
-    pub fn step(&mut self, lr: f64, model: SequenceModel<B>, grads: GradientsParams) -> SequenceModel<B> {
+    pub fn step(
+        &mut self,
+        lr: f64,
+        model: SequenceModel<B>,
+        grads: GradientsParams,
+    ) -> SequenceModel<B> {
         match self {
             Self::Adam(o) => o.step(lr, model, grads),
             Self::RmsProp(o) => o.step(lr, model, grads),
@@ -92,10 +97,12 @@ where
     pub fn load_bytes(self, bytes: Vec<u8>, device: &B::Device) -> Result<Self, String> {
         let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
         Ok(match self {
-            Self::Adam(o) => Self::Adam(o.load_record(recorder.load(bytes, device).map_err(|e| e.to_string())?)),
-            Self::RmsProp(o) => {
-                Self::RmsProp(o.load_record(recorder.load(bytes, device).map_err(|e| e.to_string())?))
+            Self::Adam(o) => {
+                Self::Adam(o.load_record(recorder.load(bytes, device).map_err(|e| e.to_string())?))
             }
+            Self::RmsProp(o) => Self::RmsProp(
+                o.load_record(recorder.load(bytes, device).map_err(|e| e.to_string())?),
+            ),
         })
     }
 }
@@ -123,7 +130,8 @@ struct Scale<'a> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads.register::<B::InnerBackend, D>(param.id, g * self.factor);
+            self.grads
+                .register::<B::InnerBackend, D>(param.id, g * self.factor);
         }
     }
 }
@@ -176,7 +184,9 @@ pub fn chrono_init<B: Backend>(
             "cifg-lstm" if is_ih || is_hh => vec![(0, -1.0)],
             "gru" | "gru-cho" if is_ih || is_hh => vec![(hidden, 1.0)],
             "sru" if name.ends_with(".bias") => vec![(0, 1.0)],
-            "rnn" | "rnn-relu" => return Err(format!("--init chrono needs a gated cell, not {cell}")),
+            "rnn" | "rnn-relu" => {
+                return Err(format!("--init chrono needs a gated cell, not {cell}"))
+            }
             _ => vec![],
         };
         if targets.is_empty() {
@@ -220,12 +230,21 @@ mod tests {
     fn chrono_sets_forget_and_input_biases() {
         let device = Default::default();
         let config = RnnLayerConfig::new(AnyCellConfig::named("lstm", 3, 4).unwrap());
-        let model = chrono_init(SequenceModel::<F64>::new(&config, 2, &device), "lstm", 100, 0).unwrap();
+        let model = chrono_init(
+            SequenceModel::<F64>::new(&config, 2, &device),
+            "lstm",
+            100,
+            0,
+        )
+        .unwrap();
         let (b_ih, b_hh) = (bias(&model, "bias_ih_l0"), bias(&model, "bias_hh_l0"));
         for j in 0..4 {
             let forget = b_ih[4 + j];
             assert!((0.0..=(99f64).ln()).contains(&forget), "{forget}");
-            assert!((b_ih[j] + forget).abs() < 1e-6, "input bias is minus the forget bias");
+            assert!(
+                (b_ih[j] + forget).abs() < 1e-6,
+                "input bias is minus the forget bias"
+            );
             assert_eq!((b_hh[j], b_hh[4 + j]), (0.0, 0.0));
         }
         let rnn = RnnLayerConfig::new(AnyCellConfig::named("rnn", 3, 4).unwrap());

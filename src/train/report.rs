@@ -31,7 +31,10 @@ where
     for cell in &config.cell {
         for &seed in &config.seed {
             let done = config.run_dir(cell, seed).join("summary.json");
-            let summary = match fs::read_to_string(&done).ok().and_then(|t| serde_json::from_str(&t).ok()) {
+            let summary = match fs::read_to_string(&done)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
                 Some(summary) => summary,
                 None => train_run::<B>(config, cell, seed, device, backend)?,
             };
@@ -96,7 +99,12 @@ fn solved_text(solved: &[Option<usize>]) -> String {
 }
 
 /// The comparison as a markdown table.
-pub fn markdown(config: &ExperimentConfig, rows: &[CellRow], baseline: f64, metric: &str) -> String {
+pub fn markdown(
+    config: &ExperimentConfig,
+    rows: &[CellRow],
+    baseline: f64,
+    metric: &str,
+) -> String {
     let mut md = format!(
         "# {} (length {}), {} steps, batch {}, hidden {}, {} layer(s), seeds {:?}\n\n\
          Baseline {metric}: {baseline:.4} (memoryless predictor). Beats it: ratio ≤ 0.9.\n\n\
@@ -111,7 +119,9 @@ pub fn markdown(config: &ExperimentConfig, rows: &[CellRow], baseline: f64, metr
         config.seed
     );
     for row in rows {
-        let recall = row.recall_accuracy.map_or("-".into(), |a| format!("{a:.3}"));
+        let recall = row
+            .recall_accuracy
+            .map_or("-".into(), |a| format!("{a:.3}"));
         let _ = writeln!(
             md,
             "| {} | {} | {:.4} | {:.3} | {recall} | {} | {:.1} |",
@@ -128,7 +138,9 @@ pub fn markdown(config: &ExperimentConfig, rows: &[CellRow], baseline: f64, metr
 
 /// The comparison as CSV, one row per cell.
 pub fn csv(rows: &[CellRow]) -> String {
-    let mut text = String::from("cell,parameters,final_metric,ratio_to_baseline,recall_accuracy,solved_at,minutes\n");
+    let mut text = String::from(
+        "cell,parameters,final_metric,ratio_to_baseline,recall_accuracy,solved_at,minutes\n",
+    );
     for row in rows {
         let _ = writeln!(
             text,
@@ -180,8 +192,11 @@ where
 {
     let err = |e: &dyn std::fmt::Display| format!("cannot draw the plot: {e}");
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let curves: Vec<(String, Vec<(f64, f64)>)> =
-        config.cell.iter().map(|c| (c.clone(), curve(config, c))).collect();
+    let curves: Vec<(String, Vec<(f64, f64)>)> = config
+        .cell
+        .iter()
+        .map(|c| (c.clone(), curve(config, c)))
+        .collect();
     let y_max = curves
         .iter()
         .flat_map(|(_, c)| c.iter().map(|p| p.1))
@@ -191,7 +206,11 @@ where
         * 1.1;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("{} (length {}): held-out {metric}", config.task.name(), config.length),
+            format!(
+                "{} (length {}): held-out {metric}",
+                config.task.name(),
+                config.length
+            ),
             ("sans-serif", 22),
         )
         .margin(12)
@@ -212,11 +231,16 @@ where
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(|e| err(&e))?
             .label(cell)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     let steps = config.steps as f64;
     chart
-        .draw_series(LineSeries::new(vec![(0.0, baseline), (steps, baseline)], BLACK.stroke_width(1)))
+        .draw_series(LineSeries::new(
+            vec![(0.0, baseline), (steps, baseline)],
+            BLACK.stroke_width(1),
+        ))
         .map_err(|e| err(&e))?
         .label("baseline")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
@@ -255,8 +279,18 @@ pub fn write_report(config: &ExperimentConfig, summaries: &[RunSummary]) -> Resu
     write("results.csv", &csv(&rows))?;
     register_font();
     let svg = out.join("curves.svg");
-    draw_curves(SVGBackend::new(&svg, (900, 560)).into_drawing_area(), config, baseline, metric)?;
+    draw_curves(
+        SVGBackend::new(&svg, (900, 560)).into_drawing_area(),
+        config,
+        baseline,
+        metric,
+    )?;
     let png = out.join("curves.png");
-    draw_curves(BitMapBackend::new(&png, (900, 560)).into_drawing_area(), config, baseline, metric)?;
+    draw_curves(
+        BitMapBackend::new(&png, (900, 560)).into_drawing_area(),
+        config,
+        baseline,
+        metric,
+    )?;
     Ok(())
 }

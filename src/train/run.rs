@@ -95,7 +95,12 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), String> {
 }
 
 /// Evaluates on the held-out set in chunks (to bound memory), averaging the metrics.
-fn evaluate<B: RnnBackend>(task: &AnyTask, model: &SequenceModel<B>, eval: &[Batch], device: &B::Device) -> Metrics {
+fn evaluate<B: RnnBackend>(
+    task: &AnyTask,
+    model: &SequenceModel<B>,
+    eval: &[Batch],
+    device: &B::Device,
+) -> Metrics {
     let total: usize = eval.iter().map(|b| b.size).sum();
     let mut metric = 0.0;
     let mut recall = None;
@@ -136,11 +141,9 @@ fn progress_bar(steps: usize, start: usize, label: &str) -> Option<ProgressBar> 
     }
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
-        )
-        .expect("template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}")
+            .expect("template")
+            .progress_chars("=> "),
     );
     bar.set_prefix(label.to_string());
     bar.set_position(start as u64);
@@ -258,8 +261,12 @@ where
                 recall_accuracy: metrics.recall_accuracy,
                 baseline: task.baseline(),
             };
-            writeln!(metrics_file, "{}", serde_json::to_string(&line).map_err(|e| e.to_string())?)
-                .map_err(|e| io_error(&metrics_path, e))?;
+            writeln!(
+                metrics_file,
+                "{}",
+                serde_json::to_string(&line).map_err(|e| e.to_string())?
+            )
+            .map_err(|e| io_error(&metrics_path, e))?;
             best = Some(best.map_or(metrics.metric, |b: f64| b.min(metrics.metric)));
             if solved_at.is_none() && task.solved(&metrics) {
                 solved_at = Some(step);
@@ -276,7 +283,11 @@ where
             );
             match &bar {
                 Some(bar) => bar.set_message(message),
-                None => eprintln!("{label} step {step}/{}: {message} [{:.0}s]", config.steps, elapsed()),
+                None => eprintln!(
+                    "{label} step {step}/{}: {message} [{:.0}s]",
+                    config.steps,
+                    elapsed()
+                ),
             }
             last = Some(metrics);
         }
