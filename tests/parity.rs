@@ -3,8 +3,6 @@
 //! metadata describes is built and run, and its output, final states and the gradients of
 //! `sum(output * grad_out)` (input and every parameter) are compared with the stored ones.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, NdArray};
@@ -209,7 +207,7 @@ fn check_fixture(path: &Path) -> (usize, f64) {
     let mut compared = 0;
     let mut worst: f64 = 0.0;
     let mut compare = |name: &str, actual: TensorData, expected: TensorData| {
-        let err = common::max_abs_diff(name, &actual, &expected);
+        let err = rnn_zoo::check::max_abs_diff(name, &actual, &expected);
         assert!(
             err <= TOLERANCE,
             "{}: {name} differs by {err:e}",
@@ -239,7 +237,7 @@ fn check_fixture(path: &Path) -> (usize, f64) {
         take_any(&mut dict, "grad.input"),
     );
 
-    let grad_layer = common::gradients_of(layer, &grads);
+    let grad_layer = rnn_zoo::check::gradients_of(layer, &grads);
     for (name, grad) in grad_layer.state_dict() {
         let key = format!("grad.{name}");
         if dict.unused().contains(&key) {

@@ -12,8 +12,9 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence, sigmoid,
-    sigmoid_grad, tanh_grad, torch_name, uniform, uniform_param, Cell, CellConfig, Position,
+    accumulate, batch_sum, cols, flatten_params, load_param, load_torch_params, param_data,
+    project_sequence, save_torch_params, sigmoid, sigmoid_grad, tanh_grad, torch_name, uniform,
+    uniform_param, Cell, CellConfig, Position, TorchParams,
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
@@ -347,14 +348,16 @@ impl<B: Backend> Cell<B> for Lstm<B> {
             .into_iter()
             .enumerate()
             .map(|(direction, cell)| {
-                let name = |base: &str| torch_name(base, layer, direction);
+                let (weight_ih, weight_hh, bias_ih, bias_hh) =
+                    load_torch_params(source, layer, direction, &cell.torch_params())?;
+                let peephole = torch_name("weight_peephole", layer, direction);
                 Ok(Lstm {
-                    weight_ih: load_param(source, &name("weight_ih"), &cell.weight_ih)?,
-                    weight_hh: load_param(source, &name("weight_hh"), &cell.weight_hh)?,
-                    bias_ih: load_param(source, &name("bias_ih"), &cell.bias_ih)?,
-                    bias_hh: load_param(source, &name("bias_hh"), &cell.bias_hh)?,
+                    weight_ih,
+                    weight_hh,
+                    bias_ih,
+                    bias_hh,
                     weight_peephole: match &cell.weight_peephole {
-                        Some(p) => Some(load_param(source, &name("weight_peephole"), p)?),
+                        Some(p) => Some(load_param(source, &peephole, p)?),
                         None => None,
                     },
                     coupled: cell.coupled,
@@ -366,16 +369,26 @@ impl<B: Backend> Cell<B> for Lstm<B> {
     fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
         let mut tensors = Vec::new();
         for (direction, cell) in cells.iter().enumerate() {
-            let name = |base: &str| torch_name(base, layer, direction);
-            tensors.push((name("weight_ih"), param_data(&cell.weight_ih)));
-            tensors.push((name("weight_hh"), param_data(&cell.weight_hh)));
-            tensors.push((name("bias_ih"), param_data(&cell.bias_ih)));
-            tensors.push((name("bias_hh"), param_data(&cell.bias_hh)));
+            tensors.extend(save_torch_params(layer, direction, &cell.torch_params()));
             if let Some(p) = &cell.weight_peephole {
-                tensors.push((name("weight_peephole"), param_data(p)));
+                tensors.push((
+                    torch_name("weight_peephole", layer, direction),
+                    param_data(p),
+                ));
             }
         }
         tensors
+    }
+}
+
+impl<B: Backend> Lstm<B> {
+    fn torch_params(&self) -> TorchParams<B> {
+        (
+            self.weight_ih.clone(),
+            self.weight_hh.clone(),
+            self.bias_ih.clone(),
+            self.bias_hh.clone(),
+        )
     }
 }
 

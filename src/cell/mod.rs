@@ -217,6 +217,45 @@ pub(crate) fn load_param<B: Backend, const D: usize>(
     )))
 }
 
+/// The four tensors of a PyTorch-style cell: `weight_ih`, `weight_hh`, `bias_ih`, `bias_hh`.
+pub(crate) type TorchParams<B> = (
+    Param<Tensor<B, 2>>,
+    Param<Tensor<B, 2>>,
+    Param<Tensor<B, 1>>,
+    Param<Tensor<B, 1>>,
+);
+
+/// Loads a PyTorch-style cell's four tensors for `layer` and `direction`, shaped like `like`.
+pub(crate) fn load_torch_params<B: Backend>(
+    source: &mut dyn TensorSource,
+    layer: usize,
+    direction: usize,
+    like: &TorchParams<B>,
+) -> Result<TorchParams<B>, ImportError> {
+    let name = |base: &str| torch_name(base, layer, direction);
+    Ok((
+        load_param(source, &name("weight_ih"), &like.0)?,
+        load_param(source, &name("weight_hh"), &like.1)?,
+        load_param(source, &name("bias_ih"), &like.2)?,
+        load_param(source, &name("bias_hh"), &like.3)?,
+    ))
+}
+
+/// The named tensors of a PyTorch-style cell for `layer` and `direction`.
+pub(crate) fn save_torch_params<B: Backend>(
+    layer: usize,
+    direction: usize,
+    params: &TorchParams<B>,
+) -> Vec<(String, TensorData)> {
+    let name = |base: &str| torch_name(base, layer, direction);
+    vec![
+        (name("weight_ih"), param_data(&params.0)),
+        (name("weight_hh"), param_data(&params.1)),
+        (name("bias_ih"), param_data(&params.2)),
+        (name("bias_hh"), param_data(&params.3)),
+    ]
+}
+
 /// A parameter's values, for export.
 pub(crate) fn param_data<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> TensorData {
     param.val().into_data()

@@ -6,8 +6,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
 
 use super::{
-    accumulate, flatten_params, load_param, param_data, project_sequence, tanh_grad, torch_name,
-    uniform_param, Cell, CellConfig, Position,
+    accumulate, flatten_params, load_torch_params, project_sequence, save_torch_params, tanh_grad,
+    uniform_param, Cell, CellConfig, Position, TorchParams,
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
@@ -194,12 +194,13 @@ impl<B: Backend> Cell<B> for Rnn<B> {
             .into_iter()
             .enumerate()
             .map(|(direction, cell)| {
-                let name = |base: &str| torch_name(base, layer, direction);
+                let (weight_ih, weight_hh, bias_ih, bias_hh) =
+                    load_torch_params(source, layer, direction, &cell.torch_params())?;
                 Ok(Rnn {
-                    weight_ih: load_param(source, &name("weight_ih"), &cell.weight_ih)?,
-                    weight_hh: load_param(source, &name("weight_hh"), &cell.weight_hh)?,
-                    bias_ih: load_param(source, &name("bias_ih"), &cell.bias_ih)?,
-                    bias_hh: load_param(source, &name("bias_hh"), &cell.bias_hh)?,
+                    weight_ih,
+                    weight_hh,
+                    bias_ih,
+                    bias_hh,
                     relu: cell.relu,
                 })
             })
@@ -210,16 +211,19 @@ impl<B: Backend> Cell<B> for Rnn<B> {
         cells
             .iter()
             .enumerate()
-            .flat_map(|(direction, cell)| {
-                let name = |base: &str| torch_name(base, layer, direction);
-                [
-                    (name("weight_ih"), param_data(&cell.weight_ih)),
-                    (name("weight_hh"), param_data(&cell.weight_hh)),
-                    (name("bias_ih"), param_data(&cell.bias_ih)),
-                    (name("bias_hh"), param_data(&cell.bias_hh)),
-                ]
-            })
+            .flat_map(|(direction, cell)| save_torch_params(layer, direction, &cell.torch_params()))
             .collect()
+    }
+}
+
+impl<B: Backend> Rnn<B> {
+    fn torch_params(&self) -> TorchParams<B> {
+        (
+            self.weight_ih.clone(),
+            self.weight_hh.clone(),
+            self.bias_ih.clone(),
+            self.bias_hh.clone(),
+        )
     }
 }
 
