@@ -86,7 +86,7 @@ struct Common {
     /// Worker threads [default: 2].
     #[arg(long)]
     threads: Option<usize>,
-    /// Output folder [default: runs/<task>-<timestamp>].
+    /// Output folder [default: runs/TASK-TIMESTAMP].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the interrupted experiment in this folder.
