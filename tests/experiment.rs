@@ -150,6 +150,21 @@ fn a_comparison_writes_the_documented_layout() {
 }
 
 #[test]
+fn chrono_initialisation_trains_every_gated_cell() {
+    let out = scratch("chrono");
+    let mut args = tiny("adding-task", &out);
+    args.extend([
+        "--init".into(),
+        "chrono".into(),
+        "--cell".into(),
+        "lstm,cifg-lstm,gru-cho,sru".into(),
+    ]);
+    let output = run(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
 fn print_config_resolves_file_then_flags() {
     let out = scratch("print");
     std::fs::create_dir_all(&out).unwrap();
@@ -187,6 +202,17 @@ fn bad_input_gives_a_short_error() {
         &run(&["copy-task".into(), "--hidden".into(), "0".into()]),
         2,
         "hidden = 0 is out of range (allowed 1..=65536)",
+    );
+    assert_error(
+        &run(&[
+            "adding-task".into(),
+            "--init".into(),
+            "chrono".into(),
+            "--cell".into(),
+            "lstm,rnn".into(),
+        ]),
+        2,
+        "init = chrono needs gated cells; rnn has no gates",
     );
     let file = out.join("bad.toml");
     std::fs::write(&file, "stepz = 5\n").unwrap();

@@ -230,6 +230,13 @@ impl ExperimentConfig {
                 PathBuf::from(format!("runs/{}-{stamp}", task.name()))
             }),
         };
+        if config.init == InitKind::Chrono {
+            if let Some(cell) = config.cell.iter().find(|c| c.starts_with("rnn")) {
+                return Err(format!(
+                    "init = chrono needs gated cells; {cell} has no gates"
+                ));
+            }
+        }
         Ok(config)
     }
 
