@@ -387,27 +387,8 @@ pub enum RecurrencePath {
     Plain,
 }
 
-/// Runs the recurrence op on high-level tensors: the entry point the layer uses.
-pub fn recurrence<B: RnnBackend, K: Recurrence>(
-    kernel: &K,
-    xp: Tensor<B, 3>,
-    state0: Tensor<B, 2>,
-    params: Tensor<B, 1>,
-    mask: Option<Tensor<B, 2>>,
-    reverse: bool,
-) -> Tensor<B, 3> {
-    recurrence_with(
-        RecurrencePath::Fused,
-        kernel,
-        xp,
-        state0,
-        params,
-        mask,
-        reverse,
-    )
-}
-
-/// [`recurrence`] along the chosen [`RecurrencePath`].
+/// Runs the recurrence op on high-level tensors along the chosen [`RecurrencePath`]: the
+/// entry point the layer uses.
 pub fn recurrence_with<B: RnnBackend, K: Recurrence>(
     path: RecurrencePath,
     kernel: &K,

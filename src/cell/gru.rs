@@ -12,7 +12,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use super::{
     accumulate, batch_sum, cols, flatten_params, load_torch_params, project_sequence,
     save_torch_params, sigmoid, sigmoid_grad, tanh_grad, uniform_param, Cell, CellConfig, Position,
-    TorchParams,
+    TorchRefs,
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
@@ -261,7 +261,7 @@ impl<B: Backend> Cell<B> for Gru<B> {
             .enumerate()
             .map(|(direction, cell)| {
                 let (weight_ih, weight_hh, bias_ih, bias_hh) =
-                    load_torch_params(source, layer, direction, &cell.torch_params())?;
+                    load_torch_params(source, layer, direction, cell.torch_refs())?;
                 Ok(Gru {
                     weight_ih,
                     weight_hh,
@@ -277,18 +277,18 @@ impl<B: Backend> Cell<B> for Gru<B> {
         cells
             .iter()
             .enumerate()
-            .flat_map(|(direction, cell)| save_torch_params(layer, direction, &cell.torch_params()))
+            .flat_map(|(direction, cell)| save_torch_params(layer, direction, cell.torch_refs()))
             .collect()
     }
 }
 
 impl<B: Backend> Gru<B> {
-    fn torch_params(&self) -> TorchParams<B> {
+    fn torch_refs(&self) -> TorchRefs<'_, B> {
         (
-            self.weight_ih.clone(),
-            self.weight_hh.clone(),
-            self.bias_ih.clone(),
-            self.bias_hh.clone(),
+            &self.weight_ih,
+            &self.weight_hh,
+            &self.bias_ih,
+            &self.bias_hh,
         )
     }
 }

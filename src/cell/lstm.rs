@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     accumulate, batch_sum, cols, flatten_params, load_param, load_torch_params, param_data,
     project_sequence, save_torch_params, sigmoid, sigmoid_grad, tanh_grad, torch_name, uniform,
-    uniform_param, Cell, CellConfig, Position, TorchParams,
+    uniform_param, Cell, CellConfig, Position, TorchRefs,
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
@@ -349,7 +349,7 @@ impl<B: Backend> Cell<B> for Lstm<B> {
             .enumerate()
             .map(|(direction, cell)| {
                 let (weight_ih, weight_hh, bias_ih, bias_hh) =
-                    load_torch_params(source, layer, direction, &cell.torch_params())?;
+                    load_torch_params(source, layer, direction, cell.torch_refs())?;
                 let peephole = torch_name("weight_peephole", layer, direction);
                 Ok(Lstm {
                     weight_ih,
@@ -369,7 +369,7 @@ impl<B: Backend> Cell<B> for Lstm<B> {
     fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
         let mut tensors = Vec::new();
         for (direction, cell) in cells.iter().enumerate() {
-            tensors.extend(save_torch_params(layer, direction, &cell.torch_params()));
+            tensors.extend(save_torch_params(layer, direction, cell.torch_refs()));
             if let Some(p) = &cell.weight_peephole {
                 tensors.push((
                     torch_name("weight_peephole", layer, direction),
@@ -382,12 +382,12 @@ impl<B: Backend> Cell<B> for Lstm<B> {
 }
 
 impl<B: Backend> Lstm<B> {
-    fn torch_params(&self) -> TorchParams<B> {
+    fn torch_refs(&self) -> TorchRefs<'_, B> {
         (
-            self.weight_ih.clone(),
-            self.weight_hh.clone(),
-            self.bias_ih.clone(),
-            self.bias_hh.clone(),
+            &self.weight_ih,
+            &self.weight_hh,
+            &self.bias_ih,
+            &self.bias_hh,
         )
     }
 }

@@ -225,19 +225,27 @@ pub(crate) type TorchParams<B> = (
     Param<Tensor<B, 1>>,
 );
 
+/// References to a cell's four PyTorch-style tensors, in [`TorchParams`] order.
+pub(crate) type TorchRefs<'a, B> = (
+    &'a Param<Tensor<B, 2>>,
+    &'a Param<Tensor<B, 2>>,
+    &'a Param<Tensor<B, 1>>,
+    &'a Param<Tensor<B, 1>>,
+);
+
 /// Loads a PyTorch-style cell's four tensors for `layer` and `direction`, shaped like `like`.
 pub(crate) fn load_torch_params<B: Backend>(
     source: &mut dyn TensorSource,
     layer: usize,
     direction: usize,
-    like: &TorchParams<B>,
+    like: TorchRefs<'_, B>,
 ) -> Result<TorchParams<B>, ImportError> {
     let name = |base: &str| torch_name(base, layer, direction);
     Ok((
-        load_param(source, &name("weight_ih"), &like.0)?,
-        load_param(source, &name("weight_hh"), &like.1)?,
-        load_param(source, &name("bias_ih"), &like.2)?,
-        load_param(source, &name("bias_hh"), &like.3)?,
+        load_param(source, &name("weight_ih"), like.0)?,
+        load_param(source, &name("weight_hh"), like.1)?,
+        load_param(source, &name("bias_ih"), like.2)?,
+        load_param(source, &name("bias_hh"), like.3)?,
     ))
 }
 
@@ -245,14 +253,14 @@ pub(crate) fn load_torch_params<B: Backend>(
 pub(crate) fn save_torch_params<B: Backend>(
     layer: usize,
     direction: usize,
-    params: &TorchParams<B>,
+    params: TorchRefs<'_, B>,
 ) -> Vec<(String, TensorData)> {
     let name = |base: &str| torch_name(base, layer, direction);
     vec![
-        (name("weight_ih"), param_data(&params.0)),
-        (name("weight_hh"), param_data(&params.1)),
-        (name("bias_ih"), param_data(&params.2)),
-        (name("bias_hh"), param_data(&params.3)),
+        (name("weight_ih"), param_data(params.0)),
+        (name("weight_hh"), param_data(params.1)),
+        (name("bias_ih"), param_data(params.2)),
+        (name("bias_hh"), param_data(params.3)),
     ]
 }
 

@@ -7,7 +7,7 @@ use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
 
 use super::{
     accumulate, flatten_params, load_torch_params, project_sequence, save_torch_params, tanh_grad,
-    uniform_param, Cell, CellConfig, Position, TorchParams,
+    uniform_param, Cell, CellConfig, Position, TorchRefs,
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
@@ -195,7 +195,7 @@ impl<B: Backend> Cell<B> for Rnn<B> {
             .enumerate()
             .map(|(direction, cell)| {
                 let (weight_ih, weight_hh, bias_ih, bias_hh) =
-                    load_torch_params(source, layer, direction, &cell.torch_params())?;
+                    load_torch_params(source, layer, direction, cell.torch_refs())?;
                 Ok(Rnn {
                     weight_ih,
                     weight_hh,
@@ -211,18 +211,18 @@ impl<B: Backend> Cell<B> for Rnn<B> {
         cells
             .iter()
             .enumerate()
-            .flat_map(|(direction, cell)| save_torch_params(layer, direction, &cell.torch_params()))
+            .flat_map(|(direction, cell)| save_torch_params(layer, direction, cell.torch_refs()))
             .collect()
     }
 }
 
 impl<B: Backend> Rnn<B> {
-    fn torch_params(&self) -> TorchParams<B> {
+    fn torch_refs(&self) -> TorchRefs<'_, B> {
         (
-            self.weight_ih.clone(),
-            self.weight_hh.clone(),
-            self.bias_ih.clone(),
-            self.bias_hh.clone(),
+            &self.weight_ih,
+            &self.weight_hh,
+            &self.bias_ih,
+            &self.bias_hh,
         )
     }
 }
