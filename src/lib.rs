@@ -30,6 +30,7 @@ pub mod bench;
 pub mod cell;
 #[cfg(feature = "ndarray")]
 pub mod check;
+pub mod host;
 pub mod import;
 pub mod layer;
 pub mod ops;

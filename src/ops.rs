@@ -18,6 +18,12 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::{backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
 
+use burn::tensor::DType;
+
+use crate::host::{
+    self, HostFloat, HostInput, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct,
+};
+
 /// The recurrent part of a cell, free of any backend: it knows the widths of its tensors and
 /// how to advance one step (and its backward) from an input that was projected beforehand.
 ///
@@ -52,6 +58,30 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
         step: StepRecord<B>,
         param_grads: &mut [Tensor<B, 2>],
     ) -> (Tensor<B, 2>, Tensor<B, 2>);
+
+    /// [`step`](Recurrence::step) on host memory (the CPU fast path): reads `xp` `[batch,
+    /// input_width]` and `prev` `[batch, state_width]`, writes the packed row
+    /// `[batch, output | state | saved]` into `out`. Must compute what `step` computes.
+    fn host_step<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        xp: MatRef<F>,
+        prev: MatRef<F>,
+        out: MatMut<F>,
+    );
+    /// [`step_backward`](Recurrence::step_backward) on host memory. Weight gradients listed in
+    /// [`host_weight_products`](Recurrence::host_weight_products) are left to the driver: the
+    /// step writes their operands instead.
+    fn host_step_backward<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        step: HostStep<F>,
+        grads: HostStepGrads<F>,
+    );
+    /// Weight gradients that are sums over steps of `a_tᵀ · g_t` (none by default).
+    fn host_weight_products(&self) -> Vec<WeightProduct> {
+        Vec::new()
+    }
 }
 
 /// What one forward step produces.
@@ -350,6 +380,7 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
     }
 }
 
+// burn-ndarray runs the recurrence on host memory (`crate::host`).
 #[cfg(feature = "ndarray")]
 impl<E, I, Q> RnnBackend for burn::backend::NdArray<E, I, Q>
 where
@@ -359,6 +390,132 @@ where
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
 {
+    fn rnn_recurrence<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+    ) -> FloatTensor<Self> {
+        host_recurrence_forward::<Self, K>(kernel, input)
+    }
+
+    fn rnn_recurrence_backward<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> RecurrenceGrads<Self> {
+        host_recurrence_backward::<Self, K>(kernel, input, packed, grad)
+    }
+}
+
+/// The op's inputs copied to host memory.
+struct HostCopy<F> {
+    xp: Vec<F>,
+    state0: Vec<F>,
+    params: Vec<F>,
+    mask: Option<Vec<F>>,
+    dims: [usize; 3],
+    reverse: bool,
+}
+
+impl<F: HostFloat> HostCopy<F> {
+    fn read<B: Backend>(input: RecurrenceInput<B>) -> (Self, B::Device) {
+        let xp: Tensor<B, 3> = float(input.xp);
+        let (dims, device) = (xp.dims(), xp.device());
+        let copy = Self {
+            xp: host_vec(xp),
+            state0: host_vec::<B, F, 2>(float(input.state0)),
+            params: host_vec::<B, F, 1>(float(input.params)),
+            mask: input.mask.map(|mask| host_vec::<B, F, 2>(float(mask))),
+            dims,
+            reverse: input.reverse,
+        };
+        (copy, device)
+    }
+
+    fn view(&self) -> HostInput<'_, F> {
+        HostInput {
+            xp: &self.xp,
+            state0: &self.state0,
+            params: &self.params,
+            mask: self.mask.as_deref(),
+            len: self.dims[0],
+            batch: self.dims[1],
+            reverse: self.reverse,
+        }
+    }
+}
+
+fn host_vec<B: Backend, F: HostFloat, const D: usize>(tensor: Tensor<B, D>) -> Vec<F> {
+    tensor
+        .into_data()
+        .convert::<F>()
+        .into_vec::<F>()
+        .expect("converted to the host float type")
+}
+
+fn from_host<B: Backend, F: HostFloat, const D: usize>(
+    values: Vec<F>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> FloatTensor<B> {
+    primitive(Tensor::<B, D>::from_data(
+        burn::tensor::TensorData::new(values, shape),
+        device,
+    ))
+}
+
+/// The recurrence on host memory for f32 and f64 tensors (the plain path for other types).
+pub fn host_recurrence_forward<B: Backend, K: Recurrence>(
+    kernel: &K,
+    input: RecurrenceInput<B>,
+) -> FloatTensor<B> {
+    fn run<B: Backend, F: HostFloat, K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<B>,
+    ) -> FloatTensor<B> {
+        let (copy, device) = HostCopy::<F>::read(input);
+        let packed = host::forward(kernel, copy.view());
+        let [len, batch, _] = copy.dims;
+        let width = kernel.output_width() + kernel.state_width() + kernel.saved_width();
+        from_host::<B, F, 3>(packed, [len, batch, width], &device)
+    }
+    match float::<B, 3>(input.xp.clone()).dtype() {
+        DType::F32 => run::<B, f32, K>(kernel, input),
+        DType::F64 => run::<B, f64, K>(kernel, input),
+        _ => recurrence_forward::<B, K>(kernel, input),
+    }
+}
+
+/// The backward of [`host_recurrence_forward`].
+pub fn host_recurrence_backward<B: Backend, K: Recurrence>(
+    kernel: &K,
+    input: RecurrenceInput<B>,
+    packed: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> RecurrenceGrads<B> {
+    fn run<B: Backend, F: HostFloat, K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<B>,
+        packed: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> RecurrenceGrads<B> {
+        let (copy, device) = HostCopy::<F>::read(input);
+        let packed = host_vec::<B, F, 3>(float(packed));
+        let grad = host_vec::<B, F, 3>(float(grad));
+        let grads = host::backward(kernel, copy.view(), &packed, &grad);
+        let [len, batch, width] = copy.dims;
+        let param_len = grads.params.len();
+        RecurrenceGrads {
+            xp: from_host::<B, F, 3>(grads.xp, [len, batch, width], &device),
+            state0: from_host::<B, F, 2>(grads.state0, [batch, kernel.state_width()], &device),
+            params: from_host::<B, F, 1>(grads.params, [param_len], &device),
+        }
+    }
+    match float::<B, 3>(input.xp.clone()).dtype() {
+        DType::F32 => run::<B, f32, K>(kernel, input, packed, grad),
+        DType::F64 => run::<B, f64, K>(kernel, input, packed, grad),
+        _ => recurrence_backward::<B, K>(kernel, input, packed, grad),
+    }
 }
 
 // GPU backends run the plain-tensor path (a fused kernel is future work).

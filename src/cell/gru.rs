@@ -15,6 +15,7 @@ use super::{
     TorchRefs,
 };
 use crate::import::{ImportError, TensorSource};
+use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Configuration of a [`Gru`] cell.
@@ -214,6 +215,186 @@ impl Recurrence for GruKernel {
             accumulate(&mut param_grads[0], grad_w);
             (Tensor::cat(vec![dr, dz, dn], 1), grad_prev)
         }
+    }
+
+    fn host_step<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        xp: MatRef<F>,
+        prev: MatRef<F>,
+        mut out: MatMut<F>,
+    ) {
+        let hd = self.hidden;
+        // Row layout: [h out | h | r, z, n (, W_hn h + b_hn)].
+        if self.reset_after {
+            host::matmul(&mut out.cols_mut(2 * hd, 3 * hd), prev, params[0], false);
+            let bias = params[1].row(0);
+            out.for_each_row(|b, row| {
+                let (x, h) = (xp.row(b), prev.row(b));
+                let (h_out, rest) = row.split_at_mut(hd);
+                let (h_new, saved) = rest.split_at_mut(hd);
+                host::add_into(&mut saved[..3 * hd], bias);
+                let (gates, hn) = saved.split_at_mut(3 * hd);
+                hn.copy_from_slice(&gates[2 * hd..]);
+                host::add_into(&mut gates[..2 * hd], &x[..2 * hd]);
+                F::sigmoid_in_place(&mut gates[..2 * hd]);
+                for j in 0..hd {
+                    gates[2 * hd + j] = x[2 * hd + j] + gates[j] * hn[j];
+                }
+                F::tanh_in_place(&mut gates[2 * hd..]);
+                blend(h_new, h, gates);
+                h_out.copy_from_slice(h_new);
+            });
+        } else {
+            let w = params[0];
+            host::matmul(&mut out.cols_mut(2 * hd, 2 * hd), prev, w.cols(0, 2 * hd), false);
+            out.for_each_row(|b, row| {
+                let (h_out, rest) = row.split_at_mut(hd);
+                let gates = &mut rest[hd..3 * hd];
+                host::add_into(gates, &xp.row(b)[..2 * hd]);
+                F::sigmoid_in_place(gates);
+                // r ⊙ h goes into the output slot until the candidate's matmul has read it.
+                for ((o, r), h) in h_out.iter_mut().zip(&gates[..hd]).zip(prev.row(b)) {
+                    *o = *r * *h;
+                }
+            });
+            let batch = prev.rows();
+            let mut candidate = vec![F::zero(); batch * hd];
+            let mut rh = vec![F::zero(); batch * hd];
+            for b in 0..batch {
+                rh[b * hd..(b + 1) * hd].copy_from_slice(&out.row_mut(b)[..hd]);
+            }
+            host::matmul(
+                &mut MatMut::new(&mut candidate, batch, hd),
+                MatRef::new(&rh, batch, hd),
+                w.cols(2 * hd, hd),
+                false,
+            );
+            out.for_each_row(|b, row| {
+                let (h_out, rest) = row.split_at_mut(hd);
+                let (h_new, gates) = rest.split_at_mut(hd);
+                let x_n = &xp.row(b)[2 * hd..];
+                let n = &mut gates[2 * hd..3 * hd];
+                for j in 0..hd {
+                    n[j] = x_n[j] + candidate[b * hd + j];
+                }
+                F::tanh_in_place(n);
+                blend(h_new, prev.row(b), gates);
+                h_out.copy_from_slice(h_new);
+            });
+        }
+    }
+
+    fn host_step_backward<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        step: HostStep<F>,
+        mut grads: HostStepGrads<F>,
+    ) {
+        let (hd, one) = (self.hidden, F::one());
+        let batch = step.xp.rows();
+        let mut grad_bias = vec![F::zero(); if self.reset_after { 3 * hd } else { 0 }];
+        // First pass: everything that does not need the candidate's recurrent gradient.
+        for b in 0..batch {
+            let saved = &step.row.row(b)[2 * hd..];
+            let h = step.prev.row(b);
+            let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
+            let dxp = grads.xp.row_mut(b);
+            let grad_prev = grads.prev.row_mut(b);
+            for j in 0..hd {
+                let (r, z, n) = (saved[j], saved[hd + j], saved[2 * hd + j]);
+                let grad_h = go[j] + gs[j];
+                let dn = grad_h * (one - z) * (one - n * n);
+                dxp[hd + j] = grad_h * (h[j] - n) * (z * (one - z));
+                dxp[2 * hd + j] = dn;
+                grad_prev[j] = grad_h * z;
+                if self.reset_after {
+                    dxp[j] = dn * saved[3 * hd + j] * (r * (one - r));
+                }
+            }
+            if self.reset_after {
+                let (a, g) = &mut grads.products[0];
+                let d_hz = g.row_mut(b);
+                d_hz.copy_from_slice(dxp);
+                for j in 0..hd {
+                    d_hz[2 * hd + j] = dxp[2 * hd + j] * saved[j];
+                }
+                host::add_into(&mut grad_bias, d_hz);
+                a.row_mut(b).copy_from_slice(h);
+            } else {
+                let (a, g) = &mut grads.products[1];
+                g.row_mut(b).copy_from_slice(&dxp[2 * hd..]);
+                for ((a, r), h) in a.row_mut(b).iter_mut().zip(&saved[..hd]).zip(h) {
+                    *a = *r * *h;
+                }
+            }
+        }
+        let w = params[0];
+        if self.reset_after {
+            host::add_into(grads.params[1].row_mut(0), &grad_bias);
+            let d_hz = grads.products[0].1.as_ref();
+            host::matmul(&mut grads.prev, d_hz, w.t(), true);
+            return;
+        }
+        let mut grad_rh = vec![F::zero(); batch * hd];
+        host::matmul(
+            &mut MatMut::new(&mut grad_rh, batch, hd),
+            grads.xp.as_ref().cols(2 * hd, hd),
+            w.cols(2 * hd, hd).t(),
+            false,
+        );
+        let (a, g) = &mut grads.products[0];
+        for b in 0..batch {
+            let r = &step.row.row(b)[2 * hd..3 * hd];
+            let h = step.prev.row(b);
+            let dxp = grads.xp.row_mut(b);
+            let grad_prev = grads.prev.row_mut(b);
+            for j in 0..hd {
+                let grad = grad_rh[b * hd + j];
+                dxp[j] = grad * h[j] * (r[j] * (one - r[j]));
+                grad_prev[j] += grad * r[j];
+            }
+            g.row_mut(b).copy_from_slice(&dxp[..2 * hd]);
+            a.row_mut(b).copy_from_slice(h);
+        }
+        let d_rz = grads.products[0].1.as_ref();
+        host::matmul(&mut grads.prev, d_rz, w.cols(0, 2 * hd).t(), true);
+    }
+
+    fn host_weight_products(&self) -> Vec<WeightProduct> {
+        let hd = self.hidden;
+        if self.reset_after {
+            vec![WeightProduct {
+                param: 0,
+                col: 0,
+                k: hd,
+                n: 3 * hd,
+            }]
+        } else {
+            vec![
+                WeightProduct {
+                    param: 0,
+                    col: 0,
+                    k: hd,
+                    n: 2 * hd,
+                },
+                WeightProduct {
+                    param: 0,
+                    col: 2 * hd,
+                    k: hd,
+                    n: hd,
+                },
+            ]
+        }
+    }
+}
+
+/// `h' = n + (h − n) ⊙ z` from the gates `[r, z, n, …]`.
+fn blend<F: HostFloat>(h_new: &mut [F], h: &[F], gates: &[F]) {
+    let hd = h_new.len();
+    for j in 0..hd {
+        let (z, n) = (gates[hd + j], gates[2 * hd + j]);
+        h_new[j] = n + (h[j] - n) * z;
     }
 }
 

@@ -17,6 +17,7 @@ use super::{
     uniform_param, Cell, CellConfig, Position, TorchRefs,
 };
 use crate::import::{ImportError, TensorSource};
+use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Which LSTM.
@@ -305,6 +306,142 @@ impl Recurrence for LstmKernel {
         accumulate(&mut param_grads[0], h_prev.transpose().matmul(dz.clone()));
         let grad_h_prev = dz.clone().matmul(params[0].clone().transpose());
         (dz, Tensor::cat(vec![grad_h_prev, grad_c_prev], 1))
+    }
+
+    fn host_step<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        xp: MatRef<F>,
+        prev: MatRef<F>,
+        mut out: MatMut<F>,
+    ) {
+        let hd = self.hidden;
+        let peephole = self.peephole.then(|| params[1].row(0));
+        // Row layout: [h out | h, c | gates]; the gates start as h_prev · W.
+        host::matmul(
+            &mut out.cols_mut(3 * hd, self.gates() * hd),
+            prev.cols(0, hd),
+            params[0],
+            false,
+        );
+        out.for_each_row(|b, row| {
+            let c_prev = &prev.row(b)[hd..2 * hd];
+            let (h_out, rest) = row.split_at_mut(hd);
+            let (state, z) = rest.split_at_mut(2 * hd);
+            let (h_new, c_new) = state.split_at_mut(hd);
+            host::add_into(z, xp.row(b));
+            let (f_slot, o_slot) = if self.coupled {
+                F::sigmoid_in_place(&mut z[..hd]);
+                F::tanh_in_place(&mut z[hd..2 * hd]);
+                (None, 2 * hd)
+            } else {
+                if let Some(p) = peephole {
+                    for j in 0..hd {
+                        z[j] += p[j] * c_prev[j];
+                        z[hd + j] += p[hd + j] * c_prev[j];
+                    }
+                }
+                F::sigmoid_in_place(&mut z[..2 * hd]);
+                F::tanh_in_place(&mut z[2 * hd..3 * hd]);
+                (Some(hd), 3 * hd)
+            };
+            let g_slot = o_slot - hd;
+            for j in 0..hd {
+                let i = z[j];
+                let f = f_slot.map_or(F::one() - i, |slot| z[slot + j]);
+                c_new[j] = f * c_prev[j] + i * z[g_slot + j];
+            }
+            if let Some(p) = peephole {
+                for j in 0..hd {
+                    z[o_slot + j] += p[2 * hd + j] * c_new[j];
+                }
+            }
+            F::sigmoid_in_place(&mut z[o_slot..o_slot + hd]);
+            h_new.copy_from_slice(c_new);
+            F::tanh_in_place(h_new);
+            for j in 0..hd {
+                h_new[j] = z[o_slot + j] * h_new[j];
+            }
+            h_out.copy_from_slice(h_new);
+        });
+    }
+
+    fn host_step_backward<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        step: HostStep<F>,
+        mut grads: HostStepGrads<F>,
+    ) {
+        let hd = self.hidden;
+        let one = F::one();
+        let peephole = self.peephole.then(|| params[1].row(0));
+        let mut grad_peephole = vec![F::zero(); if self.peephole { 3 * hd } else { 0 }];
+        let mut tanh_c = vec![F::zero(); hd];
+        let (a, g) = &mut grads.products[0];
+        for b in 0..step.xp.rows() {
+            let row = step.row.row(b);
+            let (c_new, saved) = (&row[2 * hd..3 * hd], &row[3 * hd..]);
+            let (h_prev, c_prev) = step.prev.row(b).split_at(hd);
+            let (gs, go) = (step.grad_state.row(b), step.grad_output.row(b));
+            tanh_c.copy_from_slice(c_new);
+            F::tanh_in_place(&mut tanh_c);
+            let dz = grads.xp.row_mut(b);
+            let grad_c_prev = &mut grads.prev.row_mut(b)[hd..];
+            for j in 0..hd {
+                let (i, f, gate, o) = if self.coupled {
+                    (saved[j], one - saved[j], saved[hd + j], saved[2 * hd + j])
+                } else {
+                    (saved[j], saved[hd + j], saved[2 * hd + j], saved[3 * hd + j])
+                };
+                let grad_h = go[j] + gs[j];
+                let dz_o = grad_h * tanh_c[j] * (o * (one - o));
+                let mut grad_c = gs[hd + j] + grad_h * o * (one - tanh_c[j] * tanh_c[j]);
+                if let Some(p) = peephole {
+                    grad_c += dz_o * p[2 * hd + j];
+                }
+                let d_i = grad_c * gate;
+                let dz_g = grad_c * i * (one - gate * gate);
+                let d_f = grad_c * c_prev[j];
+                grad_c_prev[j] = grad_c * f;
+                if self.coupled {
+                    dz[j] = (d_i - d_f) * (i * (one - i));
+                    dz[hd + j] = dz_g;
+                    dz[2 * hd + j] = dz_o;
+                } else {
+                    let (dz_i, dz_f) = (d_i * (i * (one - i)), d_f * (f * (one - f)));
+                    if let Some(p) = peephole {
+                        grad_c_prev[j] += dz_i * p[j] + dz_f * p[hd + j];
+                        grad_peephole[j] += dz_i * c_prev[j];
+                        grad_peephole[hd + j] += dz_f * c_prev[j];
+                        grad_peephole[2 * hd + j] += dz_o * c_new[j];
+                    }
+                    dz[j] = dz_i;
+                    dz[hd + j] = dz_f;
+                    dz[2 * hd + j] = dz_g;
+                    dz[3 * hd + j] = dz_o;
+                }
+            }
+            g.row_mut(b).copy_from_slice(dz);
+            a.row_mut(b).copy_from_slice(h_prev);
+        }
+        if self.peephole {
+            host::add_into(grads.params[1].row_mut(0), &grad_peephole);
+        }
+        host::matmul(
+            &mut grads.prev.cols_mut(0, hd),
+            grads.xp.as_ref(),
+            params[0].t(),
+            false,
+        );
+    }
+
+    fn host_weight_products(&self) -> Vec<WeightProduct> {
+        vec![WeightProduct {
+            param: 0,
+            col: 0,
+            k: self.hidden,
+            n: self.gates() * self.hidden,
+        }]
     }
 }
 

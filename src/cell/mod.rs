@@ -328,6 +328,26 @@ macro_rules! register_cells {
             ) -> (Tensor<B, 2>, Tensor<B, 2>) {
                 match self { $(Self::$variant(k) => k.step_backward(params, step, param_grads)),* }
             }
+            fn host_step<F: crate::host::HostFloat>(
+                &self,
+                params: &[crate::host::MatRef<F>],
+                xp: crate::host::MatRef<F>,
+                prev: crate::host::MatRef<F>,
+                out: crate::host::MatMut<F>,
+            ) {
+                match self { $(Self::$variant(k) => k.host_step(params, xp, prev, out)),* }
+            }
+            fn host_step_backward<F: crate::host::HostFloat>(
+                &self,
+                params: &[crate::host::MatRef<F>],
+                step: crate::host::HostStep<F>,
+                grads: crate::host::HostStepGrads<F>,
+            ) {
+                match self { $(Self::$variant(k) => k.host_step_backward(params, step, grads)),* }
+            }
+            fn host_weight_products(&self) -> Vec<crate::host::WeightProduct> {
+                match self { $(Self::$variant(k) => k.host_weight_products()),* }
+            }
         }
 
         impl<B: Backend> Cell<B> for AnyCell<B> {

@@ -10,6 +10,7 @@ use super::{
     uniform_param, Cell, CellConfig, Position, TorchRefs,
 };
 use crate::import::{ImportError, TensorSource};
+use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Configuration of an [`Rnn`] cell.
@@ -156,6 +157,69 @@ impl Recurrence for RnnKernel {
         );
         let grad_prev = grad_pre.clone().matmul(params[0].clone().transpose());
         (grad_pre, grad_prev)
+    }
+
+    fn host_step<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        xp: MatRef<F>,
+        prev: MatRef<F>,
+        mut out: MatMut<F>,
+    ) {
+        let hd = self.hidden;
+        host::matmul(&mut out.cols_mut(0, hd), prev, params[0], false);
+        out.for_each_row(|b, row| {
+            let (h_out, h_state) = row.split_at_mut(hd);
+            host::add_into(h_out, xp.row(b));
+            if self.relu {
+                h_out.iter_mut().for_each(|h| *h = h.max(F::zero()));
+            } else {
+                F::tanh_in_place(h_out);
+            }
+            h_state.copy_from_slice(h_out);
+        });
+    }
+
+    fn host_step_backward<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        step: HostStep<F>,
+        mut grads: HostStepGrads<F>,
+    ) {
+        let hd = self.hidden;
+        let (a, g) = &mut grads.products[0];
+        for b in 0..step.xp.rows() {
+            let (h, gs, go) = (
+                &step.row.row(b)[hd..],
+                step.grad_state.row(b),
+                step.grad_output.row(b),
+            );
+            let grad_pre = grads.xp.row_mut(b);
+            for j in 0..hd {
+                let slope = if self.relu {
+                    if h[j] > F::zero() {
+                        F::one()
+                    } else {
+                        F::zero()
+                    }
+                } else {
+                    F::one() - h[j] * h[j]
+                };
+                grad_pre[j] = (go[j] + gs[j]) * slope;
+            }
+            g.row_mut(b).copy_from_slice(grad_pre);
+            a.row_mut(b).copy_from_slice(step.prev.row(b));
+        }
+        host::matmul(&mut grads.prev, grads.xp.as_ref(), params[0].t(), false);
+    }
+
+    fn host_weight_products(&self) -> Vec<WeightProduct> {
+        vec![WeightProduct {
+            param: 0,
+            col: 0,
+            k: self.hidden,
+            n: self.hidden,
+        }]
     }
 }
 

@@ -18,6 +18,7 @@ use super::{
     tanh_grad, uniform_param, Cell, CellConfig, Position,
 };
 use crate::import::{ImportError, TensorSource};
+use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Configuration of an [`Sru`] cell (one direction of an official SRU layer).
@@ -235,6 +236,87 @@ impl Recurrence for SruKernel {
             Tensor::cat(vec![grad_u0, dz_f, dz_r, grad_skip], 1),
             grad_c_prev,
         )
+    }
+
+    fn host_step<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        xp: MatRef<F>,
+        prev: MatRef<F>,
+        mut out: MatMut<F>,
+    ) {
+        let hd = self.hidden;
+        let (v, bias) = (params[0].row(0), params[1].row(0));
+        // Row layout: [h | c | f, r].
+        out.for_each_row(|b, row| {
+            let (x, c) = (xp.row(b), prev.row(b));
+            let (h, rest) = row.split_at_mut(hd);
+            let (c_new, gates) = rest.split_at_mut(hd);
+            for j in 0..hd {
+                gates[j] = x[hd + j] + v[j] * c[j] + bias[j];
+                gates[hd + j] = x[2 * hd + j] + v[hd + j] * c[j] + bias[hd + j];
+            }
+            F::sigmoid_in_place(gates);
+            for j in 0..hd {
+                let u0 = x[j];
+                c_new[j] = u0 + (c[j] - u0) * gates[j];
+                h[j] = c_new[j];
+            }
+            if self.use_tanh {
+                F::tanh_in_place(h);
+            }
+            for j in 0..hd {
+                let skip = x[3 * hd + j];
+                h[j] = skip + (h[j] - skip) * gates[hd + j];
+            }
+        });
+    }
+
+    fn host_step_backward<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        step: HostStep<F>,
+        mut grads: HostStepGrads<F>,
+    ) {
+        let (hd, one) = (self.hidden, F::one());
+        let v = params[0].row(0);
+        let (mut grad_v, mut grad_bias) = (vec![F::zero(); 2 * hd], vec![F::zero(); 2 * hd]);
+        let mut act = vec![F::zero(); hd];
+        for b in 0..step.xp.rows() {
+            let row = step.row.row(b);
+            let (c_new, gates) = (&row[hd..2 * hd], &row[2 * hd..]);
+            let (x, c_prev) = (step.xp.row(b), step.prev.row(b));
+            let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
+            act.copy_from_slice(c_new);
+            if self.use_tanh {
+                F::tanh_in_place(&mut act);
+            }
+            let dxp = grads.xp.row_mut(b);
+            let grad_c_prev = grads.prev.row_mut(b);
+            for j in 0..hd {
+                let (f, r) = (gates[j], gates[hd + j]);
+                let (u0, skip) = (x[j], x[3 * hd + j]);
+                let slope = if self.use_tanh {
+                    one - act[j] * act[j]
+                } else {
+                    one
+                };
+                let dz_r = go[j] * (act[j] - skip) * (r * (one - r));
+                let grad_c = gs[j] + go[j] * r * slope;
+                let dz_f = grad_c * (c_prev[j] - u0) * (f * (one - f));
+                dxp[j] = grad_c * (one - f);
+                dxp[hd + j] = dz_f;
+                dxp[2 * hd + j] = dz_r;
+                dxp[3 * hd + j] = go[j] * (one - r);
+                grad_c_prev[j] = grad_c * f + dz_f * v[j] + dz_r * v[hd + j];
+                grad_v[j] += dz_f * c_prev[j];
+                grad_v[hd + j] += dz_r * c_prev[j];
+                grad_bias[j] += dz_f;
+                grad_bias[hd + j] += dz_r;
+            }
+        }
+        host::add_into(grads.params[0].row_mut(0), &grad_v);
+        host::add_into(grads.params[1].row_mut(0), &grad_bias);
     }
 }
 

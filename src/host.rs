@@ -1,0 +1,617 @@
+//! The recurrence on host memory: the fast CPU path of the recurrence op.
+//!
+//! Burn's generic tensor ops cost a dispatch and an allocation per op, and its matmul reaches a
+//! fraction of what the CPU can do; over hundreds of small steps that is most of a training step.
+//! Here a step is a few slice loops and at most two GEMMs (the `gemm` crate, which dispatches to
+//! AVX2/AVX-512 kernels at run time), and the weight gradients are summed over the whole
+//! sequence in one large GEMM at the end instead of one small one per step.
+//!
+//! Each cell's kernel writes its host step next to its tensor step (see
+//! [`Recurrence::host_step`]); this module owns time, masks, buffers and the final products.
+
+use rayon::prelude::*;
+
+use crate::ops::Recurrence;
+
+/// A float type the host path computes in: `f32` with vectorised activations, or `f64` (used by
+/// the gradient checks) with the standard library's.
+pub trait HostFloat:
+    num_traits::Float
+    + core::ops::AddAssign
+    + core::ops::MulAssign
+    + Default
+    + Send
+    + Sync
+    + core::fmt::Debug
+    + burn::tensor::Element
+    + 'static
+{
+    /// `x ← σ(x)` for every element.
+    fn sigmoid_in_place(xs: &mut [Self]);
+    /// `x ← tanh(x)` for every element.
+    fn tanh_in_place(xs: &mut [Self]);
+}
+
+impl HostFloat for f64 {
+    fn sigmoid_in_place(xs: &mut [f64]) {
+        // The same formula as the tensor path, so that both agree to the last bits in f64.
+        xs.iter_mut().for_each(|x| *x = ((*x * 0.5).tanh() + 1.0) * 0.5);
+    }
+    fn tanh_in_place(xs: &mut [f64]) {
+        xs.iter_mut().for_each(|x| *x = x.tanh());
+    }
+}
+
+impl HostFloat for f32 {
+    fn sigmoid_in_place(xs: &mut [f32]) {
+        fast_math::sigmoid(xs)
+    }
+    fn tanh_in_place(xs: &mut [f32]) {
+        fast_math::tanh(xs)
+    }
+}
+
+/// Branch-free `f32` exp, sigmoid and tanh (Cephes polynomials, a few ulp from the exact
+/// value, NaN in gives NaN out) so that the compiler vectorises them; compiled a second time
+/// with AVX2 + FMA and picked at run time.
+mod fast_math {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// `1.5 · 2^23`: adding it rounds to an integer that can be read from the bits.
+    const ROUND: f32 = 12_582_912.0;
+
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        // Comparisons (not min/max) let NaN through.
+        let x = if x < -87.0 {
+            -87.0
+        } else if x > 88.0 {
+            88.0
+        } else {
+            x
+        };
+        let shifted = x * LOG2E + ROUND;
+        let n = shifted - ROUND;
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
+            + 1.666_666_5e-1)
+            * r
+            + 5.000_000_1e-1;
+        let y = p * r * r + r + 1.0;
+        let exponent = (shifted.to_bits() as i32)
+            .wrapping_sub(0x4B40_0000)
+            .wrapping_add(127);
+        y * f32::from_bits((exponent << 23) as u32)
+    }
+
+    #[inline(always)]
+    fn sigmoid_one(x: f32) -> f32 {
+        1.0 / (1.0 + exp(-x))
+    }
+
+    #[inline(always)]
+    fn tanh_one(x: f32) -> f32 {
+        let a = x.abs();
+        let z = a * a;
+        // Near 0 a polynomial keeps the relative accuracy that `1 − 2/(e^{2a}+1)` loses.
+        let small = ((((-5.704_988_7e-3 * z + 2.063_908_9e-2) * z - 5.373_971_6e-2) * z
+            + 1.333_144_2e-1)
+            * z
+            - 3.333_328_2e-1)
+            * z
+            * a
+            + a;
+        let large = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
+        let magnitude = if a < 0.625 { small } else { large };
+        magnitude.copysign(x)
+    }
+
+    macro_rules! dispatched {
+        ($name:ident, $one:ident, $avx2:ident) => {
+            pub(super) fn $name(xs: &mut [f32]) {
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    unsafe { $avx2(xs) };
+                    return;
+                }
+                xs.iter_mut().for_each(|x| *x = $one(*x));
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn $avx2(xs: &mut [f32]) {
+                xs.iter_mut().for_each(|x| *x = $one(*x));
+            }
+        };
+    }
+
+    dispatched!(sigmoid, sigmoid_one, sigmoid_avx2);
+    dispatched!(tanh, tanh_one, tanh_avx2);
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn fast_activations_match_the_standard_library() {
+            let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 0.01).collect();
+            let (mut s, mut t) = (xs.clone(), xs.clone());
+            super::sigmoid(&mut s);
+            super::tanh(&mut t);
+            for ((&x, s), t) in xs.iter().zip(s).zip(t) {
+                let exact_s = 1.0 / (1.0 + (-(x as f64)).exp());
+                let exact_t = (x as f64).tanh();
+                assert!((s as f64 - exact_s).abs() <= 2e-7 * exact_s.max(1e-3), "σ({x})");
+                assert!((t as f64 - exact_t).abs() <= 2e-7, "tanh({x}) = {t} vs {exact_t}");
+            }
+            let mut special = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30, -200.0];
+            super::tanh(&mut special);
+            assert!(special[0].is_nan());
+            assert_eq!(&special[1..], &[1.0, -1.0, 1e-30, -1.0]);
+            let mut nan = vec![f32::NAN];
+            super::sigmoid(&mut nan);
+            assert!(nan[0].is_nan());
+        }
+    }
+}
+
+/// A read-only strided matrix view over a slice.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a, F> {
+    data: &'a [F],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// A mutable matrix view whose rows are contiguous (`row_stride` apart).
+#[derive(Debug)]
+pub struct MatMut<'a, F> {
+    data: &'a mut [F],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+fn extent(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * row_stride + (cols - 1) * col_stride + 1
+    }
+}
+
+impl<'a, F: Copy> MatRef<'a, F> {
+    /// A row-major `[rows, cols]` view whose rows start `row_stride` apart.
+    pub fn strided(data: &'a [F], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(extent(rows, cols, row_stride, 1) <= data.len(), "view out of bounds");
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+    /// A contiguous row-major `[rows, cols]` view.
+    pub fn new(data: &'a [F], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols)
+    }
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Columns `start..start + width`.
+    pub fn cols(self, start: usize, width: usize) -> Self {
+        assert!(start + width <= self.cols, "columns out of bounds");
+        let offset = if width == 0 { 0 } else { start * self.col_stride };
+        Self {
+            data: &self.data[offset.min(self.data.len())..],
+            cols: width,
+            ..self
+        }
+    }
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+    /// Row `r` as a slice (rows of a transposed view are not contiguous).
+    pub fn row(&self, r: usize) -> &'a [F] {
+        assert_eq!(self.col_stride, 1, "row of a transposed view");
+        &self.data[r * self.row_stride..r * self.row_stride + self.cols]
+    }
+}
+
+impl<'a, F: Copy + Send + Sync> MatMut<'a, F> {
+    /// A mutable row-major `[rows, cols]` view whose rows start `row_stride` apart.
+    pub fn strided(data: &'a mut [F], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(extent(rows, cols, row_stride, 1) <= data.len(), "view out of bounds");
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
+    }
+    /// A contiguous mutable `[rows, cols]` view.
+    pub fn new(data: &'a mut [F], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols)
+    }
+    /// The same view, read-only.
+    pub fn as_ref(&self) -> MatRef<'_, F> {
+        MatRef::strided(self.data, self.rows, self.cols, self.row_stride)
+    }
+    /// A reborrow of the same view.
+    pub fn reborrow(&mut self) -> MatMut<'_, F> {
+        MatMut::strided(self.data, self.rows, self.cols, self.row_stride)
+    }
+    /// Columns `start..start + width`, mutable.
+    pub fn cols_mut(&mut self, start: usize, width: usize) -> MatMut<'_, F> {
+        assert!(start + width <= self.cols, "columns out of bounds");
+        let len = self.data.len();
+        MatMut::strided(
+            &mut self.data[start.min(len)..],
+            self.rows,
+            width,
+            self.row_stride,
+        )
+    }
+    /// Row `r`, mutable.
+    pub fn row_mut(&mut self, r: usize) -> &mut [F] {
+        &mut self.data[r * self.row_stride..r * self.row_stride + self.cols]
+    }
+    /// Runs `f(row index, row)` on every row, in parallel when the work is large enough to
+    /// pay for it (rows are independent; each is written by one thread, so the result does not
+    /// depend on the thread count).
+    pub fn for_each_row(&mut self, f: impl Fn(usize, &mut [F]) + Send + Sync) {
+        let (cols, stride) = (self.cols, self.row_stride.max(1));
+        let rows = self.rows;
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let data = &mut self.data[..(rows - 1) * stride + cols];
+        if rows * cols >= 8192 && rayon::current_num_threads() > 1 {
+            data.par_chunks_mut(stride)
+                .enumerate()
+                .for_each(|(r, chunk)| f(r, &mut chunk[..cols]));
+        } else {
+            data.chunks_mut(stride)
+                .enumerate()
+                .for_each(|(r, chunk)| f(r, &mut chunk[..cols]));
+        }
+    }
+}
+
+/// `dst ← a · b`, or `dst ← dst + a · b` when `accumulate`.
+pub fn matmul<F: HostFloat>(dst: &mut MatMut<F>, a: MatRef<F>, b: MatRef<F>, accumulate: bool) {
+    let (m, n, k) = (dst.rows, dst.cols, a.cols);
+    assert_eq!((a.rows, b.rows, b.cols), (m, k, n), "matmul shapes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.for_each_row(|_, row| row.fill(F::zero()));
+        }
+        return;
+    }
+    let parallelism = if m * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the views were bounds-checked on construction, `dst` is borrowed mutably so it
+    // cannot alias `a` or `b`, and `gemm` supports `f32` and `f64` (all `HostFloat`s).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.data.as_mut_ptr(),
+            1,
+            dst.row_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            F::one(),
+            F::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// A weight gradient that is a sum over steps of `a_tᵀ · g_t`: the kernel's backward step
+/// writes `a_t` (`[batch, k]`) and `g_t` (`[batch, n]`), and the driver sums the products over
+/// the whole sequence in one GEMM into columns `col..col + n` of parameter `param`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightProduct {
+    /// Index of the parameter (a `[k, ·]` matrix).
+    pub param: usize,
+    /// First column of the parameter that the product fills.
+    pub col: usize,
+    /// Width of `a_t`.
+    pub k: usize,
+    /// Width of `g_t`.
+    pub n: usize,
+}
+
+/// What a host step's backward reads.
+#[derive(Debug, Clone, Copy)]
+pub struct HostStep<'a, F> {
+    /// The step's projected input, `[batch, input_width]`.
+    pub xp: MatRef<'a, F>,
+    /// The state the step started from, `[batch, state_width]`.
+    pub prev: MatRef<'a, F>,
+    /// The step's packed row `[batch, output | state | saved]`.
+    pub row: MatRef<'a, F>,
+    /// Gradient arriving at the output, `[batch, output_width]`.
+    pub grad_output: MatRef<'a, F>,
+    /// Gradient arriving at the new state, `[batch, state_width]`.
+    pub grad_state: MatRef<'a, F>,
+}
+
+/// Where a host step's backward writes.
+#[derive(Debug)]
+pub struct HostStepGrads<'a, F> {
+    /// Gradient of the projected input, `[batch, input_width]` (overwrite).
+    pub xp: MatMut<'a, F>,
+    /// Gradient of the previous state, `[batch, state_width]` (overwrite).
+    pub prev: MatMut<'a, F>,
+    /// Gradients of the parameters that are not [`WeightProduct`]s (accumulate).
+    pub params: Vec<MatMut<'a, F>>,
+    /// `(a_t, g_t)` of each of the kernel's [`WeightProduct`]s, in order (overwrite).
+    pub products: Vec<(MatMut<'a, F>, MatMut<'a, F>)>,
+}
+
+/// The recurrence op's inputs as host slices.
+#[derive(Debug, Clone, Copy)]
+pub struct HostInput<'a, F> {
+    /// `[T, batch, input_width]`.
+    pub xp: &'a [F],
+    /// `[batch, state_width]`.
+    pub state0: &'a [F],
+    /// The flat parameters.
+    pub params: &'a [F],
+    /// `[T, batch]` of 0/1, or `None`.
+    pub mask: Option<&'a [F]>,
+    /// Sequence length.
+    pub len: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Walk from the end to the start.
+    pub reverse: bool,
+}
+
+fn order(len: usize, reverse: bool) -> Vec<usize> {
+    if reverse {
+        (0..len).rev().collect()
+    } else {
+        (0..len).collect()
+    }
+}
+
+fn param_views<'a, F: Copy>(shapes: &[[usize; 2]], mut flat: &'a [F]) -> Vec<MatRef<'a, F>> {
+    shapes
+        .iter()
+        .map(|&[rows, cols]| {
+            let (head, tail) = flat.split_at(rows * cols);
+            flat = tail;
+            MatRef::new(head, rows, cols)
+        })
+        .collect()
+}
+
+fn param_views_mut<'a, F: Copy + Send + Sync>(
+    shapes: &[[usize; 2]],
+    mut flat: &'a mut [F],
+) -> Vec<MatMut<'a, F>> {
+    shapes
+        .iter()
+        .map(|&[rows, cols]| {
+            let (head, tail) = std::mem::take(&mut flat).split_at_mut(rows * cols);
+            flat = tail;
+            MatMut::new(head, rows, cols)
+        })
+        .collect()
+}
+
+/// Splits the packed sequence so that step `t` is writable while step `prev` (`t ± 1`) is read.
+fn split_rows<F>(packed: &mut [F], row_len: usize, t: usize, prev: usize) -> (&[F], &mut [F]) {
+    if prev < t {
+        let (before, after) = packed.split_at_mut(t * row_len);
+        (&before[prev * row_len..(prev + 1) * row_len], &mut after[..row_len])
+    } else {
+        let (before, after) = packed.split_at_mut(prev * row_len);
+        (&after[..row_len], &mut before[t * row_len..(t + 1) * row_len])
+    }
+}
+
+/// The forward of the recurrence op: the packed `[T, batch, O + S + V]` sequence.
+pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> Vec<F> {
+    let (out_w, state_w, in_w) = (
+        kernel.output_width(),
+        kernel.state_width(),
+        kernel.input_width(),
+    );
+    let width = out_w + state_w + kernel.saved_width();
+    let (len, batch) = (input.len, input.batch);
+    let shapes = kernel.param_shapes();
+    let params = param_views(&shapes, input.params);
+    let row_len = batch * width;
+    let mut packed = vec![F::zero(); len * row_len];
+    let steps = order(len, input.reverse);
+    for (position, &t) in steps.iter().enumerate() {
+        let xp = MatRef::new(&input.xp[t * batch * in_w..(t + 1) * batch * in_w], batch, in_w);
+        let (prev, out) = match position {
+            0 => (
+                MatRef::new(input.state0, batch, state_w),
+                &mut packed[t * row_len..(t + 1) * row_len],
+            ),
+            _ => {
+                let (prev_row, out) = split_rows(&mut packed, row_len, t, steps[position - 1]);
+                (MatRef::strided(&prev_row[out_w..], batch, state_w, width), out)
+            }
+        };
+        let mut out = MatMut::new(out, batch, width);
+        kernel.host_step(&params, xp, prev, out.reborrow());
+        if let Some(mask) = input.mask {
+            let keep = &mask[t * batch..(t + 1) * batch];
+            out.for_each_row(|b, row| {
+                if keep[b] != F::one() {
+                    let (output, rest) = row.split_at_mut(out_w);
+                    output.iter_mut().for_each(|o| *o *= keep[b]);
+                    for (s, &p) in rest[..state_w].iter_mut().zip(prev.row(b)) {
+                        *s = p + (*s - p) * keep[b];
+                    }
+                }
+            });
+        }
+    }
+    packed
+}
+
+/// Gradients of the recurrence op's inputs, on the host.
+#[derive(Debug, Clone)]
+pub struct HostGrads<F> {
+    /// `[T, batch, input_width]`.
+    pub xp: Vec<F>,
+    /// `[batch, state_width]`.
+    pub state0: Vec<F>,
+    /// The flat parameters.
+    pub params: Vec<F>,
+}
+
+/// The backward of the recurrence op, from its inputs, packed output and the output's gradient.
+pub fn backward<F: HostFloat, K: Recurrence>(
+    kernel: &K,
+    input: HostInput<F>,
+    packed: &[F],
+    grad: &[F],
+) -> HostGrads<F> {
+    let (out_w, state_w, in_w) = (
+        kernel.output_width(),
+        kernel.state_width(),
+        kernel.input_width(),
+    );
+    let width = out_w + state_w + kernel.saved_width();
+    let (len, batch) = (input.len, input.batch);
+    let shapes = kernel.param_shapes();
+    let params = param_views(&shapes, input.params);
+    let products = kernel.host_weight_products();
+    let row_len = batch * width;
+
+    let mut grad_xp = vec![F::zero(); len * batch * in_w];
+    let mut grad_params = vec![F::zero(); input.params.len()];
+    let mut product_buffers: Vec<(Vec<F>, Vec<F>)> = products
+        .iter()
+        .map(|p| {
+            (
+                vec![F::zero(); len * batch * p.k],
+                vec![F::zero(); len * batch * p.n],
+            )
+        })
+        .collect();
+    let mut grad_state = vec![F::zero(); batch * state_w];
+    let mut grad_prev = vec![F::zero(); batch * state_w];
+    let mut grad_output = vec![F::zero(); batch * out_w];
+    let mut carried = vec![F::zero(); batch * state_w];
+
+    let steps = order(len, input.reverse);
+    for (position, &t) in steps.iter().enumerate().rev() {
+        let prev = match position {
+            0 => MatRef::new(input.state0, batch, state_w),
+            _ => {
+                let p = steps[position - 1];
+                MatRef::strided(&packed[p * row_len + out_w..], batch, state_w, width)
+            }
+        };
+        let grad_row = &grad[t * row_len..(t + 1) * row_len];
+        for b in 0..batch {
+            let g = &grad_row[b * width..(b + 1) * width];
+            grad_output[b * out_w..(b + 1) * out_w].copy_from_slice(&g[..out_w]);
+            let gs = &mut grad_state[b * state_w..(b + 1) * state_w];
+            for (acc, &add) in gs.iter_mut().zip(&g[out_w..out_w + state_w]) {
+                *acc += add;
+            }
+            if let Some(mask) = input.mask {
+                let keep = mask[t * batch + b];
+                let carry = &mut carried[b * state_w..(b + 1) * state_w];
+                for (c, s) in carry.iter_mut().zip(gs.iter_mut()) {
+                    *c = *s * (F::one() - keep);
+                    *s *= keep;
+                }
+                grad_output[b * out_w..(b + 1) * out_w]
+                    .iter_mut()
+                    .for_each(|o| *o *= keep);
+            }
+        }
+        let step = HostStep {
+            xp: MatRef::new(&input.xp[t * batch * in_w..(t + 1) * batch * in_w], batch, in_w),
+            prev,
+            row: MatRef::new(&packed[t * row_len..(t + 1) * row_len], batch, width),
+            grad_output: MatRef::new(&grad_output, batch, out_w),
+            grad_state: MatRef::new(&grad_state, batch, state_w),
+        };
+        let grads = HostStepGrads {
+            xp: MatMut::new(
+                &mut grad_xp[t * batch * in_w..(t + 1) * batch * in_w],
+                batch,
+                in_w,
+            ),
+            prev: MatMut::new(&mut grad_prev, batch, state_w),
+            params: param_views_mut(&shapes, &mut grad_params),
+            products: products
+                .iter()
+                .zip(product_buffers.iter_mut())
+                .map(|(p, (a, g))| {
+                    (
+                        MatMut::new(&mut a[t * batch * p.k..(t + 1) * batch * p.k], batch, p.k),
+                        MatMut::new(&mut g[t * batch * p.n..(t + 1) * batch * p.n], batch, p.n),
+                    )
+                })
+                .collect(),
+        };
+        kernel.host_step_backward(&params, step, grads);
+        std::mem::swap(&mut grad_state, &mut grad_prev);
+        if input.mask.is_some() {
+            for (s, c) in grad_state.iter_mut().zip(&carried) {
+                *s += *c;
+            }
+        }
+    }
+
+    let mut grad_views = param_views_mut(&shapes, &mut grad_params);
+    for (p, (a, g)) in products.iter().zip(&product_buffers) {
+        let rows = len * batch;
+        let target = &mut grad_views[p.param];
+        matmul(
+            &mut target.cols_mut(p.col, p.n),
+            MatRef::new(a, rows, p.k).t(),
+            MatRef::new(g, rows, p.n),
+            true,
+        );
+    }
+    HostGrads {
+        xp: grad_xp,
+        state0: grad_state,
+        params: grad_params,
+    }
+}
+
+/// Adds `value` to every element of `acc` (used by kernels for per-step bias-like gradients).
+pub fn add_into<F: HostFloat>(acc: &mut [F], value: &[F]) {
+    acc.iter_mut().zip(value).for_each(|(a, &v)| *a += v);
+}
