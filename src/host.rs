@@ -333,9 +333,10 @@ pub fn matmul<F: HostFloat>(dst: &mut MatMut<F>, a: MatRef<F>, b: MatRef<F>, acc
     }
 }
 
-/// A weight gradient that is a sum over steps of `a_tᵀ · g_t`: the kernel's backward step
-/// writes `a_t` (`[batch, k]`) and `g_t` (`[batch, n]`), and the driver sums the products over
-/// the whole sequence in one GEMM into columns `col..col + n` of parameter `param`.
+/// A weight gradient that is a sum over steps of `a_tᵀ · g_t` (`a_t` is `[batch, k]`, `g_t`
+/// `[batch, n]`): the driver sums the products over the whole sequence in one GEMM into columns
+/// `col..col + n` of parameter `param`. Each operand is either read where it already lies (the
+/// previous state, the gradient of the projected input) or written by the backward step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WeightProduct {
     /// Index of the parameter (a `[k, ·]` matrix).
@@ -346,6 +347,21 @@ pub struct WeightProduct {
     pub k: usize,
     /// Width of `g_t`.
     pub n: usize,
+    /// Where `a_t` comes from.
+    pub a: Operand,
+    /// Where `g_t` comes from.
+    pub g: Operand,
+}
+
+/// Where an operand of a [`WeightProduct`] lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    /// Written by the backward step into [`HostStepGrads::products`].
+    Written,
+    /// Columns `col..` of the previous state (for `a_t`).
+    PrevState(usize),
+    /// Columns `col..` of the gradient of the projected input (for `g_t`).
+    GradInput(usize),
 }
 
 /// What a host step's backward reads.
@@ -372,7 +388,8 @@ pub struct HostStepGrads<'a, F> {
     pub prev: MatMut<'a, F>,
     /// Gradients of the parameters that are not [`WeightProduct`]s (accumulate).
     pub params: Vec<MatMut<'a, F>>,
-    /// `(a_t, g_t)` of each of the kernel's [`WeightProduct`]s, in order (overwrite).
+    /// `(a_t, g_t)` of each of the kernel's [`WeightProduct`]s, in order (overwrite); an
+    /// operand that is not [`Operand::Written`] gets an empty view.
     pub products: Vec<(MatMut<'a, F>, MatMut<'a, F>)>,
 }
 
@@ -494,7 +511,24 @@ pub struct HostGrads<F> {
     pub params: Vec<F>,
 }
 
-/// The backward of the recurrence op, from its inputs, packed output and the output's gradient.
+/// Written operands of the weight products, time-major `[T, batch, width]` (empty otherwise).
+fn operand_buffer<F: HostFloat>(operand: Operand, steps: usize, width: usize) -> Vec<F> {
+    match operand {
+        Operand::Written => vec![F::zero(); steps * width],
+        _ => Vec::new(),
+    }
+}
+
+fn operand_view<F: HostFloat>(buffer: &mut [F], t: usize, batch: usize, width: usize) -> MatMut<'_, F> {
+    if buffer.is_empty() {
+        MatMut::new(&mut [], batch, 0)
+    } else {
+        MatMut::new(&mut buffer[t * batch * width..(t + 1) * batch * width], batch, width)
+    }
+}
+
+/// The backward of the recurrence op, from its inputs, the full packed sequence and the
+/// gradient of the op's output (`[T, batch, O + S]`).
 pub fn backward<F: HostFloat, K: Recurrence>(
     kernel: &K,
     input: HostInput<F>,
@@ -507,6 +541,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         kernel.input_width(),
     );
     let width = out_w + state_w + kernel.saved_width();
+    let grad_w = out_w + state_w;
     let (len, batch) = (input.len, input.batch);
     let shapes = kernel.param_shapes();
     let params = param_views(&shapes, input.params);
@@ -515,12 +550,12 @@ pub fn backward<F: HostFloat, K: Recurrence>(
 
     let mut grad_xp = vec![F::zero(); len * batch * in_w];
     let mut grad_params = vec![F::zero(); input.params.len()];
-    let mut product_buffers: Vec<(Vec<F>, Vec<F>)> = products
+    let mut written: Vec<(Vec<F>, Vec<F>)> = products
         .iter()
         .map(|p| {
             (
-                vec![F::zero(); len * batch * p.k],
-                vec![F::zero(); len * batch * p.n],
+                operand_buffer(p.a, len * batch, p.k),
+                operand_buffer(p.g, len * batch, p.n),
             )
         })
         .collect();
@@ -538,14 +573,12 @@ pub fn backward<F: HostFloat, K: Recurrence>(
                 MatRef::strided(&packed[p * row_len + out_w..], batch, state_w, width)
             }
         };
-        let grad_row = &grad[t * row_len..(t + 1) * row_len];
+        let grad_row = &grad[t * batch * grad_w..(t + 1) * batch * grad_w];
         for b in 0..batch {
-            let g = &grad_row[b * width..(b + 1) * width];
+            let g = &grad_row[b * grad_w..(b + 1) * grad_w];
             grad_output[b * out_w..(b + 1) * out_w].copy_from_slice(&g[..out_w]);
             let gs = &mut grad_state[b * state_w..(b + 1) * state_w];
-            for (acc, &add) in gs.iter_mut().zip(&g[out_w..out_w + state_w]) {
-                *acc += add;
-            }
+            add_into(gs, &g[out_w..]);
             if let Some(mask) = input.mask {
                 let keep = mask[t * batch + b];
                 let carry = &mut carried[b * state_w..(b + 1) * state_w];
@@ -575,39 +608,94 @@ pub fn backward<F: HostFloat, K: Recurrence>(
             params: param_views_mut(&shapes, &mut grad_params),
             products: products
                 .iter()
-                .zip(product_buffers.iter_mut())
-                .map(|(p, (a, g))| {
-                    (
-                        MatMut::new(&mut a[t * batch * p.k..(t + 1) * batch * p.k], batch, p.k),
-                        MatMut::new(&mut g[t * batch * p.n..(t + 1) * batch * p.n], batch, p.n),
-                    )
-                })
+                .zip(written.iter_mut())
+                .map(|(p, (a, g))| (operand_view(a, t, batch, p.k), operand_view(g, t, batch, p.n)))
                 .collect(),
         };
         kernel.host_step_backward(&params, step, grads);
         std::mem::swap(&mut grad_state, &mut grad_prev);
         if input.mask.is_some() {
-            for (s, c) in grad_state.iter_mut().zip(&carried) {
-                *s += *c;
-            }
+            add_into(&mut grad_state, &carried);
         }
     }
 
+    let sources = ProductSources {
+        packed,
+        state0: input.state0,
+        grad_xp: &grad_xp,
+        len,
+        batch,
+        widths: (out_w, state_w, in_w, width),
+        reverse: input.reverse,
+    };
     let mut grad_views = param_views_mut(&shapes, &mut grad_params);
-    for (p, (a, g)) in products.iter().zip(&product_buffers) {
-        let rows = len * batch;
+    for (p, (a, g)) in products.iter().zip(&written) {
         let target = &mut grad_views[p.param];
-        matmul(
-            &mut target.cols_mut(p.col, p.n),
-            MatRef::new(a, rows, p.k).t(),
-            MatRef::new(g, rows, p.n),
-            true,
-        );
+        let mut dst = target.cols_mut(p.col, p.n);
+        for block in [Block::First, Block::Rest] {
+            let a_block = sources.block(p.a, a, p.k, block);
+            let g_block = sources.block(p.g, g, p.n, block);
+            matmul(&mut dst, a_block.t(), g_block, true);
+        }
     }
     HostGrads {
         xp: grad_xp,
         state0: grad_state,
         params: grad_params,
+    }
+}
+
+/// The steps of a weight product: the first one visited (whose previous state is `state0`)
+/// and all the others (whose previous states lie in consecutive packed rows).
+#[derive(Debug, Clone, Copy)]
+enum Block {
+    First,
+    Rest,
+}
+
+/// Where the operands of the weight products lie once the backward walk is done.
+struct ProductSources<'a, F> {
+    packed: &'a [F],
+    state0: &'a [F],
+    grad_xp: &'a [F],
+    len: usize,
+    batch: usize,
+    /// Output, state, input and packed widths.
+    widths: (usize, usize, usize, usize),
+    reverse: bool,
+}
+
+impl<'a, F: HostFloat> ProductSources<'a, F> {
+    /// The rows of an operand for a block of steps, in step order `[steps · batch, width]`.
+    fn block(&self, operand: Operand, written: &'a [F], width: usize, block: Block) -> MatRef<'a, F> {
+        let (out_w, state_w, in_w, packed_w) = self.widths;
+        let (len, batch) = (self.len, self.batch);
+        // First step and count of the block, in time order.
+        let (t0, steps) = match (block, self.reverse) {
+            (Block::First, false) => (0, 1),
+            (Block::First, true) => (len - 1, 1),
+            (Block::Rest, false) => (1, len - 1),
+            (Block::Rest, true) => (0, len - 1),
+        };
+        let rows = steps * batch;
+        if rows == 0 {
+            return MatRef::new(&[], 0, width);
+        }
+        match operand {
+            Operand::Written => MatRef::new(&written[t0 * batch * width..], rows, width),
+            Operand::GradInput(col) => {
+                MatRef::strided(&self.grad_xp[t0 * batch * in_w + col..], rows, width, in_w)
+            }
+            Operand::PrevState(col) => match block {
+                Block::First => MatRef::strided(&self.state0[col..], rows, width, state_w),
+                Block::Rest => {
+                    // The previous state of step t lies in packed row t − 1 (t + 1 in reverse).
+                    let prev0 = if self.reverse { t0 + 1 } else { t0 - 1 };
+                    let start = prev0 * batch * packed_w + out_w + col;
+                    MatRef::strided(&self.packed[start..], rows, width, packed_w)
+                }
+            },
+        }
     }
 }
 

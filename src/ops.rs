@@ -18,6 +18,8 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::{backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
 
+use std::borrow::Cow;
+
 use burn::tensor::DType;
 
 use crate::host::{
@@ -144,17 +146,27 @@ pub struct RecurrenceInput<B: Backend> {
 /// A backend that can run the recurrence op. Every method has a plain-tensor default; a
 /// backend overrides them with a faster path where it has one.
 pub trait RnnBackend: Backend {
-    /// Runs the recurrence and returns the packed sequence `[T, batch, O + S + V]`: each step's
-    /// output, new state and saved values side by side (see [`Recurrence`]).
-    fn rnn_recurrence<K: Recurrence>(
+    /// Runs the recurrence and returns the full packed sequence `[T, batch, O + S + V]`: each
+    /// step's output, new state and saved values side by side (see [`Recurrence`]). What the
+    /// backward reads.
+    fn rnn_recurrence_packed<K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<Self>,
     ) -> FloatTensor<Self> {
         recurrence_forward::<Self, K>(kernel, input)
     }
 
-    /// The backward of [`rnn_recurrence`](RnnBackend::rnn_recurrence), from its inputs, its
-    /// packed output and the gradient of that output.
+    /// The recurrence op: each step's output and new state, `[T, batch, O + S]` (the packed
+    /// sequence without the saved values, which only the backward needs).
+    fn rnn_recurrence<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+    ) -> FloatTensor<Self> {
+        visible::<Self, K>(kernel, Self::rnn_recurrence_packed(kernel, input))
+    }
+
+    /// The backward of [`rnn_recurrence`](RnnBackend::rnn_recurrence), from its inputs, the
+    /// full packed sequence and the gradient of the op's output (`[T, batch, O + S]`).
     fn rnn_recurrence_backward<K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<Self>,
@@ -163,6 +175,12 @@ pub trait RnnBackend: Backend {
     ) -> RecurrenceGrads<Self> {
         recurrence_backward::<Self, K>(kernel, input, packed, grad)
     }
+}
+
+/// The op's output columns (`O + S`) of a full packed sequence.
+fn visible<B: Backend, K: Recurrence>(kernel: &K, packed: FloatTensor<B>) -> FloatTensor<B> {
+    let width = kernel.output_width() + kernel.state_width();
+    primitive(float::<B, 3>(packed).narrow(2, 0, width))
 }
 
 fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
@@ -372,8 +390,9 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let packed = B::rnn_recurrence(kernel, inner.clone());
-                prep.finish((inner, packed.clone()), packed)
+                let packed = B::rnn_recurrence_packed(kernel, inner.clone());
+                let output = visible::<B, K>(kernel, packed.clone());
+                prep.finish((inner, packed), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rnn_recurrence(kernel, inner)),
         }
@@ -390,7 +409,7 @@ where
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
 {
-    fn rnn_recurrence<K: Recurrence>(
+    fn rnn_recurrence_packed<K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<Self>,
     ) -> FloatTensor<Self> {
@@ -407,29 +426,79 @@ where
     }
 }
 
-/// The op's inputs copied to host memory.
-struct HostCopy<F> {
-    xp: Vec<F>,
-    state0: Vec<F>,
-    params: Vec<F>,
-    mask: Option<Vec<F>>,
+/// How a backend lends its tensors to the host path: by default a copy through `into_data`;
+/// burn-ndarray lends its contiguous buffers without copying.
+pub trait HostTensors: Backend {
+    /// The elements of `tensor` in row-major order as `F`.
+    fn host_slice<F: HostFloat, const D: usize>(tensor: &FloatTensor<Self>) -> Cow<'_, [F]> {
+        Cow::Owned(
+            float::<Self, D>(tensor.clone())
+                .into_data()
+                .convert::<F>()
+                .into_vec::<F>()
+                .expect("converted to the host float type"),
+        )
+    }
+}
+
+#[cfg(feature = "ndarray")]
+impl<E, I, Q> HostTensors for burn::backend::NdArray<E, I, Q>
+where
+    E: burn::backend::ndarray::FloatNdArrayElement,
+    I: burn::backend::ndarray::IntNdArrayElement,
+    Q: burn::backend::ndarray::QuantElement,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
+{
+    fn host_slice<F: HostFloat, const D: usize>(tensor: &FloatTensor<Self>) -> Cow<'_, [F]> {
+        use burn::backend::ndarray::NdArrayTensor;
+        let borrowed = match tensor {
+            NdArrayTensor::F32(storage) => storage.view().to_slice().and_then(same_type),
+            NdArrayTensor::F64(storage) => storage.view().to_slice().and_then(same_type),
+            _ => None,
+        };
+        match borrowed {
+            Some(slice) => Cow::Borrowed(slice),
+            None => Cow::Owned(
+                float::<Self, D>(tensor.clone())
+                    .into_data()
+                    .convert::<F>()
+                    .into_vec::<F>()
+                    .expect("converted to the host float type"),
+            ),
+        }
+    }
+}
+
+/// `slice` as `&[F]` when its element type is `F`.
+#[cfg(feature = "ndarray")]
+fn same_type<A: 'static, F: 'static>(slice: &[A]) -> Option<&[F]> {
+    (core::any::TypeId::of::<A>() == core::any::TypeId::of::<F>()).then(|| {
+        // SAFETY: `A` and `F` are the same type.
+        unsafe { core::slice::from_raw_parts(slice.as_ptr().cast::<F>(), slice.len()) }
+    })
+}
+
+/// The op's inputs as host slices.
+struct HostView<'a, F: Clone> {
+    xp: Cow<'a, [F]>,
+    state0: Cow<'a, [F]>,
+    params: Cow<'a, [F]>,
+    mask: Option<Cow<'a, [F]>>,
     dims: [usize; 3],
     reverse: bool,
 }
 
-impl<F: HostFloat> HostCopy<F> {
-    fn read<B: Backend>(input: RecurrenceInput<B>) -> (Self, B::Device) {
-        let xp: Tensor<B, 3> = float(input.xp);
-        let (dims, device) = (xp.dims(), xp.device());
-        let copy = Self {
-            xp: host_vec(xp),
-            state0: host_vec::<B, F, 2>(float(input.state0)),
-            params: host_vec::<B, F, 1>(float(input.params)),
-            mask: input.mask.map(|mask| host_vec::<B, F, 2>(float(mask))),
-            dims,
+impl<'a, F: HostFloat> HostView<'a, F> {
+    fn read<B: HostTensors>(input: &'a RecurrenceInput<B>) -> Self {
+        Self {
+            xp: B::host_slice::<F, 3>(&input.xp),
+            state0: B::host_slice::<F, 2>(&input.state0),
+            params: B::host_slice::<F, 1>(&input.params),
+            mask: input.mask.as_ref().map(|mask| B::host_slice::<F, 2>(mask)),
+            dims: float::<B, 3>(input.xp.clone()).dims(),
             reverse: input.reverse,
-        };
-        (copy, device)
+        }
     }
 
     fn view(&self) -> HostInput<'_, F> {
@@ -445,14 +514,6 @@ impl<F: HostFloat> HostCopy<F> {
     }
 }
 
-fn host_vec<B: Backend, F: HostFloat, const D: usize>(tensor: Tensor<B, D>) -> Vec<F> {
-    tensor
-        .into_data()
-        .convert::<F>()
-        .into_vec::<F>()
-        .expect("converted to the host float type")
-}
-
 fn from_host<B: Backend, F: HostFloat, const D: usize>(
     values: Vec<F>,
     shape: [usize; D],
@@ -465,17 +526,20 @@ fn from_host<B: Backend, F: HostFloat, const D: usize>(
 }
 
 /// The recurrence on host memory for f32 and f64 tensors (the plain path for other types).
-pub fn host_recurrence_forward<B: Backend, K: Recurrence>(
+pub fn host_recurrence_forward<B: HostTensors, K: Recurrence>(
     kernel: &K,
     input: RecurrenceInput<B>,
 ) -> FloatTensor<B> {
-    fn run<B: Backend, F: HostFloat, K: Recurrence>(
+    fn run<B: HostTensors, F: HostFloat, K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<B>,
     ) -> FloatTensor<B> {
-        let (copy, device) = HostCopy::<F>::read(input);
-        let packed = host::forward(kernel, copy.view());
-        let [len, batch, _] = copy.dims;
+        let device = B::float_device(&input.xp);
+        let view = HostView::<F>::read(&input);
+        let t0 = std::time::Instant::now();
+        let packed = host::forward(kernel, view.view());
+        if std::env::var("RNN_ZOO_TIME").is_ok() { eprintln!("host fwd {:?}", t0.elapsed()); }
+        let [len, batch, _] = view.dims;
         let width = kernel.output_width() + kernel.state_width() + kernel.saved_width();
         from_host::<B, F, 3>(packed, [len, batch, width], &device)
     }
@@ -487,23 +551,26 @@ pub fn host_recurrence_forward<B: Backend, K: Recurrence>(
 }
 
 /// The backward of [`host_recurrence_forward`].
-pub fn host_recurrence_backward<B: Backend, K: Recurrence>(
+pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
     kernel: &K,
     input: RecurrenceInput<B>,
     packed: FloatTensor<B>,
     grad: FloatTensor<B>,
 ) -> RecurrenceGrads<B> {
-    fn run<B: Backend, F: HostFloat, K: Recurrence>(
+    fn run<B: HostTensors, F: HostFloat, K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<B>,
         packed: FloatTensor<B>,
         grad: FloatTensor<B>,
     ) -> RecurrenceGrads<B> {
-        let (copy, device) = HostCopy::<F>::read(input);
-        let packed = host_vec::<B, F, 3>(float(packed));
-        let grad = host_vec::<B, F, 3>(float(grad));
-        let grads = host::backward(kernel, copy.view(), &packed, &grad);
-        let [len, batch, width] = copy.dims;
+        let device = B::float_device(&input.xp);
+        let view = HostView::<F>::read(&input);
+        let packed = B::host_slice::<F, 3>(&packed);
+        let grad = B::host_slice::<F, 3>(&grad);
+        let t0 = std::time::Instant::now();
+        let grads = host::backward(kernel, view.view(), &packed, &grad);
+        if std::env::var("RNN_ZOO_TIME").is_ok() { eprintln!("host bwd {:?}", t0.elapsed()); }
+        let [len, batch, width] = view.dims;
         let param_len = grads.params.len();
         RecurrenceGrads {
             xp: from_host::<B, F, 3>(grads.xp, [len, batch, width], &device),
@@ -564,6 +631,76 @@ pub fn recurrence_with<B: RnnBackend, K: Recurrence>(
     };
     float(match path {
         RecurrencePath::Fused => B::rnn_recurrence(kernel, input),
-        RecurrencePath::Plain => recurrence_forward::<B, K>(kernel, input),
+        RecurrencePath::Plain => visible::<B, K>(kernel, recurrence_forward::<B, K>(kernel, input)),
     })
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use burn::tensor::{Distribution, TensorData};
+
+    use super::*;
+    use crate::cell::{cell_names, AnyCellConfig, Cell, CellConfig};
+    use crate::check::{max_abs_diff, F64};
+
+    fn random<const D: usize>(shape: [usize; D]) -> FloatTensor<F64> {
+        primitive(Tensor::<F64, D>::random(
+            shape,
+            Distribution::Uniform(-1.0, 1.0),
+            &Default::default(),
+        ))
+    }
+
+    fn data<const D: usize>(tensor: FloatTensor<F64>) -> TensorData {
+        float::<F64, D>(tensor).into_data()
+    }
+
+    /// The host path (what burn-ndarray runs) against the plain-tensor default bodies (what
+    /// the GPU backends run), forward and backward, for every cell, both directions, masked.
+    #[test]
+    fn host_path_matches_tensor_path() {
+        let (len, batch) = (5, 3);
+        let keep = [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 0.0, 1.0]];
+        let mut mask: Vec<f64> = keep.iter().flatten().copied().collect();
+        mask.extend([1.0, 0.0, 0.0]);
+        for name in cell_names() {
+            let config = AnyCellConfig::named(name, 3, 4).unwrap();
+            let kernel = config.init_cell::<F64>(&Default::default()).kernel();
+            let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
+            for reverse in [false, true] {
+                let input = RecurrenceInput::<F64> {
+                    xp: random([len, batch, kernel.input_width()]),
+                    state0: random([batch, kernel.state_width()]),
+                    params: random([param_len]),
+                    mask: Some(primitive(Tensor::<F64, 2>::from_data(
+                        TensorData::new(mask.clone(), [len, batch]),
+                        &Default::default(),
+                    ))),
+                    reverse,
+                };
+                let tensor_out = recurrence_forward::<F64, _>(&kernel, input.clone());
+                let host_out = host_recurrence_forward::<F64, _>(&kernel, input.clone());
+                let forward = max_abs_diff(
+                    name,
+                    &data::<3>(host_out.clone()),
+                    &data::<3>(tensor_out.clone()),
+                );
+                let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
+                let tensor = recurrence_backward::<F64, _>(
+                    &kernel,
+                    input.clone(),
+                    tensor_out,
+                    grad.clone(),
+                );
+                let host = host_recurrence_backward::<F64, _>(&kernel, input, host_out, grad);
+                let backward = [
+                    max_abs_diff(name, &data::<3>(host.xp), &data::<3>(tensor.xp)),
+                    max_abs_diff(name, &data::<2>(host.state0), &data::<2>(tensor.state0)),
+                    max_abs_diff(name, &data::<1>(host.params), &data::<1>(tensor.params)),
+                ];
+                let worst = backward.into_iter().fold(forward, f64::max);
+                assert!(worst < 1e-12, "{name} (reverse {reverse}): {worst:e}");
+            }
+        }
+    }
 }

@@ -15,7 +15,9 @@ use super::{
     TorchRefs,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
+use crate::host::{
+    self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
+};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Configuration of a [`Gru`] cell.
@@ -313,18 +315,15 @@ impl Recurrence for GruKernel {
                 }
             }
             if self.reset_after {
-                let (a, g) = &mut grads.products[0];
-                let d_hz = g.row_mut(b);
+                let d_hz = grads.products[0].1.row_mut(b);
                 d_hz.copy_from_slice(dxp);
                 for j in 0..hd {
                     d_hz[2 * hd + j] = dxp[2 * hd + j] * saved[j];
                 }
                 host::add_into(&mut grad_bias, d_hz);
-                a.row_mut(b).copy_from_slice(h);
             } else {
-                let (a, g) = &mut grads.products[1];
-                g.row_mut(b).copy_from_slice(&dxp[2 * hd..]);
-                for ((a, r), h) in a.row_mut(b).iter_mut().zip(&saved[..hd]).zip(h) {
+                let rh = grads.products[1].0.row_mut(b);
+                for ((a, r), h) in rh.iter_mut().zip(&saved[..hd]).zip(h) {
                     *a = *r * *h;
                 }
             }
@@ -343,7 +342,6 @@ impl Recurrence for GruKernel {
             w.cols(2 * hd, hd).t(),
             false,
         );
-        let (a, g) = &mut grads.products[0];
         for b in 0..batch {
             let r = &step.row.row(b)[2 * hd..3 * hd];
             let h = step.prev.row(b);
@@ -354,10 +352,8 @@ impl Recurrence for GruKernel {
                 dxp[j] = grad * h[j] * (r[j] * (one - r[j]));
                 grad_prev[j] += grad * r[j];
             }
-            g.row_mut(b).copy_from_slice(&dxp[..2 * hd]);
-            a.row_mut(b).copy_from_slice(h);
         }
-        let d_rz = grads.products[0].1.as_ref();
+        let d_rz = grads.xp.as_ref().cols(0, 2 * hd);
         host::matmul(&mut grads.prev, d_rz, w.cols(0, 2 * hd).t(), true);
     }
 
@@ -369,6 +365,8 @@ impl Recurrence for GruKernel {
                 col: 0,
                 k: hd,
                 n: 3 * hd,
+                a: Operand::PrevState(0),
+                g: Operand::Written,
             }]
         } else {
             vec![
@@ -377,12 +375,16 @@ impl Recurrence for GruKernel {
                     col: 0,
                     k: hd,
                     n: 2 * hd,
+                    a: Operand::PrevState(0),
+                    g: Operand::GradInput(0),
                 },
                 WeightProduct {
                     param: 0,
                     col: 2 * hd,
                     k: hd,
                     n: hd,
+                    a: Operand::Written,
+                    g: Operand::GradInput(2 * hd),
                 },
             ]
         }

@@ -17,7 +17,9 @@ use super::{
     uniform_param, Cell, CellConfig, Position, TorchRefs,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
+use crate::host::{
+    self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
+};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Which LSTM.
@@ -377,11 +379,10 @@ impl Recurrence for LstmKernel {
         let peephole = self.peephole.then(|| params[1].row(0));
         let mut grad_peephole = vec![F::zero(); if self.peephole { 3 * hd } else { 0 }];
         let mut tanh_c = vec![F::zero(); hd];
-        let (a, g) = &mut grads.products[0];
         for b in 0..step.xp.rows() {
             let row = step.row.row(b);
             let (c_new, saved) = (&row[2 * hd..3 * hd], &row[3 * hd..]);
-            let (h_prev, c_prev) = step.prev.row(b).split_at(hd);
+            let c_prev = &step.prev.row(b)[hd..];
             let (gs, go) = (step.grad_state.row(b), step.grad_output.row(b));
             tanh_c.copy_from_slice(c_new);
             F::tanh_in_place(&mut tanh_c);
@@ -421,8 +422,6 @@ impl Recurrence for LstmKernel {
                     dz[3 * hd + j] = dz_o;
                 }
             }
-            g.row_mut(b).copy_from_slice(dz);
-            a.row_mut(b).copy_from_slice(h_prev);
         }
         if self.peephole {
             host::add_into(grads.params[1].row_mut(0), &grad_peephole);
@@ -441,6 +440,8 @@ impl Recurrence for LstmKernel {
             col: 0,
             k: self.hidden,
             n: self.gates() * self.hidden,
+            a: Operand::PrevState(0),
+            g: Operand::GradInput(0),
         }]
     }
 }

@@ -10,7 +10,9 @@ use super::{
     uniform_param, Cell, CellConfig, Position, TorchRefs,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
+use crate::host::{
+    self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
+};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Configuration of an [`Rnn`] cell.
@@ -187,7 +189,6 @@ impl Recurrence for RnnKernel {
         mut grads: HostStepGrads<F>,
     ) {
         let hd = self.hidden;
-        let (a, g) = &mut grads.products[0];
         for b in 0..step.xp.rows() {
             let (h, gs, go) = (
                 &step.row.row(b)[hd..],
@@ -207,8 +208,6 @@ impl Recurrence for RnnKernel {
                 };
                 grad_pre[j] = (go[j] + gs[j]) * slope;
             }
-            g.row_mut(b).copy_from_slice(grad_pre);
-            a.row_mut(b).copy_from_slice(step.prev.row(b));
         }
         host::matmul(&mut grads.prev, grads.xp.as_ref(), params[0].t(), false);
     }
@@ -219,6 +218,8 @@ impl Recurrence for RnnKernel {
             col: 0,
             k: self.hidden,
             n: self.hidden,
+            a: Operand::PrevState(0),
+            g: Operand::GradInput(0),
         }]
     }
 }
