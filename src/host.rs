@@ -35,7 +35,8 @@ pub trait HostFloat:
 impl HostFloat for f64 {
     fn sigmoid_in_place(xs: &mut [f64]) {
         // The same formula as the tensor path, so that both agree to the last bits in f64.
-        xs.iter_mut().for_each(|x| *x = ((*x * 0.5).tanh() + 1.0) * 0.5);
+        xs.iter_mut()
+            .for_each(|x| *x = ((*x * 0.5).tanh() + 1.0) * 0.5);
     }
     fn tanh_in_place(xs: &mut [f64]) {
         xs.iter_mut().for_each(|x| *x = x.tanh());
@@ -140,8 +141,14 @@ mod fast_math {
             for ((&x, s), t) in xs.iter().zip(s).zip(t) {
                 let exact_s = 1.0 / (1.0 + (-(x as f64)).exp());
                 let exact_t = (x as f64).tanh();
-                assert!((s as f64 - exact_s).abs() <= 2e-7 * exact_s.max(1e-3), "σ({x})");
-                assert!((t as f64 - exact_t).abs() <= 2e-7, "tanh({x}) = {t} vs {exact_t}");
+                assert!(
+                    (s as f64 - exact_s).abs() <= 2e-7 * exact_s.max(1e-3),
+                    "σ({x})"
+                );
+                assert!(
+                    (t as f64 - exact_t).abs() <= 2e-7,
+                    "tanh({x}) = {t} vs {exact_t}"
+                );
             }
             let mut special = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30, -200.0];
             super::tanh(&mut special);
@@ -184,7 +191,10 @@ fn extent(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> usi
 impl<'a, F: Copy> MatRef<'a, F> {
     /// A row-major `[rows, cols]` view whose rows start `row_stride` apart.
     pub fn strided(data: &'a [F], rows: usize, cols: usize, row_stride: usize) -> Self {
-        assert!(extent(rows, cols, row_stride, 1) <= data.len(), "view out of bounds");
+        assert!(
+            extent(rows, cols, row_stride, 1) <= data.len(),
+            "view out of bounds"
+        );
         Self {
             data,
             rows,
@@ -204,10 +214,28 @@ impl<'a, F: Copy> MatRef<'a, F> {
     /// Columns `start..start + width`.
     pub fn cols(self, start: usize, width: usize) -> Self {
         assert!(start + width <= self.cols, "columns out of bounds");
-        let offset = if width == 0 { 0 } else { start * self.col_stride };
+        let offset = if width == 0 {
+            0
+        } else {
+            start * self.col_stride
+        };
         Self {
             data: &self.data[offset.min(self.data.len())..],
             cols: width,
+            ..self
+        }
+    }
+    /// Rows `start..start + count`.
+    pub fn rows_range(self, start: usize, count: usize) -> Self {
+        assert!(start + count <= self.rows, "rows out of bounds");
+        let offset = if count == 0 {
+            0
+        } else {
+            start * self.row_stride
+        };
+        Self {
+            data: &self.data[offset.min(self.data.len())..],
+            rows: count,
             ..self
         }
     }
@@ -231,7 +259,10 @@ impl<'a, F: Copy> MatRef<'a, F> {
 impl<'a, F: Copy + Send + Sync> MatMut<'a, F> {
     /// A mutable row-major `[rows, cols]` view whose rows start `row_stride` apart.
     pub fn strided(data: &'a mut [F], rows: usize, cols: usize, row_stride: usize) -> Self {
-        assert!(extent(rows, cols, row_stride, 1) <= data.len(), "view out of bounds");
+        assert!(
+            extent(rows, cols, row_stride, 1) <= data.len(),
+            "view out of bounds"
+        );
         Self {
             data,
             rows,
@@ -276,7 +307,7 @@ impl<'a, F: Copy + Send + Sync> MatMut<'a, F> {
             return;
         }
         let data = &mut self.data[..(rows - 1) * stride + cols];
-        if rows * cols >= 8192 && rayon::current_num_threads() > 1 {
+        if worth_parallel(rows, cols) {
             data.par_chunks_mut(stride)
                 .enumerate()
                 .for_each(|(r, chunk)| f(r, &mut chunk[..cols]));
@@ -285,6 +316,67 @@ impl<'a, F: Copy + Send + Sync> MatMut<'a, F> {
                 .enumerate()
                 .for_each(|(r, chunk)| f(r, &mut chunk[..cols]));
         }
+    }
+}
+
+/// Whether row-parallel work of this size pays for rayon's dispatch.
+fn worth_parallel(rows: usize, cols: usize) -> bool {
+    rows > 1 && rows * cols >= 32_768 && rayon::current_num_threads() > 1
+}
+
+fn rows_of<'a, F: Copy + Send + Sync>(m: &'a mut MatMut<'_, F>) -> Vec<&'a mut [F]> {
+    let (rows, cols, stride) = (m.rows, m.cols, m.row_stride.max(1));
+    if cols == 0 {
+        return (0..rows).map(|_| <&mut [F]>::default()).collect();
+    }
+    m.data[..(rows - 1) * stride + cols]
+        .chunks_mut(stride)
+        .map(|chunk| &mut chunk[..cols])
+        .collect()
+}
+
+/// Runs `f(row index, row of a, row of b)` on every row of two views with as many rows, in
+/// parallel when large enough (each row is written by one thread: no dependence on the thread
+/// count).
+pub fn for_each_row_pair<F: Copy + Send + Sync>(
+    a: &mut MatMut<F>,
+    b: &mut MatMut<F>,
+    f: impl Fn(usize, &mut [F], &mut [F]) + Send + Sync,
+) {
+    assert_eq!(a.rows, b.rows, "row counts differ");
+    let parallel = worth_parallel(a.rows, a.cols + b.cols);
+    let pairs = rows_of(a).into_iter().zip(rows_of(b)).enumerate();
+    if parallel {
+        pairs
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .for_each(|(r, (x, y))| f(r, x, y));
+    } else {
+        pairs.for_each(|(r, (x, y))| f(r, x, y));
+    }
+}
+
+/// [`for_each_row_pair`] over three views.
+pub fn for_each_row_triple<F: Copy + Send + Sync>(
+    a: &mut MatMut<F>,
+    b: &mut MatMut<F>,
+    c: &mut MatMut<F>,
+    f: impl Fn(usize, &mut [F], &mut [F], &mut [F]) + Send + Sync,
+) {
+    assert!(a.rows == b.rows && b.rows == c.rows, "row counts differ");
+    let parallel = worth_parallel(a.rows, a.cols + b.cols + c.cols);
+    let triples = rows_of(a)
+        .into_iter()
+        .zip(rows_of(b))
+        .zip(rows_of(c))
+        .enumerate();
+    if parallel {
+        triples
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .for_each(|(r, ((x, y), z))| f(r, x, y, z));
+    } else {
+        triples.for_each(|(r, ((x, y), z))| f(r, x, y, z));
     }
 }
 
@@ -362,6 +454,11 @@ pub enum Operand {
     PrevState(usize),
     /// Columns `col..` of the gradient of the projected input (for `g_t`).
     GradInput(usize),
+    /// The `g_t` that the step writes for the product with this index (for `g_t`).
+    GradOf(usize),
+    /// A column of ones (for `a_t`, `k` = 1): the product sums `g_t` over the batch, the
+    /// gradient of a bias broadcast over it.
+    Ones,
 }
 
 /// What a host step's backward reads.
@@ -377,6 +474,9 @@ pub struct HostStep<'a, F> {
     pub grad_output: MatRef<'a, F>,
     /// Gradient arriving at the new state, `[batch, state_width]`.
     pub grad_state: MatRef<'a, F>,
+    /// The transposed parameters, contiguous (a GEMM reads them 2-3x faster than a transposed
+    /// view), in the order of [`Recurrence::param_shapes`].
+    pub params_t: &'a [MatRef<'a, F>],
 }
 
 /// Where a host step's backward writes.
@@ -449,15 +549,36 @@ fn param_views_mut<'a, F: Copy + Send + Sync>(
 fn split_rows<F>(packed: &mut [F], row_len: usize, t: usize, prev: usize) -> (&[F], &mut [F]) {
     if prev < t {
         let (before, after) = packed.split_at_mut(t * row_len);
-        (&before[prev * row_len..(prev + 1) * row_len], &mut after[..row_len])
+        (
+            &before[prev * row_len..(prev + 1) * row_len],
+            &mut after[..row_len],
+        )
     } else {
         let (before, after) = packed.split_at_mut(prev * row_len);
-        (&after[..row_len], &mut before[t * row_len..(t + 1) * row_len])
+        (
+            &after[..row_len],
+            &mut before[t * row_len..(t + 1) * row_len],
+        )
+    }
+}
+
+/// Runs `f` on a thread of rayon's pool: the parallel parts of each step then split work with
+/// the pool's other threads instead of waking them from outside, which costs a context switch
+/// per step.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
     }
 }
 
 /// The forward of the recurrence op: the packed `[T, batch, O + S + V]` sequence.
 pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> Vec<F> {
+    on_pool(|| forward_on_pool(kernel, input))
+}
+
+fn forward_on_pool<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> Vec<F> {
     let (out_w, state_w, in_w) = (
         kernel.output_width(),
         kernel.state_width(),
@@ -471,7 +592,11 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
     let mut packed = vec![F::zero(); len * row_len];
     let steps = order(len, input.reverse);
     for (position, &t) in steps.iter().enumerate() {
-        let xp = MatRef::new(&input.xp[t * batch * in_w..(t + 1) * batch * in_w], batch, in_w);
+        let xp = MatRef::new(
+            &input.xp[t * batch * in_w..(t + 1) * batch * in_w],
+            batch,
+            in_w,
+        );
         let (prev, out) = match position {
             0 => (
                 MatRef::new(input.state0, batch, state_w),
@@ -479,7 +604,10 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
             ),
             _ => {
                 let (prev_row, out) = split_rows(&mut packed, row_len, t, steps[position - 1]);
-                (MatRef::strided(&prev_row[out_w..], batch, state_w, width), out)
+                (
+                    MatRef::strided(&prev_row[out_w..], batch, state_w, width),
+                    out,
+                )
             }
         };
         let mut out = MatMut::new(out, batch, width);
@@ -511,6 +639,14 @@ pub struct HostGrads<F> {
     pub params: Vec<F>,
 }
 
+/// A contiguous copy of `m` transposed.
+fn transpose<F: HostFloat>(m: MatRef<F>) -> Vec<F> {
+    let t = m.t();
+    (0..t.rows)
+        .flat_map(|r| (0..t.cols).map(move |c| t.data[r * t.row_stride + c * t.col_stride]))
+        .collect()
+}
+
 /// Written operands of the weight products, time-major `[T, batch, width]` (empty otherwise).
 fn operand_buffer<F: HostFloat>(operand: Operand, steps: usize, width: usize) -> Vec<F> {
     match operand {
@@ -519,17 +655,35 @@ fn operand_buffer<F: HostFloat>(operand: Operand, steps: usize, width: usize) ->
     }
 }
 
-fn operand_view<F: HostFloat>(buffer: &mut [F], t: usize, batch: usize, width: usize) -> MatMut<'_, F> {
+fn operand_view<F: HostFloat>(
+    buffer: &mut [F],
+    t: usize,
+    batch: usize,
+    width: usize,
+) -> MatMut<'_, F> {
     if buffer.is_empty() {
         MatMut::new(&mut [], batch, 0)
     } else {
-        MatMut::new(&mut buffer[t * batch * width..(t + 1) * batch * width], batch, width)
+        MatMut::new(
+            &mut buffer[t * batch * width..(t + 1) * batch * width],
+            batch,
+            width,
+        )
     }
 }
 
 /// The backward of the recurrence op, from its inputs, the full packed sequence and the
 /// gradient of the op's output (`[T, batch, O + S]`).
 pub fn backward<F: HostFloat, K: Recurrence>(
+    kernel: &K,
+    input: HostInput<F>,
+    packed: &[F],
+    grad: &[F],
+) -> HostGrads<F> {
+    on_pool(|| backward_on_pool(kernel, input, packed, grad))
+}
+
+fn backward_on_pool<F: HostFloat, K: Recurrence>(
     kernel: &K,
     input: HostInput<F>,
     packed: &[F],
@@ -545,6 +699,12 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     let (len, batch) = (input.len, input.batch);
     let shapes = kernel.param_shapes();
     let params = param_views(&shapes, input.params);
+    let transposed: Vec<Vec<F>> = params.iter().map(|p| transpose(*p)).collect();
+    let params_t: Vec<MatRef<F>> = transposed
+        .iter()
+        .zip(&shapes)
+        .map(|(values, &[rows, cols])| MatRef::new(values, cols, rows))
+        .collect();
     let products = kernel.host_weight_products();
     let row_len = batch * width;
 
@@ -592,11 +752,16 @@ pub fn backward<F: HostFloat, K: Recurrence>(
             }
         }
         let step = HostStep {
-            xp: MatRef::new(&input.xp[t * batch * in_w..(t + 1) * batch * in_w], batch, in_w),
+            xp: MatRef::new(
+                &input.xp[t * batch * in_w..(t + 1) * batch * in_w],
+                batch,
+                in_w,
+            ),
             prev,
             row: MatRef::new(&packed[t * row_len..(t + 1) * row_len], batch, width),
             grad_output: MatRef::new(&grad_output, batch, out_w),
             grad_state: MatRef::new(&grad_state, batch, state_w),
+            params_t: &params_t,
         };
         let grads = HostStepGrads {
             xp: MatMut::new(
@@ -609,7 +774,12 @@ pub fn backward<F: HostFloat, K: Recurrence>(
             products: products
                 .iter()
                 .zip(written.iter_mut())
-                .map(|(p, (a, g))| (operand_view(a, t, batch, p.k), operand_view(g, t, batch, p.n)))
+                .map(|(p, (a, g))| {
+                    (
+                        operand_view(a, t, batch, p.k),
+                        operand_view(g, t, batch, p.n),
+                    )
+                })
                 .collect(),
         };
         kernel.host_step_backward(&params, step, grads);
@@ -628,13 +798,14 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         widths: (out_w, state_w, in_w, width),
         reverse: input.reverse,
     };
+    let ones = vec![F::one(); len * batch];
     let mut grad_views = param_views_mut(&shapes, &mut grad_params);
     for (p, (a, g)) in products.iter().zip(&written) {
         let target = &mut grad_views[p.param];
         let mut dst = target.cols_mut(p.col, p.n);
         for block in [Block::First, Block::Rest] {
-            let a_block = sources.block(p.a, a, p.k, block);
-            let g_block = sources.block(p.g, g, p.n, block);
+            let a_block = sources.block(p.a, &written, a, &ones, p.k, block);
+            let g_block = sources.block(p.g, &written, g, &ones, p.n, block);
             matmul(&mut dst, a_block.t(), g_block, true);
         }
     }
@@ -667,7 +838,15 @@ struct ProductSources<'a, F> {
 
 impl<'a, F: HostFloat> ProductSources<'a, F> {
     /// The rows of an operand for a block of steps, in step order `[steps · batch, width]`.
-    fn block(&self, operand: Operand, written: &'a [F], width: usize, block: Block) -> MatRef<'a, F> {
+    fn block(
+        &self,
+        operand: Operand,
+        written: &'a [(Vec<F>, Vec<F>)],
+        own: &'a [F],
+        ones: &'a [F],
+        width: usize,
+        block: Block,
+    ) -> MatRef<'a, F> {
         let (out_w, state_w, in_w, packed_w) = self.widths;
         let (len, batch) = (self.len, self.batch);
         // First step and count of the block, in time order.
@@ -682,7 +861,11 @@ impl<'a, F: HostFloat> ProductSources<'a, F> {
             return MatRef::new(&[], 0, width);
         }
         match operand {
-            Operand::Written => MatRef::new(&written[t0 * batch * width..], rows, width),
+            Operand::Written => MatRef::new(&own[t0 * batch * width..], rows, width),
+            Operand::GradOf(product) => {
+                MatRef::new(&written[product].1[t0 * batch * width..], rows, width)
+            }
+            Operand::Ones => MatRef::new(&ones[..rows], rows, 1),
             Operand::GradInput(col) => {
                 MatRef::strided(&self.grad_xp[t0 * batch * in_w + col..], rows, width, in_w)
             }

@@ -175,6 +175,181 @@ pub trait RnnBackend: Backend {
     ) -> RecurrenceGrads<Self> {
         recurrence_backward::<Self, K>(kernel, input, packed, grad)
     }
+
+    /// The input projection `x · Wᵀ + b` (`x` `[rows, in]`, `weight` `[out, in]`, `bias`
+    /// `[out]`), as PyTorch's `linear`.
+    fn rnn_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        linear::tensor_forward::<Self>(x, weight, bias)
+    }
+
+    /// `grad · weight` (`[rows, out]` by `[out, in]`): the projection's input gradient.
+    fn rnn_linear_grad_input(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        linear::tensor_grad_input::<Self>(grad, weight)
+    }
+
+    /// `gradᵀ · x` and the column sums of `grad`: the projection's weight and bias gradients.
+    fn rnn_linear_grad_params(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        linear::tensor_grad_params::<Self>(grad, x)
+    }
+}
+
+/// The input projection's forward and gradients: plain tensor ops, and a host (GEMM) version
+/// for backends that lend their memory (f32/f64).
+pub mod linear {
+    use super::*;
+
+    /// `x · Wᵀ + b` with tensor ops.
+    pub fn tensor_forward<B: Backend>(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        bias: Option<FloatTensor<B>>,
+    ) -> FloatTensor<B> {
+        let y = float::<B, 2>(x).matmul(float::<B, 2>(weight).transpose());
+        primitive(match bias {
+            Some(bias) => y + float::<B, 1>(bias).unsqueeze_dim(0),
+            None => y,
+        })
+    }
+
+    /// `grad · W` with tensor ops.
+    pub fn tensor_grad_input<B: Backend>(
+        grad: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        primitive(float::<B, 2>(grad).matmul(float::<B, 2>(weight)))
+    }
+
+    /// `gradᵀ · x` and the column sums of `grad` with tensor ops.
+    pub fn tensor_grad_params<B: Backend>(
+        grad: FloatTensor<B>,
+        x: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let grad = float::<B, 2>(grad);
+        let weight = grad.clone().transpose().matmul(float::<B, 2>(x));
+        let out = grad.dims()[1];
+        (primitive(weight), primitive(grad.sum_dim(0).reshape([out])))
+    }
+
+    fn dims<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 2] {
+        float::<B, 2>(tensor.clone()).dims()
+    }
+
+    fn host_float<B: Backend>(tensor: &FloatTensor<B>) -> Option<DType> {
+        let dtype = float::<B, 2>(tensor.clone()).dtype();
+        matches!(dtype, DType::F32 | DType::F64).then_some(dtype)
+    }
+
+    /// `x · Wᵀ + b` through the GEMM on host memory.
+    pub fn host_forward<B: HostTensors>(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        bias: Option<FloatTensor<B>>,
+    ) -> FloatTensor<B> {
+        fn run<B: HostTensors, F: HostFloat>(
+            x: FloatTensor<B>,
+            weight: FloatTensor<B>,
+            bias: Option<FloatTensor<B>>,
+        ) -> FloatTensor<B> {
+            let ([rows, inner], [out, _]) = (dims::<B>(&x), dims::<B>(&weight));
+            let (xs, ws) = (B::host_slice::<F, 2>(&x), B::host_slice::<F, 2>(&weight));
+            let mut y = vec![F::zero(); rows * out];
+            if let Some(bias) = &bias {
+                let bias = B::host_slice::<F, 1>(bias);
+                y.chunks_mut(out.max(1))
+                    .for_each(|row| row.copy_from_slice(&bias));
+            }
+            host::matmul(
+                &mut MatMut::new(&mut y, rows, out),
+                MatRef::new(&xs, rows, inner),
+                MatRef::new(&ws, out, inner).t(),
+                bias.is_some(),
+            );
+            from_host::<B, F, 2>(y, [rows, out], &B::float_device(&x))
+        }
+        match host_float::<B>(&x) {
+            Some(DType::F32) => run::<B, f32>(x, weight, bias),
+            Some(_) => run::<B, f64>(x, weight, bias),
+            None => tensor_forward::<B>(x, weight, bias),
+        }
+    }
+
+    /// `grad · W` through the GEMM on host memory.
+    pub fn host_grad_input<B: HostTensors>(
+        grad: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        fn run<B: HostTensors, F: HostFloat>(
+            grad: FloatTensor<B>,
+            weight: FloatTensor<B>,
+        ) -> FloatTensor<B> {
+            let ([rows, out], [_, inner]) = (dims::<B>(&grad), dims::<B>(&weight));
+            let (gs, ws) = (B::host_slice::<F, 2>(&grad), B::host_slice::<F, 2>(&weight));
+            let mut dx = vec![F::zero(); rows * inner];
+            host::matmul(
+                &mut MatMut::new(&mut dx, rows, inner),
+                MatRef::new(&gs, rows, out),
+                MatRef::new(&ws, out, inner),
+                false,
+            );
+            from_host::<B, F, 2>(dx, [rows, inner], &B::float_device(&grad))
+        }
+        match host_float::<B>(&grad) {
+            Some(DType::F32) => run::<B, f32>(grad, weight),
+            Some(_) => run::<B, f64>(grad, weight),
+            None => tensor_grad_input::<B>(grad, weight),
+        }
+    }
+
+    /// `gradᵀ · x` and the column sums of `grad` through the GEMM on host memory.
+    pub fn host_grad_params<B: HostTensors>(
+        grad: FloatTensor<B>,
+        x: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        fn run<B: HostTensors, F: HostFloat>(
+            grad: FloatTensor<B>,
+            x: FloatTensor<B>,
+        ) -> (FloatTensor<B>, FloatTensor<B>) {
+            let ([rows, out], [_, inner]) = (dims::<B>(&grad), dims::<B>(&x));
+            let (gs, xs) = (B::host_slice::<F, 2>(&grad), B::host_slice::<F, 2>(&x));
+            let grads = MatRef::new(&gs, rows, out);
+            let mut dw = vec![F::zero(); out * inner];
+            host::matmul(
+                &mut MatMut::new(&mut dw, out, inner),
+                grads.t(),
+                MatRef::new(&xs, rows, inner),
+                false,
+            );
+            // Column sums as a product with a row of ones: parallel, in a fixed order.
+            let ones = vec![F::one(); rows];
+            let mut db = vec![F::zero(); out];
+            host::matmul(
+                &mut MatMut::new(&mut db, 1, out),
+                MatRef::new(&ones, 1, rows),
+                grads,
+                false,
+            );
+            let device = B::float_device(&grad);
+            (
+                from_host::<B, F, 2>(dw, [out, inner], &device),
+                from_host::<B, F, 1>(db, [out], &device),
+            )
+        }
+        match host_float::<B>(&grad) {
+            Some(DType::F32) => run::<B, f32>(grad, x),
+            Some(_) => run::<B, f64>(grad, x),
+            None => tensor_grad_params::<B>(grad, x),
+        }
+    }
 }
 
 /// The op's output columns (`O + S`) of a full packed sequence.
@@ -397,6 +572,85 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::rnn_recurrence(kernel, inner)),
         }
     }
+
+    fn rnn_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let state = (x.primitive.clone(), weight.primitive.clone());
+        let (x_node, weight_node) = (x.node, weight.node);
+        let (x, weight) = state.clone();
+        // Two nodes without a bias, three with one: burn's nodes have a fixed parent count.
+        match bias {
+            None => match LinearBackward
+                .prepare::<C>([x_node, weight_node])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state, B::rnn_linear(x, weight, None)),
+                OpsKind::UnTracked(prep) => prep.finish(B::rnn_linear(x, weight, None)),
+            },
+            Some(bias) => match LinearBackward
+                .prepare::<C>([x_node, weight_node, bias.node])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    prep.finish(state, B::rnn_linear(x, weight, Some(bias.primitive)))
+                }
+                OpsKind::UnTracked(prep) => {
+                    prep.finish(B::rnn_linear(x, weight, Some(bias.primitive)))
+                }
+            },
+        }
+    }
+}
+
+/// The autodiff node of the projection (parents: input, weight and, when present, bias); its
+/// state is the input and the weight.
+#[derive(Debug)]
+struct LinearBackward;
+
+impl LinearBackward {
+    fn run<B: RnnBackend, const N: usize>(
+        ops: Ops<(FloatTensor<B>, FloatTensor<B>), N>,
+        grads: &mut Gradients,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight) = ops.state;
+        let mut parents = ops.parents.into_iter();
+        let (node_x, node_weight) = (parents.next().flatten(), parents.next().flatten());
+        let node_bias = parents.next().flatten();
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::rnn_linear_grad_input(grad.clone(), weight));
+        }
+        if node_weight.is_some() || node_bias.is_some() {
+            let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grad, x);
+            if let Some(node) = node_weight {
+                grads.register::<B>(node.id, grad_weight);
+            }
+            if let Some(node) = node_bias {
+                grads.register::<B>(node.id, grad_bias);
+            }
+        }
+    }
+}
+
+impl<B: RnnBackend> Backward<B, 2> for LinearBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        Self::run::<B, 2>(ops, grads)
+    }
+}
+
+impl<B: RnnBackend> Backward<B, 3> for LinearBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        Self::run::<B, 3>(ops, grads)
+    }
 }
 
 // burn-ndarray runs the recurrence on host memory (`crate::host`).
@@ -423,6 +677,28 @@ where
         grad: FloatTensor<Self>,
     ) -> RecurrenceGrads<Self> {
         host_recurrence_backward::<Self, K>(kernel, input, packed, grad)
+    }
+
+    fn rnn_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        linear::host_forward::<Self>(x, weight, bias)
+    }
+
+    fn rnn_linear_grad_input(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        linear::host_grad_input::<Self>(grad, weight)
+    }
+
+    fn rnn_linear_grad_params(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        linear::host_grad_params::<Self>(grad, x)
     }
 }
 
@@ -538,7 +814,9 @@ pub fn host_recurrence_forward<B: HostTensors, K: Recurrence>(
         let view = HostView::<F>::read(&input);
         let t0 = std::time::Instant::now();
         let packed = host::forward(kernel, view.view());
-        if std::env::var("RNN_ZOO_TIME").is_ok() { eprintln!("host fwd {:?}", t0.elapsed()); }
+        if std::env::var("RNN_ZOO_TIME").is_ok() {
+            eprintln!("host fwd {:?}", t0.elapsed());
+        }
         let [len, batch, _] = view.dims;
         let width = kernel.output_width() + kernel.state_width() + kernel.saved_width();
         from_host::<B, F, 3>(packed, [len, batch, width], &device)
@@ -569,7 +847,9 @@ pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
         let grad = B::host_slice::<F, 3>(&grad);
         let t0 = std::time::Instant::now();
         let grads = host::backward(kernel, view.view(), &packed, &grad);
-        if std::env::var("RNN_ZOO_TIME").is_ok() { eprintln!("host bwd {:?}", t0.elapsed()); }
+        if std::env::var("RNN_ZOO_TIME").is_ok() {
+            eprintln!("host bwd {:?}", t0.elapsed());
+        }
         let [len, batch, width] = view.dims;
         let param_len = grads.params.len();
         RecurrenceGrads {
@@ -660,7 +940,12 @@ mod tests {
     #[test]
     fn host_path_matches_tensor_path() {
         let (len, batch) = (5, 3);
-        let keep = [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 0.0, 1.0]];
+        let keep = [
+            [1.0, 1.0, 1.0],
+            [1.0, 1.0, 1.0],
+            [1.0, 0.0, 1.0],
+            [1.0, 0.0, 1.0],
+        ];
         let mut mask: Vec<f64> = keep.iter().flatten().copied().collect();
         mask.extend([1.0, 0.0, 0.0]);
         for name in cell_names() {
@@ -686,12 +971,8 @@ mod tests {
                     &data::<3>(tensor_out.clone()),
                 );
                 let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
-                let tensor = recurrence_backward::<F64, _>(
-                    &kernel,
-                    input.clone(),
-                    tensor_out,
-                    grad.clone(),
-                );
+                let tensor =
+                    recurrence_backward::<F64, _>(&kernel, input.clone(), tensor_out, grad.clone());
                 let host = host_recurrence_backward::<F64, _>(&kernel, input, host_out, grad);
                 let backward = [
                     max_abs_diff(name, &data::<3>(host.xp), &data::<3>(tensor.xp)),

@@ -14,11 +14,11 @@ use super::{
     save_torch_params, sigmoid, sigmoid_grad, tanh_grad, uniform_param, Cell, CellConfig, Position,
     TorchRefs,
 };
-use crate::import::{ImportError, TensorSource};
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
-use crate::ops::{Recurrence, StepOutput, StepRecord};
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
 
 /// Configuration of a [`Gru`] cell.
 #[derive(Config, Debug, PartialEq)]
@@ -249,7 +249,12 @@ impl Recurrence for GruKernel {
             });
         } else {
             let w = params[0];
-            host::matmul(&mut out.cols_mut(2 * hd, 2 * hd), prev, w.cols(0, 2 * hd), false);
+            host::matmul(
+                &mut out.cols_mut(2 * hd, 2 * hd),
+                prev,
+                w.cols(0, 2 * hd),
+                false,
+            );
             out.for_each_row(|b, row| {
                 let (h_out, rest) = row.split_at_mut(hd);
                 let gates = &mut rest[hd..3 * hd];
@@ -289,85 +294,98 @@ impl Recurrence for GruKernel {
 
     fn host_step_backward<F: HostFloat>(
         &self,
-        params: &[MatRef<F>],
+        _params: &[MatRef<F>],
         step: HostStep<F>,
         mut grads: HostStepGrads<F>,
     ) {
         let (hd, one) = (self.hidden, F::one());
-        let batch = step.xp.rows();
-        let mut grad_bias = vec![F::zero(); if self.reset_after { 3 * hd } else { 0 }];
+        // The operand this step writes: d(W_hh h + b_hh) (reset-after) or r ⊙ h (reset-before).
+        let product = if self.reset_after { 0 } else { 1 };
+        let (a, g) = &mut grads.products[product];
+        let written = if self.reset_after { g } else { a };
         // First pass: everything that does not need the candidate's recurrent gradient.
-        for b in 0..batch {
-            let saved = &step.row.row(b)[2 * hd..];
-            let h = step.prev.row(b);
-            let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
-            let dxp = grads.xp.row_mut(b);
-            let grad_prev = grads.prev.row_mut(b);
-            for j in 0..hd {
-                let (r, z, n) = (saved[j], saved[hd + j], saved[2 * hd + j]);
-                let grad_h = go[j] + gs[j];
-                let dn = grad_h * (one - z) * (one - n * n);
-                dxp[hd + j] = grad_h * (h[j] - n) * (z * (one - z));
-                dxp[2 * hd + j] = dn;
-                grad_prev[j] = grad_h * z;
-                if self.reset_after {
-                    dxp[j] = dn * saved[3 * hd + j] * (r * (one - r));
-                }
-            }
-            if self.reset_after {
-                let d_hz = grads.products[0].1.row_mut(b);
-                d_hz.copy_from_slice(dxp);
+        host::for_each_row_triple(
+            &mut grads.xp,
+            &mut grads.prev,
+            written,
+            |b, dxp, grad_prev, operand| {
+                let saved = &step.row.row(b)[2 * hd..];
+                let h = step.prev.row(b);
+                let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
                 for j in 0..hd {
-                    d_hz[2 * hd + j] = dxp[2 * hd + j] * saved[j];
+                    let (r, z, n) = (saved[j], saved[hd + j], saved[2 * hd + j]);
+                    let grad_h = go[j] + gs[j];
+                    let dn = grad_h * (one - z) * (one - n * n);
+                    dxp[hd + j] = grad_h * (h[j] - n) * (z * (one - z));
+                    dxp[2 * hd + j] = dn;
+                    grad_prev[j] = grad_h * z;
+                    if self.reset_after {
+                        dxp[j] = dn * saved[3 * hd + j] * (r * (one - r));
+                    } else {
+                        operand[j] = r * h[j];
+                    }
                 }
-                host::add_into(&mut grad_bias, d_hz);
-            } else {
-                let rh = grads.products[1].0.row_mut(b);
-                for ((a, r), h) in rh.iter_mut().zip(&saved[..hd]).zip(h) {
-                    *a = *r * *h;
+                if self.reset_after {
+                    operand.copy_from_slice(dxp);
+                    for j in 0..hd {
+                        operand[2 * hd + j] = dxp[2 * hd + j] * saved[j];
+                    }
                 }
-            }
-        }
-        let w = params[0];
+            },
+        );
         if self.reset_after {
-            host::add_into(grads.params[1].row_mut(0), &grad_bias);
             let d_hz = grads.products[0].1.as_ref();
-            host::matmul(&mut grads.prev, d_hz, w.t(), true);
+            host::matmul(&mut grads.prev, d_hz, step.params_t[0], true);
             return;
         }
+        let batch = step.xp.rows();
         let mut grad_rh = vec![F::zero(); batch * hd];
         host::matmul(
             &mut MatMut::new(&mut grad_rh, batch, hd),
             grads.xp.as_ref().cols(2 * hd, hd),
-            w.cols(2 * hd, hd).t(),
+            step.params_t[0].rows_range(2 * hd, hd),
             false,
         );
-        for b in 0..batch {
+        host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_prev| {
             let r = &step.row.row(b)[2 * hd..3 * hd];
             let h = step.prev.row(b);
-            let dxp = grads.xp.row_mut(b);
-            let grad_prev = grads.prev.row_mut(b);
             for j in 0..hd {
                 let grad = grad_rh[b * hd + j];
                 dxp[j] = grad * h[j] * (r[j] * (one - r[j]));
                 grad_prev[j] += grad * r[j];
             }
-        }
+        });
         let d_rz = grads.xp.as_ref().cols(0, 2 * hd);
-        host::matmul(&mut grads.prev, d_rz, w.cols(0, 2 * hd).t(), true);
+        host::matmul(
+            &mut grads.prev,
+            d_rz,
+            step.params_t[0].rows_range(0, 2 * hd),
+            true,
+        );
     }
 
     fn host_weight_products(&self) -> Vec<WeightProduct> {
         let hd = self.hidden;
         if self.reset_after {
-            vec![WeightProduct {
-                param: 0,
-                col: 0,
-                k: hd,
-                n: 3 * hd,
-                a: Operand::PrevState(0),
-                g: Operand::Written,
-            }]
+            vec![
+                WeightProduct {
+                    param: 0,
+                    col: 0,
+                    k: hd,
+                    n: 3 * hd,
+                    a: Operand::PrevState(0),
+                    g: Operand::Written,
+                },
+                // b_hh's gradient: the same g_t summed over the batch.
+                WeightProduct {
+                    param: 1,
+                    col: 0,
+                    k: 1,
+                    n: 3 * hd,
+                    a: Operand::Ones,
+                    g: Operand::GradOf(0),
+                },
+            ]
         } else {
             vec![
                 WeightProduct {
@@ -418,7 +436,10 @@ impl<B: Backend> Cell<B> for Gru<B> {
             reset_after: self.reset_after,
         }
     }
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
+    where
+        B: RnnBackend,
+    {
         let bias = if self.reset_after {
             self.bias_ih.val()
         } else {

@@ -16,11 +16,11 @@ use super::{
     project_sequence, save_torch_params, sigmoid, sigmoid_grad, tanh_grad, torch_name, uniform,
     uniform_param, Cell, CellConfig, Position, TorchRefs,
 };
-use crate::import::{ImportError, TensorSource};
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
-use crate::ops::{Recurrence, StepOutput, StepRecord};
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
 
 /// Which LSTM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -374,29 +374,35 @@ impl Recurrence for LstmKernel {
         step: HostStep<F>,
         mut grads: HostStepGrads<F>,
     ) {
-        let hd = self.hidden;
-        let one = F::one();
+        let (hd, one) = (self.hidden, F::one());
         let peephole = self.peephole.then(|| params[1].row(0));
-        let mut grad_peephole = vec![F::zero(); if self.peephole { 3 * hd } else { 0 }];
-        let mut tanh_c = vec![F::zero(); hd];
-        for b in 0..step.xp.rows() {
+        // One batch row: writes dz (the gate pre-activation gradients, also the gradient of
+        // the projected input) and the gradient of c_prev; adds to the peephole gradient.
+        let row_backward = |b: usize, dz: &mut [F], grad_prev: &mut [F], acc: Option<&mut [F]>| {
             let row = step.row.row(b);
             let (c_new, saved) = (&row[2 * hd..3 * hd], &row[3 * hd..]);
             let c_prev = &step.prev.row(b)[hd..];
             let (gs, go) = (step.grad_state.row(b), step.grad_output.row(b));
-            tanh_c.copy_from_slice(c_new);
-            F::tanh_in_place(&mut tanh_c);
-            let dz = grads.xp.row_mut(b);
-            let grad_c_prev = &mut grads.prev.row_mut(b)[hd..];
+            let grad_c_prev = &mut grad_prev[hd..];
+            // tanh(c') waits in dz[..H]: element j is read before dz[j] is written.
+            dz[..hd].copy_from_slice(c_new);
+            F::tanh_in_place(&mut dz[..hd]);
+            let mut acc = acc;
             for j in 0..hd {
+                let tanh_c = dz[j];
                 let (i, f, gate, o) = if self.coupled {
                     (saved[j], one - saved[j], saved[hd + j], saved[2 * hd + j])
                 } else {
-                    (saved[j], saved[hd + j], saved[2 * hd + j], saved[3 * hd + j])
+                    (
+                        saved[j],
+                        saved[hd + j],
+                        saved[2 * hd + j],
+                        saved[3 * hd + j],
+                    )
                 };
                 let grad_h = go[j] + gs[j];
-                let dz_o = grad_h * tanh_c[j] * (o * (one - o));
-                let mut grad_c = gs[hd + j] + grad_h * o * (one - tanh_c[j] * tanh_c[j]);
+                let dz_o = grad_h * tanh_c * (o * (one - o));
+                let mut grad_c = gs[hd + j] + grad_h * o * (one - tanh_c * tanh_c);
                 if let Some(p) = peephole {
                     grad_c += dz_o * p[2 * hd + j];
                 }
@@ -410,11 +416,11 @@ impl Recurrence for LstmKernel {
                     dz[2 * hd + j] = dz_o;
                 } else {
                     let (dz_i, dz_f) = (d_i * (i * (one - i)), d_f * (f * (one - f)));
-                    if let Some(p) = peephole {
+                    if let (Some(p), Some(acc)) = (peephole, acc.as_deref_mut()) {
                         grad_c_prev[j] += dz_i * p[j] + dz_f * p[hd + j];
-                        grad_peephole[j] += dz_i * c_prev[j];
-                        grad_peephole[hd + j] += dz_f * c_prev[j];
-                        grad_peephole[2 * hd + j] += dz_o * c_new[j];
+                        acc[j] += dz_i * c_prev[j];
+                        acc[hd + j] += dz_f * c_prev[j];
+                        acc[2 * hd + j] += dz_o * c_new[j];
                     }
                     dz[j] = dz_i;
                     dz[hd + j] = dz_f;
@@ -422,14 +428,24 @@ impl Recurrence for LstmKernel {
                     dz[3 * hd + j] = dz_o;
                 }
             }
-        }
+        };
         if self.peephole {
+            // The peephole gradient is a sum over the batch: rows in order, one accumulator.
+            let mut grad_peephole = vec![F::zero(); 3 * hd];
+            for b in 0..step.xp.rows() {
+                let dz = grads.xp.row_mut(b);
+                row_backward(b, dz, grads.prev.row_mut(b), Some(&mut grad_peephole));
+            }
             host::add_into(grads.params[1].row_mut(0), &grad_peephole);
+        } else {
+            host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dz, grad_prev| {
+                row_backward(b, dz, grad_prev, None)
+            });
         }
         host::matmul(
             &mut grads.prev.cols_mut(0, hd),
             grads.xp.as_ref(),
-            params[0].t(),
+            step.params_t[0],
             false,
         );
     }
@@ -465,7 +481,10 @@ impl<B: Backend> Cell<B> for Lstm<B> {
             coupled: self.coupled,
         }
     }
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
+    where
+        B: RnnBackend,
+    {
         let bias = self.bias_ih.val() + self.bias_hh.val();
         project_sequence(input, self.weight_ih.val(), Some(bias))
     }

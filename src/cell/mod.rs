@@ -10,7 +10,7 @@ pub mod rnn;
 pub mod sru;
 
 use burn::module::{Module, ModuleDisplay, Param};
-use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData, TensorPrimitive};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::import::{ImportError, TensorSource};
@@ -32,7 +32,9 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
     fn kernel(&self) -> Self::Kernel;
     /// Projects a whole time-major input sequence `[T, batch, input]` at once into the
     /// per-step kernel input `[T, batch, kernel.input_width()]`.
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>;
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
+    where
+        B: RnnBackend;
     /// The kernel's recurrent parameters, flattened and concatenated in its order.
     fn recurrent_params(&self) -> Tensor<B, 1>;
 
@@ -131,7 +133,7 @@ pub(crate) fn uniform_param<B: Backend, const D: usize>(
 
 /// `x W^T + b` over a time-major sequence: `[T, batch, in]` with `weight [out, in]` gives
 /// `[T, batch, out]`, in one matmul.
-pub(crate) fn project_sequence<B: Backend>(
+pub(crate) fn project_sequence<B: RnnBackend>(
     input: Tensor<B, 3>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
@@ -144,14 +146,16 @@ pub(crate) fn project_sequence<B: Backend>(
         "input has {width} features per step but the cell expects {expected} (input shape {:?})",
         [len, batch, width]
     );
-    let projected = input
+    let x = input
         .reshape([len * batch, width])
-        .matmul(weight.transpose());
-    let projected = match bias {
-        Some(bias) => projected + bias.unsqueeze_dim(0),
-        None => projected,
-    };
-    projected.reshape([len, batch, out])
+        .into_primitive()
+        .tensor();
+    let projected = B::rnn_linear(
+        x,
+        weight.into_primitive().tensor(),
+        bias.map(|bias| bias.into_primitive().tensor()),
+    );
+    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(projected)).reshape([len, batch, out])
 }
 
 /// Flattens 2-D parameters into the kernel's flat parameter vector.
@@ -356,7 +360,7 @@ macro_rules! register_cells {
             fn hidden_size(&self) -> usize { match self { $(Self::$variant(c) => c.hidden_size()),* } }
             fn state_names(&self) -> &'static [&'static str] { match self { $(Self::$variant(c) => c.state_names()),* } }
             fn kernel(&self) -> AnyKernel { match self { $(Self::$variant(c) => AnyKernel::$variant(c.kernel())),* } }
-            fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> { match self { $(Self::$variant(c) => c.project(input)),* } }
+            fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> where B: RnnBackend { match self { $(Self::$variant(c) => c.project(input)),* } }
             fn recurrent_params(&self) -> Tensor<B, 1> { match self { $(Self::$variant(c) => c.recurrent_params()),* } }
 
             fn load_layer(

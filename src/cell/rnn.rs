@@ -9,11 +9,11 @@ use super::{
     accumulate, flatten_params, load_torch_params, project_sequence, save_torch_params, tanh_grad,
     uniform_param, Cell, CellConfig, Position, TorchRefs,
 };
-use crate::import::{ImportError, TensorSource};
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
-use crate::ops::{Recurrence, StepOutput, StepRecord};
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
 
 /// Configuration of an [`Rnn`] cell.
 #[derive(Config, Debug, PartialEq)]
@@ -184,18 +184,17 @@ impl Recurrence for RnnKernel {
 
     fn host_step_backward<F: HostFloat>(
         &self,
-        params: &[MatRef<F>],
+        _params: &[MatRef<F>],
         step: HostStep<F>,
         mut grads: HostStepGrads<F>,
     ) {
         let hd = self.hidden;
-        for b in 0..step.xp.rows() {
+        grads.xp.for_each_row(|b, grad_pre| {
             let (h, gs, go) = (
                 &step.row.row(b)[hd..],
                 step.grad_state.row(b),
                 step.grad_output.row(b),
             );
-            let grad_pre = grads.xp.row_mut(b);
             for j in 0..hd {
                 let slope = if self.relu {
                     if h[j] > F::zero() {
@@ -208,8 +207,8 @@ impl Recurrence for RnnKernel {
                 };
                 grad_pre[j] = (go[j] + gs[j]) * slope;
             }
-        }
-        host::matmul(&mut grads.prev, grads.xp.as_ref(), params[0].t(), false);
+        });
+        host::matmul(&mut grads.prev, grads.xp.as_ref(), step.params_t[0], false);
     }
 
     fn host_weight_products(&self) -> Vec<WeightProduct> {
@@ -242,7 +241,10 @@ impl<B: Backend> Cell<B> for Rnn<B> {
             relu: self.relu,
         }
     }
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
+    where
+        B: RnnBackend,
+    {
         let bias = self.bias_ih.val() + self.bias_hh.val();
         project_sequence(input, self.weight_ih.val(), Some(bias))
     }

@@ -17,9 +17,9 @@ use super::{
     accumulate, batch_sum, cols, flatten_params, project_sequence, sigmoid, sigmoid_grad,
     tanh_grad, uniform_param, Cell, CellConfig, Position,
 };
-use crate::import::{ImportError, TensorSource};
 use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef};
-use crate::ops::{Recurrence, StepOutput, StepRecord};
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
 
 /// Configuration of an [`Sru`] cell (one direction of an official SRU layer).
 #[derive(Config, Debug, PartialEq)]
@@ -345,7 +345,10 @@ impl<B: Backend> Cell<B> for Sru<B> {
         }
     }
 
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
+    where
+        B: RnnBackend,
+    {
         let [len, batch, _] = input.dims();
         let (h, k) = (self.hidden, self.blocks());
         // [I, H·k] interleaved per unit -> [k·H, I] block-major, for one matmul.
