@@ -417,7 +417,10 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
                 }
                 outputs.push(packed.narrow(2, 0, hidden));
             }
-            x = Tensor::cat(outputs, 2);
+            x = match outputs.len() {
+                1 => outputs.pop().expect("one direction"),
+                _ => Tensor::cat(outputs, 2),
+            };
             if layer + 1 < self.num_layers {
                 x = self.dropout.forward(x);
             }

@@ -156,13 +156,23 @@ pub trait RnnBackend: Backend {
         recurrence_forward::<Self, K>(kernel, input)
     }
 
+    /// The full packed sequence and the op's output (its first `O + S` columns) as a tensor of
+    /// its own. The default slices one out of the other.
+    fn rnn_recurrence_split<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let packed = Self::rnn_recurrence_packed(kernel, input);
+        (packed.clone(), visible::<Self, K>(kernel, packed))
+    }
+
     /// The recurrence op: each step's output and new state, `[T, batch, O + S]` (the packed
     /// sequence without the saved values, which only the backward needs).
     fn rnn_recurrence<K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<Self>,
     ) -> FloatTensor<Self> {
-        visible::<Self, K>(kernel, Self::rnn_recurrence_packed(kernel, input))
+        Self::rnn_recurrence_split(kernel, input).1
     }
 
     /// The backward of [`rnn_recurrence`](RnnBackend::rnn_recurrence), from its inputs, the
@@ -565,8 +575,7 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let packed = B::rnn_recurrence_packed(kernel, inner.clone());
-                let output = visible::<B, K>(kernel, packed.clone());
+                let (packed, output) = B::rnn_recurrence_split(kernel, inner.clone());
                 prep.finish((inner, packed), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rnn_recurrence(kernel, inner)),
@@ -663,10 +672,10 @@ where
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
 {
-    fn rnn_recurrence_packed<K: Recurrence>(
+    fn rnn_recurrence_split<K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<Self>,
-    ) -> FloatTensor<Self> {
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         host_recurrence_forward::<Self, K>(kernel, input)
     }
 
@@ -801,30 +810,39 @@ fn from_host<B: Backend, F: HostFloat, const D: usize>(
     ))
 }
 
-/// The recurrence on host memory for f32 and f64 tensors (the plain path for other types).
+/// The recurrence on host memory for f32 and f64 tensors (the plain path for other types):
+/// the full packed sequence and the op's output, both contiguous.
 pub fn host_recurrence_forward<B: HostTensors, K: Recurrence>(
     kernel: &K,
     input: RecurrenceInput<B>,
-) -> FloatTensor<B> {
+) -> (FloatTensor<B>, FloatTensor<B>) {
     fn run<B: HostTensors, F: HostFloat, K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<B>,
-    ) -> FloatTensor<B> {
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
         let device = B::float_device(&input.xp);
         let view = HostView::<F>::read(&input);
-        let t0 = std::time::Instant::now();
         let packed = host::forward(kernel, view.view());
-        if std::env::var("RNN_ZOO_TIME").is_ok() {
-            eprintln!("host fwd {:?}", t0.elapsed());
-        }
         let [len, batch, _] = view.dims;
-        let width = kernel.output_width() + kernel.state_width() + kernel.saved_width();
-        from_host::<B, F, 3>(packed, [len, batch, width], &device)
+        let shown = kernel.output_width() + kernel.state_width();
+        let width = shown + kernel.saved_width();
+        let output: Vec<F> = packed
+            .chunks(width.max(1))
+            .flat_map(|row| &row[..shown])
+            .copied()
+            .collect();
+        (
+            from_host::<B, F, 3>(packed, [len, batch, width], &device),
+            from_host::<B, F, 3>(output, [len, batch, shown], &device),
+        )
     }
     match float::<B, 3>(input.xp.clone()).dtype() {
         DType::F32 => run::<B, f32, K>(kernel, input),
         DType::F64 => run::<B, f64, K>(kernel, input),
-        _ => recurrence_forward::<B, K>(kernel, input),
+        _ => {
+            let packed = recurrence_forward::<B, K>(kernel, input);
+            (packed.clone(), visible::<B, K>(kernel, packed))
+        }
     }
 }
 
@@ -845,11 +863,7 @@ pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
         let view = HostView::<F>::read(&input);
         let packed = B::host_slice::<F, 3>(&packed);
         let grad = B::host_slice::<F, 3>(&grad);
-        let t0 = std::time::Instant::now();
         let grads = host::backward(kernel, view.view(), &packed, &grad);
-        if std::env::var("RNN_ZOO_TIME").is_ok() {
-            eprintln!("host bwd {:?}", t0.elapsed());
-        }
         let [len, batch, width] = view.dims;
         let param_len = grads.params.len();
         RecurrenceGrads {
@@ -964,7 +978,7 @@ mod tests {
                     reverse,
                 };
                 let tensor_out = recurrence_forward::<F64, _>(&kernel, input.clone());
-                let host_out = host_recurrence_forward::<F64, _>(&kernel, input.clone());
+                let host_out = host_recurrence_forward::<F64, _>(&kernel, input.clone()).0;
                 let forward = max_abs_diff(
                     name,
                     &data::<3>(host_out.clone()),

@@ -39,6 +39,7 @@ struct Args {
 }
 
 fn main() {
+    rnn_zoo::backend::keep_freed_memory();
     let args = Args::parse();
     if let Err(message) = run(args) {
         eprintln!("error: {message}");
