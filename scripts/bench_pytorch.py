@@ -72,7 +72,7 @@ def main():
     p.add_argument("--hidden", type=int, default=128, help="hidden width")
     p.add_argument("--layers", type=int, default=1, help="stacked layers")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats (after 2 warm-up runs)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (after 2 warm-up runs)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     args = p.parse_args()
 

@@ -349,7 +349,6 @@ impl<B: Backend> Cell<B> for Sru<B> {
     where
         B: RnnBackend,
     {
-        let [len, batch, _] = input.dims();
         let (h, k) = (self.hidden, self.blocks());
         // [I, H·k] interleaved per unit -> [k·H, I] block-major, for one matmul.
         let weight = self
@@ -359,16 +358,22 @@ impl<B: Backend> Cell<B> for Sru<B> {
             .swap_dims(1, 2)
             .reshape([self.input_size(), k * h])
             .transpose();
-        let projected = project_sequence(input.clone(), weight, None);
         if k == 4 {
-            return projected;
+            return project_sequence(input, weight, None);
         }
-        let skip = if self.has_skip_term {
-            input.narrow(2, self.skip_offset, h) * self.scale_x
-        } else {
-            Tensor::zeros([len, batch, h], &projected.device())
-        };
-        Tensor::cat(vec![projected, skip], 2)
+        // The skip term `x'·scale_x` is linear in x too: a constant selection block appended to
+        // the weight gives [U0 | U1 | U2 | x'] in the same GEMM (no concatenation of
+        // sequence-long tensors, which burn-ndarray does element by element).
+        let width = self.input_size();
+        let mut selection = vec![0.0f64; h * width];
+        if self.has_skip_term {
+            for j in 0..h {
+                selection[j * width + self.skip_offset + j] = self.scale_x;
+            }
+        }
+        let selection =
+            Tensor::<B, 2>::from_data(TensorData::new(selection, [h, width]), &weight.device());
+        project_sequence(input, Tensor::cat(vec![weight, selection], 0), None)
     }
 
     fn recurrent_params(&self) -> Tensor<B, 1> {
