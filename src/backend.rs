@@ -53,5 +53,7 @@ pub fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // One arena: the recurrence allocates on rayon's threads and burn frees on the caller's.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

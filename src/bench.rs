@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{AutodiffModule, Module};
 use burn::nn::{GruConfig, Linear, LinearConfig, LstmConfig};
 use burn::tensor::{backend::AutodiffBackend, Distribution, Tensor};
 use serde::Serialize;
@@ -93,12 +93,14 @@ fn time_ms(settings: BenchSettings, mut run: impl FnMut()) -> (f64, (f64, f64)) 
     median_and_range(samples)
 }
 
-/// Times any sequence model given as a forward closure `[B, T, I] -> [B, T, H]`.
+/// Times any sequence model given as forward closures `[B, T, I] -> [B, T, H]`: `forward`
+/// for training (autodiff), `infer` for the forward pass (the inner backend, no graph).
 fn bench_model<B: AutodiffBackend>(
     cell: &str,
     shape: BenchShape,
     settings: BenchSettings,
     forward: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
+    infer: impl Fn(Tensor<B::InnerBackend, 3>) -> Tensor<B::InnerBackend, 3>,
     head: &Linear<B>,
     backend: &str,
 ) -> BenchResult {
@@ -118,8 +120,9 @@ fn bench_model<B: AutodiffBackend>(
             .grad(&grads)
             .map(|g| g.sum().into_scalar());
     });
+    let inner_input = input.clone().inner();
     let (forward_ms, _) = time_ms(settings, || {
-        let out = forward(input.clone().detach());
+        let out = infer(inner_input.clone());
         let _ = out.sum().into_scalar();
     });
     BenchResult {
@@ -145,17 +148,22 @@ pub fn bench_cell<B: AutodiffBackend + RnnBackend>(
     settings: BenchSettings,
     device: &B::Device,
     backend: &str,
-) -> Result<BenchResult, String> {
+) -> Result<BenchResult, String>
+where
+    B::InnerBackend: RnnBackend,
+{
     let cell = AnyCellConfig::named(name, shape.input, shape.hidden)?;
     let layer = RnnLayerConfig::new(cell)
         .with_num_layers(shape.layers)
         .init::<B>(device);
     let head = LinearConfig::new(shape.hidden, 10).init(device);
+    let inner = layer.valid();
     Ok(bench_model(
         name,
         shape,
         settings,
         |x| layer.forward(x, None).0,
+        |x| inner.forward(x, None).0,
         &head,
         backend,
     ))
@@ -173,22 +181,26 @@ pub fn bench_burn_baseline<B: AutodiffBackend>(
     match which {
         "burn-lstm" => {
             let lstm = LstmConfig::new(shape.input, shape.hidden, true).init::<B>(device);
+            let inner = lstm.valid();
             Ok(bench_model(
                 which,
                 shape,
                 settings,
                 |x| lstm.forward(x, None).0,
+                |x| inner.forward(x, None).0,
                 &head,
                 backend,
             ))
         }
         "burn-gru" => {
             let gru = GruConfig::new(shape.input, shape.hidden, true).init::<B>(device);
+            let inner = gru.valid();
             Ok(bench_model(
                 which,
                 shape,
                 settings,
                 |x| gru.forward(x, None),
+                |x| inner.forward(x, None),
                 &head,
                 backend,
             ))

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cell::{Cell, CellConfig, Position};
 use crate::import::{to_safetensors_bytes, write_atomically, ImportError, StateDict, TensorSource};
-use crate::ops::{RecurrencePath, RnnBackend};
+use crate::ops::{self, RecurrencePath, RnnBackend};
 
 /// Configuration of an [`RnnLayer`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -390,7 +390,8 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
         let (dirs, hidden) = (self.num_directions(), self.hidden_size());
         let n_components = self.state_names().len();
         let mut finals: Vec<Vec<Tensor<B, 2>>> = vec![Vec::new(); n_components];
-        let mut x = input.swap_dims(0, 1);
+        // Batch-major between layers; each cell reads a time-major view.
+        let mut x = input;
         for layer in 0..self.num_layers {
             let mut outputs = Vec::with_capacity(dirs);
             for direction in 0..dirs {
@@ -404,7 +405,13 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
                     1,
                 );
                 let reverse = direction == 1;
-                let packed = self.cells[index].run(x.clone(), state0, mask.clone(), reverse, path);
+                let packed = self.cells[index].run(
+                    x.clone().swap_dims(0, 1),
+                    state0,
+                    mask.clone(),
+                    reverse,
+                    path,
+                );
                 // The final state is the last row the recurrence visited.
                 let last = if reverse { 0 } else { len - 1 };
                 let final_state = packed
@@ -415,7 +422,7 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
                 for (k, parts) in finals.iter_mut().enumerate() {
                     parts.push(final_state.clone().narrow(1, k * hidden, hidden));
                 }
-                outputs.push(packed.narrow(2, 0, hidden));
+                outputs.push(ops::outputs_batch_major(packed, hidden));
             }
             x = match outputs.len() {
                 1 => outputs.pop().expect("one direction"),
@@ -431,7 +438,7 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
                 .map(|parts| Tensor::stack(parts, 0))
                 .collect(),
         };
-        (x.swap_dims(0, 1), state)
+        (x, state)
     }
 }
 

@@ -186,8 +186,8 @@ pub trait RnnBackend: Backend {
         recurrence_backward::<Self, K>(kernel, input, packed, grad)
     }
 
-    /// The input projection `x · Wᵀ + b` (`x` `[rows, in]`, `weight` `[out, in]`, `bias`
-    /// `[out]`), as PyTorch's `linear`.
+    /// The input projection `x · Wᵀ + b` of every step (`x` `[T, batch, in]`, any layout;
+    /// `weight` `[out, in]`, `bias` `[out]`), as PyTorch's `linear`: `[T, batch, out]`.
     fn rnn_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -196,7 +196,7 @@ pub trait RnnBackend: Backend {
         linear::tensor_forward::<Self>(x, weight, bias)
     }
 
-    /// `grad · weight` (`[rows, out]` by `[out, in]`): the projection's input gradient.
+    /// `grad · weight` (`[T, batch, out]` by `[out, in]`): the projection's input gradient.
     fn rnn_linear_grad_input(
         grad: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -211,6 +211,25 @@ pub trait RnnBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         linear::tensor_grad_params::<Self>(grad, x)
     }
+
+    /// Each step's output, batch-major and contiguous: `[batch, T, O]` from the op's
+    /// `[T, batch, W]` output (its first `O` columns).
+    fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
+        primitive(
+            float::<Self, 3>(visible)
+                .narrow(2, 0, output_width)
+                .swap_dims(0, 1),
+        )
+    }
+
+    /// The backward of [`rnn_outputs`](RnnBackend::rnn_outputs): `[T, batch, W]` with zeros
+    /// beyond the first `O` columns.
+    fn rnn_outputs_backward(grad: FloatTensor<Self>, width: usize) -> FloatTensor<Self> {
+        let grad = float::<Self, 3>(grad).swap_dims(0, 1);
+        let [len, batch, output_width] = grad.dims();
+        let zeros = Tensor::zeros([len, batch, width - output_width], &grad.device());
+        primitive(Tensor::cat(vec![grad, zeros], 2))
+    }
 }
 
 /// The input projection's forward and gradients: plain tensor ops, and a host (GEMM) version
@@ -224,11 +243,16 @@ pub mod linear {
         weight: FloatTensor<B>,
         bias: Option<FloatTensor<B>>,
     ) -> FloatTensor<B> {
-        let y = float::<B, 2>(x).matmul(float::<B, 2>(weight).transpose());
-        primitive(match bias {
+        let x = float::<B, 3>(x);
+        let [len, batch, width] = x.dims();
+        let weight = float::<B, 2>(weight);
+        let out = weight.dims()[0];
+        let y = x.reshape([len * batch, width]).matmul(weight.transpose());
+        let y = match bias {
             Some(bias) => y + float::<B, 1>(bias).unsqueeze_dim(0),
             None => y,
-        })
+        };
+        primitive(y.reshape([len, batch, out]))
     }
 
     /// `grad · W` with tensor ops.
@@ -236,7 +260,12 @@ pub mod linear {
         grad: FloatTensor<B>,
         weight: FloatTensor<B>,
     ) -> FloatTensor<B> {
-        primitive(float::<B, 2>(grad).matmul(float::<B, 2>(weight)))
+        let grad = float::<B, 3>(grad);
+        let [len, batch, out] = grad.dims();
+        let weight = float::<B, 2>(weight);
+        let width = weight.dims()[1];
+        let dx = grad.reshape([len * batch, out]).matmul(weight);
+        primitive(dx.reshape([len, batch, width]))
     }
 
     /// `gradᵀ · x` and the column sums of `grad` with tensor ops.
@@ -244,10 +273,20 @@ pub mod linear {
         grad: FloatTensor<B>,
         x: FloatTensor<B>,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
-        let grad = float::<B, 2>(grad);
-        let weight = grad.clone().transpose().matmul(float::<B, 2>(x));
-        let out = grad.dims()[1];
+        let grad = float::<B, 3>(grad);
+        let [len, batch, out] = grad.dims();
+        let grad = grad.reshape([len * batch, out]);
+        let x = float::<B, 3>(x);
+        let width = x.dims()[2];
+        let weight = grad
+            .clone()
+            .transpose()
+            .matmul(x.reshape([len * batch, width]));
         (primitive(weight), primitive(grad.sum_dim(0).reshape([out])))
+    }
+
+    fn dims3<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 3] {
+        float::<B, 3>(tensor.clone()).dims()
     }
 
     fn dims<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 2] {
@@ -255,7 +294,7 @@ pub mod linear {
     }
 
     fn host_float<B: Backend>(tensor: &FloatTensor<B>) -> Option<DType> {
-        let dtype = float::<B, 2>(tensor.clone()).dtype();
+        let dtype = float::<B, 3>(tensor.clone()).dtype();
         matches!(dtype, DType::F32 | DType::F64).then_some(dtype)
     }
 
@@ -270,8 +309,9 @@ pub mod linear {
             weight: FloatTensor<B>,
             bias: Option<FloatTensor<B>>,
         ) -> FloatTensor<B> {
-            let ([rows, inner], [out, _]) = (dims::<B>(&x), dims::<B>(&weight));
-            let (xs, ws) = (B::host_slice::<F, 2>(&x), B::host_slice::<F, 2>(&weight));
+            let ([len, batch, inner], [out, _]) = (dims3::<B>(&x), dims::<B>(&weight));
+            let rows = len * batch;
+            let (xs, ws) = (B::host_slice::<F, 3>(&x), B::host_slice::<F, 2>(&weight));
             let mut y = vec![F::zero(); rows * out];
             if let Some(bias) = &bias {
                 let bias = B::host_slice::<F, 1>(bias);
@@ -284,7 +324,7 @@ pub mod linear {
                 MatRef::new(&ws, out, inner).t(),
                 bias.is_some(),
             );
-            from_host::<B, F, 2>(y, [rows, out], &B::float_device(&x))
+            from_host::<B, F, 3>(y, [len, batch, out], &B::float_device(&x))
         }
         match host_float::<B>(&x) {
             Some(DType::F32) => run::<B, f32>(x, weight, bias),
@@ -302,8 +342,9 @@ pub mod linear {
             grad: FloatTensor<B>,
             weight: FloatTensor<B>,
         ) -> FloatTensor<B> {
-            let ([rows, out], [_, inner]) = (dims::<B>(&grad), dims::<B>(&weight));
-            let (gs, ws) = (B::host_slice::<F, 2>(&grad), B::host_slice::<F, 2>(&weight));
+            let ([len, batch, out], [_, inner]) = (dims3::<B>(&grad), dims::<B>(&weight));
+            let rows = len * batch;
+            let (gs, ws) = (B::host_slice::<F, 3>(&grad), B::host_slice::<F, 2>(&weight));
             let mut dx = vec![F::zero(); rows * inner];
             host::matmul(
                 &mut MatMut::new(&mut dx, rows, inner),
@@ -311,7 +352,7 @@ pub mod linear {
                 MatRef::new(&ws, out, inner),
                 false,
             );
-            from_host::<B, F, 2>(dx, [rows, inner], &B::float_device(&grad))
+            from_host::<B, F, 3>(dx, [len, batch, inner], &B::float_device(&grad))
         }
         match host_float::<B>(&grad) {
             Some(DType::F32) => run::<B, f32>(grad, weight),
@@ -329,8 +370,9 @@ pub mod linear {
             grad: FloatTensor<B>,
             x: FloatTensor<B>,
         ) -> (FloatTensor<B>, FloatTensor<B>) {
-            let ([rows, out], [_, inner]) = (dims::<B>(&grad), dims::<B>(&x));
-            let (gs, xs) = (B::host_slice::<F, 2>(&grad), B::host_slice::<F, 2>(&x));
+            let ([len, batch, out], [_, _, inner]) = (dims3::<B>(&grad), dims3::<B>(&x));
+            let rows = len * batch;
+            let (gs, xs) = (B::host_slice::<F, 3>(&grad), B::host_slice::<F, 3>(&x));
             let grads = MatRef::new(&gs, rows, out);
             let mut dw = vec![F::zero(); out * inner];
             host::matmul(
@@ -582,6 +624,22 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
         }
     }
 
+    fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
+        let width = float::<B, 3>(visible.primitive.clone()).dims()[2];
+        match OutputsBackward
+            .prepare::<C>([visible.node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish(width, B::rnn_outputs(visible.primitive, output_width))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::rnn_outputs(visible.primitive, output_width))
+            }
+        }
+    }
+
     fn rnn_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -612,6 +670,21 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
                     prep.finish(B::rnn_linear(x, weight, Some(bias.primitive)))
                 }
             },
+        }
+    }
+}
+
+/// The autodiff node of [`RnnBackend::rnn_outputs`]; its state is the input's width.
+#[derive(Debug)]
+struct OutputsBackward;
+
+impl<B: RnnBackend> Backward<B, 1> for OutputsBackward {
+    type State = usize;
+
+    fn backward(self, ops: Ops<usize, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, B::rnn_outputs_backward(grad, ops.state));
         }
     }
 }
@@ -709,6 +782,68 @@ where
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         linear::host_grad_params::<Self>(grad, x)
     }
+
+    fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
+        host_outputs::<Self>(visible, output_width)
+    }
+
+    fn rnn_outputs_backward(grad: FloatTensor<Self>, width: usize) -> FloatTensor<Self> {
+        host_outputs_backward::<Self>(grad, width)
+    }
+}
+
+/// [`RnnBackend::rnn_outputs`] on host memory: one row copy per step and sequence.
+pub fn host_outputs<B: HostTensors>(
+    visible: FloatTensor<B>,
+    output_width: usize,
+) -> FloatTensor<B> {
+    fn run<B: HostTensors, F: HostFloat>(visible: FloatTensor<B>, out_w: usize) -> FloatTensor<B> {
+        let [len, batch, width] = float::<B, 3>(visible.clone()).dims();
+        let values = B::host_slice::<F, 3>(&visible);
+        let mut outputs = vec![F::zero(); batch * len * out_w];
+        for (b, sequence) in outputs.chunks_mut((len * out_w).max(1)).enumerate() {
+            for (t, row) in sequence.chunks_mut(out_w.max(1)).enumerate() {
+                let start = (t * batch + b) * width;
+                row.copy_from_slice(&values[start..start + out_w]);
+            }
+        }
+        from_host::<B, F, 3>(outputs, [batch, len, out_w], &B::float_device(&visible))
+    }
+    match float::<B, 3>(visible.clone()).dtype() {
+        DType::F32 => run::<B, f32>(visible, output_width),
+        DType::F64 => run::<B, f64>(visible, output_width),
+        _ => primitive(
+            float::<B, 3>(visible)
+                .narrow(2, 0, output_width)
+                .swap_dims(0, 1),
+        ),
+    }
+}
+
+/// [`RnnBackend::rnn_outputs_backward`] on host memory.
+pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
+    fn run<B: HostTensors, F: HostFloat>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
+        let [batch, len, out_w] = float::<B, 3>(grad.clone()).dims();
+        let values = B::host_slice::<F, 3>(&grad);
+        let mut full = vec![F::zero(); len * batch * width];
+        for (b, sequence) in values.chunks((len * out_w).max(1)).enumerate() {
+            for (t, row) in sequence.chunks(out_w.max(1)).enumerate() {
+                let start = (t * batch + b) * width;
+                full[start..start + out_w].copy_from_slice(row);
+            }
+        }
+        from_host::<B, F, 3>(full, [len, batch, width], &B::float_device(&grad))
+    }
+    match float::<B, 3>(grad.clone()).dtype() {
+        DType::F32 => run::<B, f32>(grad, width),
+        DType::F64 => run::<B, f64>(grad, width),
+        _ => {
+            let grad = float::<B, 3>(grad).swap_dims(0, 1);
+            let [len, batch, out_w] = grad.dims();
+            let zeros = Tensor::zeros([len, batch, width - out_w], &grad.device());
+            primitive(Tensor::cat(vec![grad, zeros], 2))
+        }
+    }
 }
 
 /// How a backend lends its tensors to the host path: by default a copy through `into_data`;
@@ -724,6 +859,23 @@ pub trait HostTensors: Backend {
                 .expect("converted to the host float type"),
         )
     }
+}
+
+/// The elements of an ndarray view in row-major order (a macro: burn-ndarray does not export
+/// ndarray's types, but their methods can be called).
+#[cfg(feature = "ndarray")]
+macro_rules! lanes_to_vec {
+    ($view:expr) => {{
+        let view = $view;
+        let mut values = Vec::with_capacity(view.len());
+        for lane in view.rows() {
+            match lane.as_slice() {
+                Some(run) => values.extend_from_slice(run),
+                None => values.extend(lane.iter().copied()),
+            }
+        }
+        values
+    }};
 }
 
 #[cfg(feature = "ndarray")]
@@ -742,17 +894,31 @@ where
             NdArrayTensor::F64(storage) => storage.view().to_slice().and_then(same_type),
             _ => None,
         };
-        match borrowed {
-            Some(slice) => Cow::Borrowed(slice),
-            None => Cow::Owned(
-                float::<Self, D>(tensor.clone())
-                    .into_data()
-                    .convert::<F>()
-                    .into_vec::<F>()
-                    .expect("converted to the host float type"),
-            ),
+        if let Some(slice) = borrowed {
+            return Cow::Borrowed(slice);
         }
+        // A strided view (a transpose, a slice): copy it lane by lane, each lane along the last
+        // axis one memcpy when contiguous (burn's own copy goes element by element).
+        let copied: Option<Vec<F>> = match tensor {
+            NdArrayTensor::F32(storage) => same_type_vec(lanes_to_vec!(storage.view())),
+            NdArrayTensor::F64(storage) => same_type_vec(lanes_to_vec!(storage.view())),
+            _ => None,
+        };
+        Cow::Owned(copied.unwrap_or_else(|| {
+            float::<Self, D>(tensor.clone())
+                .into_data()
+                .convert::<F>()
+                .into_vec::<F>()
+                .expect("converted to the host float type")
+        }))
     }
+}
+
+/// `values` as `Vec<F>` when its element type is `F`.
+#[cfg(feature = "ndarray")]
+fn same_type_vec<A: 'static, F: 'static>(values: Vec<A>) -> Option<Vec<F>> {
+    let boxed: Box<dyn core::any::Any> = Box::new(values);
+    boxed.downcast::<Vec<F>>().ok().map(|values| *values)
 }
 
 /// `slice` as `&[F]` when its element type is `F`.
@@ -826,11 +992,10 @@ pub fn host_recurrence_forward<B: HostTensors, K: Recurrence>(
         let [len, batch, _] = view.dims;
         let shown = kernel.output_width() + kernel.state_width();
         let width = shown + kernel.saved_width();
-        let output: Vec<F> = packed
-            .chunks(width.max(1))
-            .flat_map(|row| &row[..shown])
-            .copied()
-            .collect();
+        let mut output = Vec::with_capacity(len * batch * shown);
+        for row in packed.chunks(width.max(1)) {
+            output.extend_from_slice(&row[..shown]);
+        }
         (
             from_host::<B, F, 3>(packed, [len, batch, width], &device),
             from_host::<B, F, 3>(output, [len, batch, shown], &device),
@@ -905,6 +1070,15 @@ pub enum RecurrencePath {
     Plain,
 }
 
+/// Each step's output, batch-major and contiguous (`[batch, T, O]`), from the recurrence
+/// op's `[T, batch, O + S]` output: what the layer returns.
+pub fn outputs_batch_major<B: RnnBackend>(
+    visible: Tensor<B, 3>,
+    output_width: usize,
+) -> Tensor<B, 3> {
+    float(B::rnn_outputs(primitive(visible), output_width))
+}
+
 /// Runs the recurrence op on high-level tensors along the chosen [`RecurrencePath`]: the
 /// entry point the layer uses.
 pub fn recurrence_with<B: RnnBackend, K: Recurrence>(
@@ -947,6 +1121,75 @@ mod tests {
 
     fn data<const D: usize>(tensor: FloatTensor<F64>) -> TensorData {
         float::<F64, D>(tensor).into_data()
+    }
+
+    /// The projection and the outputs op on host memory against their tensor-op defaults
+    /// (what GPU backends run), with a strided (transposed) input as the layer passes it.
+    #[test]
+    fn host_linear_and_outputs_match_tensor_ops() {
+        let x = primitive(float::<F64, 3>(random([4, 3, 5])).swap_dims(0, 1));
+        let (weight, bias) = (random([6, 5]), random([6]));
+        let grad = random([3, 4, 6]);
+        let worst = [
+            max_abs_diff(
+                "linear",
+                &data::<3>(linear::host_forward::<F64>(
+                    x.clone(),
+                    weight.clone(),
+                    Some(bias.clone()),
+                )),
+                &data::<3>(linear::tensor_forward::<F64>(
+                    x.clone(),
+                    weight.clone(),
+                    Some(bias),
+                )),
+            ),
+            max_abs_diff(
+                "linear input gradient",
+                &data::<3>(linear::host_grad_input::<F64>(grad.clone(), weight.clone())),
+                &data::<3>(linear::tensor_grad_input::<F64>(grad.clone(), weight)),
+            ),
+            {
+                let (host_w, host_b) = linear::host_grad_params::<F64>(grad.clone(), x.clone());
+                let (ops_w, ops_b) = linear::tensor_grad_params::<F64>(grad, x);
+                max_abs_diff(
+                    "linear weight gradient",
+                    &data::<2>(host_w),
+                    &data::<2>(ops_w),
+                )
+                .max(max_abs_diff(
+                    "linear bias gradient",
+                    &data::<1>(host_b),
+                    &data::<1>(ops_b),
+                ))
+            },
+        ];
+        let visible = random([4, 3, 7]);
+        let outputs = host_outputs::<F64>(visible.clone(), 2);
+        let expected = float::<F64, 3>(visible).narrow(2, 0, 2).swap_dims(0, 1);
+        let grad = random([3, 4, 2]);
+        let back = host_outputs_backward::<F64>(grad.clone(), 7);
+        let expected_back = Tensor::cat(
+            vec![
+                float::<F64, 3>(grad).swap_dims(0, 1),
+                Tensor::zeros([4, 3, 5], &Default::default()),
+            ],
+            2,
+        );
+        let worst = worst
+            .into_iter()
+            .fold(0.0, f64::max)
+            .max(max_abs_diff(
+                "outputs",
+                &data::<3>(outputs),
+                &expected.into_data(),
+            ))
+            .max(max_abs_diff(
+                "outputs backward",
+                &data::<3>(back),
+                &expected_back.into_data(),
+            ));
+        assert!(worst < 1e-12, "host and tensor ops differ by {worst:e}");
     }
 
     /// The host path (what burn-ndarray runs) against the plain-tensor default bodies (what

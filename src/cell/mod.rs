@@ -146,16 +146,14 @@ pub(crate) fn project_sequence<B: RnnBackend>(
         "input has {width} features per step but the cell expects {expected} (input shape {:?})",
         [len, batch, width]
     );
-    let x = input
-        .reshape([len * batch, width])
-        .into_primitive()
-        .tensor();
     let projected = B::rnn_linear(
-        x,
+        input.into_primitive().tensor(),
         weight.into_primitive().tensor(),
         bias.map(|bias| bias.into_primitive().tensor()),
     );
-    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(projected)).reshape([len, batch, out])
+    let projected = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(projected));
+    debug_assert_eq!(projected.dims(), [len, batch, out]);
+    projected
 }
 
 /// Flattens 2-D parameters into the kernel's flat parameter vector.

@@ -17,7 +17,9 @@ use super::{
     accumulate, batch_sum, cols, flatten_params, project_sequence, sigmoid, sigmoid_grad,
     tanh_grad, uniform_param, Cell, CellConfig, Position,
 };
-use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef};
+use crate::host::{
+    self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
+};
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
 
@@ -280,28 +282,22 @@ impl Recurrence for SruKernel {
     ) {
         let (hd, one) = (self.hidden, F::one());
         let v = params[0].row(0);
-        let (mut grad_v, mut grad_bias) = (vec![F::zero(); 2 * hd], vec![F::zero(); 2 * hd]);
-        let mut act = vec![F::zero(); hd];
-        for b in 0..step.xp.rows() {
+        host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_c_prev| {
             let row = step.row.row(b);
             let (c_new, gates) = (&row[hd..2 * hd], &row[2 * hd..]);
             let (x, c_prev) = (step.xp.row(b), step.prev.row(b));
             let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
-            act.copy_from_slice(c_new);
+            // act(c') waits in the c_prev gradient's slot until element j is written.
+            grad_c_prev.copy_from_slice(c_new);
             if self.use_tanh {
-                F::tanh_in_place(&mut act);
+                F::tanh_in_place(grad_c_prev);
             }
-            let dxp = grads.xp.row_mut(b);
-            let grad_c_prev = grads.prev.row_mut(b);
             for j in 0..hd {
+                let act = grad_c_prev[j];
                 let (f, r) = (gates[j], gates[hd + j]);
                 let (u0, skip) = (x[j], x[3 * hd + j]);
-                let slope = if self.use_tanh {
-                    one - act[j] * act[j]
-                } else {
-                    one
-                };
-                let dz_r = go[j] * (act[j] - skip) * (r * (one - r));
+                let slope = if self.use_tanh { one - act * act } else { one };
+                let dz_r = go[j] * (act - skip) * (r * (one - r));
                 let grad_c = gs[j] + go[j] * r * slope;
                 let dz_f = grad_c * (c_prev[j] - u0) * (f * (one - f));
                 dxp[j] = grad_c * (one - f);
@@ -309,14 +305,29 @@ impl Recurrence for SruKernel {
                 dxp[2 * hd + j] = dz_r;
                 dxp[3 * hd + j] = go[j] * (one - r);
                 grad_c_prev[j] = grad_c * f + dz_f * v[j] + dz_r * v[hd + j];
-                grad_v[j] += dz_f * c_prev[j];
-                grad_v[hd + j] += dz_r * c_prev[j];
-                grad_bias[j] += dz_f;
-                grad_bias[hd + j] += dz_r;
+            }
+        });
+        // v's gradient is a sum over the batch of dz ⊙ c_prev: rows in order, one accumulator.
+        let grad_v = grads.params[0].row_mut(0);
+        for b in 0..step.xp.rows() {
+            let (dz, c_prev) = (&grads.xp.as_ref().row(b)[hd..3 * hd], step.prev.row(b));
+            for j in 0..hd {
+                grad_v[j] += dz[j] * c_prev[j];
+                grad_v[hd + j] += dz[hd + j] * c_prev[j];
             }
         }
-        host::add_into(grads.params[0].row_mut(0), &grad_v);
-        host::add_into(grads.params[1].row_mut(0), &grad_bias);
+    }
+
+    fn host_weight_products(&self) -> Vec<WeightProduct> {
+        // The biases' gradient: dz_f and dz_r summed over the batch and the sequence.
+        vec![WeightProduct {
+            param: 1,
+            col: 0,
+            k: 1,
+            n: 2 * self.hidden,
+            a: Operand::Ones,
+            g: Operand::GradInput(self.hidden),
+        }]
     }
 }
 
