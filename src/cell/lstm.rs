@@ -378,7 +378,7 @@ impl Recurrence for LstmKernel {
         let peephole = self.peephole.then(|| params[1].row(0));
         // One batch row: writes dz (the gate pre-activation gradients, also the gradient of
         // the projected input) and the gradient of c_prev; adds to the peephole gradient.
-        let row_backward = |b: usize, dz: &mut [F], grad_prev: &mut [F], acc: Option<&mut [F]>| {
+        let row_backward = |b: usize, dz: &mut [F], grad_prev: &mut [F]| {
             let row = step.row.row(b);
             let (c_new, saved) = (&row[2 * hd..3 * hd], &row[3 * hd..]);
             let c_prev = &step.prev.row(b)[hd..];
@@ -387,7 +387,6 @@ impl Recurrence for LstmKernel {
             // tanh(c') waits in dz[..H]: element j is read before dz[j] is written.
             dz[..hd].copy_from_slice(c_new);
             F::tanh_in_place(&mut dz[..hd]);
-            let mut acc = acc;
             for j in 0..hd {
                 let tanh_c = dz[j];
                 let (i, f, gate, o) = if self.coupled {
@@ -416,11 +415,8 @@ impl Recurrence for LstmKernel {
                     dz[2 * hd + j] = dz_o;
                 } else {
                     let (dz_i, dz_f) = (d_i * (i * (one - i)), d_f * (f * (one - f)));
-                    if let (Some(p), Some(acc)) = (peephole, acc.as_deref_mut()) {
+                    if let Some(p) = peephole {
                         grad_c_prev[j] += dz_i * p[j] + dz_f * p[hd + j];
-                        acc[j] += dz_i * c_prev[j];
-                        acc[hd + j] += dz_f * c_prev[j];
-                        acc[2 * hd + j] += dz_o * c_new[j];
                     }
                     dz[j] = dz_i;
                     dz[hd + j] = dz_f;
@@ -429,18 +425,19 @@ impl Recurrence for LstmKernel {
                 }
             }
         };
+        host::for_each_row_pair(&mut grads.xp, &mut grads.prev, row_backward);
         if self.peephole {
             // The peephole gradient is a sum over the batch: rows in order, one accumulator.
-            let mut grad_peephole = vec![F::zero(); 3 * hd];
+            let grad_peephole = grads.params[1].row_mut(0);
             for b in 0..step.xp.rows() {
-                let dz = grads.xp.row_mut(b);
-                row_backward(b, dz, grads.prev.row_mut(b), Some(&mut grad_peephole));
+                let dz = grads.xp.as_ref().row(b);
+                let (c_prev, c_new) = (&step.prev.row(b)[hd..], &step.row.row(b)[2 * hd..3 * hd]);
+                for j in 0..hd {
+                    grad_peephole[j] += dz[j] * c_prev[j];
+                    grad_peephole[hd + j] += dz[hd + j] * c_prev[j];
+                    grad_peephole[2 * hd + j] += dz[3 * hd + j] * c_new[j];
+                }
             }
-            host::add_into(grads.params[1].row_mut(0), &grad_peephole);
-        } else {
-            host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dz, grad_prev| {
-                row_backward(b, dz, grad_prev, None)
-            });
         }
         host::matmul(
             &mut grads.prev.cols_mut(0, hd),
