@@ -1,0 +1,573 @@
+//! The CPU path of the ops: burn-ndarray lends its buffers to [`crate::host`], which runs the
+//! recurrence, the projection and the output layout on host memory with the `gemm` crate and
+//! vectorised loops. Tensors of other float types, and other backends, take the tensor-op
+//! defaults of [`RnnBackend`].
+
+use std::borrow::Cow;
+
+use burn::tensor::{backend::Backend, ops::FloatTensor, DType, Tensor};
+
+use super::*;
+use crate::host::{self, HostFloat, HostInput, MatMut, MatRef};
+
+// burn-ndarray runs the recurrence on host memory (`crate::host`).
+impl<E, I, Q> RnnBackend for burn::backend::NdArray<E, I, Q>
+where
+    E: burn::backend::ndarray::FloatNdArrayElement,
+    I: burn::backend::ndarray::IntNdArrayElement,
+    Q: burn::backend::ndarray::QuantElement,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
+{
+    fn rnn_recurrence_split<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        host_recurrence_forward::<Self, K>(kernel, input)
+    }
+
+    fn rnn_recurrence_backward<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> RecurrenceGrads<Self> {
+        host_recurrence_backward::<Self, K>(kernel, input, packed, grad)
+    }
+
+    fn rnn_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        host_linear::<Self>(x, weight, bias)
+    }
+
+    fn rnn_linear_grad_input(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        host_linear_grad_input::<Self>(grad, weight)
+    }
+
+    fn rnn_linear_grad_params(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        host_linear_grad_params::<Self>(grad, x)
+    }
+
+    fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
+        host_outputs::<Self>(visible, output_width)
+    }
+
+    fn rnn_outputs_backward(grad: FloatTensor<Self>, width: usize) -> FloatTensor<Self> {
+        host_outputs_backward::<Self>(grad, width)
+    }
+}
+
+/// [`RnnBackend::rnn_outputs`] on host memory: one row copy per step and sequence.
+pub fn host_outputs<B: HostTensors>(
+    visible: FloatTensor<B>,
+    output_width: usize,
+) -> FloatTensor<B> {
+    fn run<B: HostTensors, F: HostFloat>(visible: FloatTensor<B>, out_w: usize) -> FloatTensor<B> {
+        let [len, batch, width] = float::<B, 3>(visible.clone()).dims();
+        let values = B::host_slice::<F, 3>(&visible);
+        let mut outputs = vec![F::zero(); batch * len * out_w];
+        for (b, sequence) in outputs.chunks_mut((len * out_w).max(1)).enumerate() {
+            for (t, row) in sequence.chunks_mut(out_w.max(1)).enumerate() {
+                let start = (t * batch + b) * width;
+                row.copy_from_slice(&values[start..start + out_w]);
+            }
+        }
+        from_host::<B, F, 3>(outputs, [batch, len, out_w], &B::float_device(&visible))
+    }
+    match float::<B, 3>(visible.clone()).dtype() {
+        DType::F32 => run::<B, f32>(visible, output_width),
+        DType::F64 => run::<B, f64>(visible, output_width),
+        _ => primitive(
+            float::<B, 3>(visible)
+                .narrow(2, 0, output_width)
+                .swap_dims(0, 1),
+        ),
+    }
+}
+
+/// [`RnnBackend::rnn_outputs_backward`] on host memory.
+pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
+    fn run<B: HostTensors, F: HostFloat>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
+        let [batch, len, out_w] = float::<B, 3>(grad.clone()).dims();
+        let values = B::host_slice::<F, 3>(&grad);
+        let mut full = vec![F::zero(); len * batch * width];
+        for (b, sequence) in values.chunks((len * out_w).max(1)).enumerate() {
+            for (t, row) in sequence.chunks(out_w.max(1)).enumerate() {
+                let start = (t * batch + b) * width;
+                full[start..start + out_w].copy_from_slice(row);
+            }
+        }
+        from_host::<B, F, 3>(full, [len, batch, width], &B::float_device(&grad))
+    }
+    match float::<B, 3>(grad.clone()).dtype() {
+        DType::F32 => run::<B, f32>(grad, width),
+        DType::F64 => run::<B, f64>(grad, width),
+        _ => {
+            let grad = float::<B, 3>(grad).swap_dims(0, 1);
+            let [len, batch, out_w] = grad.dims();
+            let zeros = Tensor::zeros([len, batch, width - out_w], &grad.device());
+            primitive(Tensor::cat(vec![grad, zeros], 2))
+        }
+    }
+}
+
+/// How a backend lends its tensors to the host path: by default a copy through `into_data`;
+/// burn-ndarray lends its contiguous buffers without copying.
+pub trait HostTensors: Backend {
+    /// The elements of `tensor` in row-major order as `F`.
+    fn host_slice<F: HostFloat, const D: usize>(tensor: &FloatTensor<Self>) -> Cow<'_, [F]> {
+        Cow::Owned(
+            float::<Self, D>(tensor.clone())
+                .into_data()
+                .convert::<F>()
+                .into_vec::<F>()
+                .expect("converted to the host float type"),
+        )
+    }
+}
+
+/// The elements of an ndarray view in row-major order (a macro: burn-ndarray does not export
+/// ndarray's types, but their methods can be called).
+macro_rules! lanes_to_vec {
+    ($view:expr) => {{
+        let view = $view;
+        let mut values = Vec::with_capacity(view.len());
+        for lane in view.rows() {
+            match lane.as_slice() {
+                Some(run) => values.extend_from_slice(run),
+                None => values.extend(lane.iter().copied()),
+            }
+        }
+        values
+    }};
+}
+
+impl<E, I, Q> HostTensors for burn::backend::NdArray<E, I, Q>
+where
+    E: burn::backend::ndarray::FloatNdArrayElement,
+    I: burn::backend::ndarray::IntNdArrayElement,
+    Q: burn::backend::ndarray::QuantElement,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
+{
+    fn host_slice<F: HostFloat, const D: usize>(tensor: &FloatTensor<Self>) -> Cow<'_, [F]> {
+        use burn::backend::ndarray::NdArrayTensor;
+        let borrowed = match tensor {
+            NdArrayTensor::F32(storage) => storage.view().to_slice().and_then(same_type),
+            NdArrayTensor::F64(storage) => storage.view().to_slice().and_then(same_type),
+            _ => None,
+        };
+        if let Some(slice) = borrowed {
+            return Cow::Borrowed(slice);
+        }
+        // A strided view (a transpose, a slice): copy it lane by lane, each lane along the last
+        // axis one memcpy when contiguous (burn's own copy goes element by element).
+        let copied: Option<Vec<F>> = match tensor {
+            NdArrayTensor::F32(storage) => same_type_vec(lanes_to_vec!(storage.view())),
+            NdArrayTensor::F64(storage) => same_type_vec(lanes_to_vec!(storage.view())),
+            _ => None,
+        };
+        Cow::Owned(copied.unwrap_or_else(|| {
+            float::<Self, D>(tensor.clone())
+                .into_data()
+                .convert::<F>()
+                .into_vec::<F>()
+                .expect("converted to the host float type")
+        }))
+    }
+}
+
+/// `values` as `Vec<F>` when its element type is `F`.
+fn same_type_vec<A: 'static, F: 'static>(values: Vec<A>) -> Option<Vec<F>> {
+    let boxed: Box<dyn core::any::Any> = Box::new(values);
+    boxed.downcast::<Vec<F>>().ok().map(|values| *values)
+}
+
+/// `slice` as `&[F]` when its element type is `F`.
+fn same_type<A: 'static, F: 'static>(slice: &[A]) -> Option<&[F]> {
+    (core::any::TypeId::of::<A>() == core::any::TypeId::of::<F>()).then(|| {
+        // SAFETY: `A` and `F` are the same type.
+        unsafe { core::slice::from_raw_parts(slice.as_ptr().cast::<F>(), slice.len()) }
+    })
+}
+
+/// The op's inputs as host slices.
+struct HostView<'a, F: Clone> {
+    xp: Cow<'a, [F]>,
+    state0: Cow<'a, [F]>,
+    params: Cow<'a, [F]>,
+    mask: Option<Cow<'a, [F]>>,
+    dims: [usize; 3],
+    reverse: bool,
+}
+
+impl<'a, F: HostFloat> HostView<'a, F> {
+    fn read<B: HostTensors>(input: &'a RecurrenceInput<B>) -> Self {
+        Self {
+            xp: B::host_slice::<F, 3>(&input.xp),
+            state0: B::host_slice::<F, 2>(&input.state0),
+            params: B::host_slice::<F, 1>(&input.params),
+            mask: input.mask.as_ref().map(|mask| B::host_slice::<F, 2>(mask)),
+            dims: float::<B, 3>(input.xp.clone()).dims(),
+            reverse: input.reverse,
+        }
+    }
+
+    fn view(&self) -> HostInput<'_, F> {
+        HostInput {
+            xp: &self.xp,
+            state0: &self.state0,
+            params: &self.params,
+            mask: self.mask.as_deref(),
+            len: self.dims[0],
+            batch: self.dims[1],
+            reverse: self.reverse,
+        }
+    }
+}
+
+fn from_host<B: Backend, F: HostFloat, const D: usize>(
+    values: Vec<F>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> FloatTensor<B> {
+    primitive(Tensor::<B, D>::from_data(
+        burn::tensor::TensorData::new(values, shape),
+        device,
+    ))
+}
+
+/// The recurrence on host memory for f32 and f64 tensors (the plain path for other types):
+/// the full packed sequence and the op's output, both contiguous.
+pub fn host_recurrence_forward<B: HostTensors, K: Recurrence>(
+    kernel: &K,
+    input: RecurrenceInput<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    fn run<B: HostTensors, F: HostFloat, K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let device = B::float_device(&input.xp);
+        let view = HostView::<F>::read(&input);
+        let packed = host::forward(kernel, view.view());
+        let [len, batch, _] = view.dims;
+        let shown = kernel.output_width() + kernel.state_width();
+        let width = shown + kernel.saved_width();
+        let mut output = Vec::with_capacity(len * batch * shown);
+        for row in packed.chunks(width.max(1)) {
+            output.extend_from_slice(&row[..shown]);
+        }
+        (
+            from_host::<B, F, 3>(packed, [len, batch, width], &device),
+            from_host::<B, F, 3>(output, [len, batch, shown], &device),
+        )
+    }
+    match float::<B, 3>(input.xp.clone()).dtype() {
+        DType::F32 => run::<B, f32, K>(kernel, input),
+        DType::F64 => run::<B, f64, K>(kernel, input),
+        _ => {
+            let packed = recurrence_forward::<B, K>(kernel, input);
+            (packed.clone(), visible::<B, K>(kernel, packed))
+        }
+    }
+}
+
+/// The backward of [`host_recurrence_forward`].
+pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
+    kernel: &K,
+    input: RecurrenceInput<B>,
+    packed: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> RecurrenceGrads<B> {
+    fn run<B: HostTensors, F: HostFloat, K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<B>,
+        packed: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> RecurrenceGrads<B> {
+        let device = B::float_device(&input.xp);
+        let view = HostView::<F>::read(&input);
+        let packed = B::host_slice::<F, 3>(&packed);
+        let grad = B::host_slice::<F, 3>(&grad);
+        let grads = host::backward(kernel, view.view(), &packed, &grad);
+        let [len, batch, width] = view.dims;
+        let param_len = grads.params.len();
+        RecurrenceGrads {
+            xp: from_host::<B, F, 3>(grads.xp, [len, batch, width], &device),
+            state0: from_host::<B, F, 2>(grads.state0, [batch, kernel.state_width()], &device),
+            params: from_host::<B, F, 1>(grads.params, [param_len], &device),
+        }
+    }
+    match float::<B, 3>(input.xp.clone()).dtype() {
+        DType::F32 => run::<B, f32, K>(kernel, input, packed, grad),
+        DType::F64 => run::<B, f64, K>(kernel, input, packed, grad),
+        _ => recurrence_backward::<B, K>(kernel, input, packed, grad),
+    }
+}
+
+fn dims3<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 3] {
+    float::<B, 3>(tensor.clone()).dims()
+}
+
+fn dims<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 2] {
+    float::<B, 2>(tensor.clone()).dims()
+}
+
+fn host_float<B: Backend>(tensor: &FloatTensor<B>) -> Option<DType> {
+    let dtype = float::<B, 3>(tensor.clone()).dtype();
+    matches!(dtype, DType::F32 | DType::F64).then_some(dtype)
+}
+
+/// `x · Wᵀ + b` through the GEMM on host memory.
+pub fn host_linear<B: HostTensors>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
+    fn run<B: HostTensors, F: HostFloat>(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        bias: Option<FloatTensor<B>>,
+    ) -> FloatTensor<B> {
+        let ([len, batch, inner], [out, _]) = (dims3::<B>(&x), dims::<B>(&weight));
+        let rows = len * batch;
+        let (xs, ws) = (B::host_slice::<F, 3>(&x), B::host_slice::<F, 2>(&weight));
+        let mut y = vec![F::zero(); rows * out];
+        if let Some(bias) = &bias {
+            let bias = B::host_slice::<F, 1>(bias);
+            y.chunks_mut(out.max(1))
+                .for_each(|row| row.copy_from_slice(&bias));
+        }
+        host::matmul(
+            &mut MatMut::new(&mut y, rows, out),
+            MatRef::new(&xs, rows, inner),
+            MatRef::new(&ws, out, inner).t(),
+            bias.is_some(),
+        );
+        from_host::<B, F, 3>(y, [len, batch, out], &B::float_device(&x))
+    }
+    match host_float::<B>(&x) {
+        Some(DType::F32) => run::<B, f32>(x, weight, bias),
+        Some(_) => run::<B, f64>(x, weight, bias),
+        None => linear::tensor_forward::<B>(x, weight, bias),
+    }
+}
+
+/// `grad · W` through the GEMM on host memory.
+pub fn host_linear_grad_input<B: HostTensors>(
+    grad: FloatTensor<B>,
+    weight: FloatTensor<B>,
+) -> FloatTensor<B> {
+    fn run<B: HostTensors, F: HostFloat>(
+        grad: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let ([len, batch, out], [_, inner]) = (dims3::<B>(&grad), dims::<B>(&weight));
+        let rows = len * batch;
+        let (gs, ws) = (B::host_slice::<F, 3>(&grad), B::host_slice::<F, 2>(&weight));
+        let mut dx = vec![F::zero(); rows * inner];
+        host::matmul(
+            &mut MatMut::new(&mut dx, rows, inner),
+            MatRef::new(&gs, rows, out),
+            MatRef::new(&ws, out, inner),
+            false,
+        );
+        from_host::<B, F, 3>(dx, [len, batch, inner], &B::float_device(&grad))
+    }
+    match host_float::<B>(&grad) {
+        Some(DType::F32) => run::<B, f32>(grad, weight),
+        Some(_) => run::<B, f64>(grad, weight),
+        None => linear::tensor_grad_input::<B>(grad, weight),
+    }
+}
+
+/// `gradᵀ · x` and the column sums of `grad` through the GEMM on host memory.
+pub fn host_linear_grad_params<B: HostTensors>(
+    grad: FloatTensor<B>,
+    x: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    fn run<B: HostTensors, F: HostFloat>(
+        grad: FloatTensor<B>,
+        x: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let ([len, batch, out], [_, _, inner]) = (dims3::<B>(&grad), dims3::<B>(&x));
+        let rows = len * batch;
+        let (gs, xs) = (B::host_slice::<F, 3>(&grad), B::host_slice::<F, 3>(&x));
+        let grads = MatRef::new(&gs, rows, out);
+        let mut dw = vec![F::zero(); out * inner];
+        host::matmul(
+            &mut MatMut::new(&mut dw, out, inner),
+            grads.t(),
+            MatRef::new(&xs, rows, inner),
+            false,
+        );
+        // Column sums as a product with a row of ones: parallel, in a fixed order.
+        let ones = vec![F::one(); rows];
+        let mut db = vec![F::zero(); out];
+        host::matmul(
+            &mut MatMut::new(&mut db, 1, out),
+            MatRef::new(&ones, 1, rows),
+            grads,
+            false,
+        );
+        let device = B::float_device(&grad);
+        (
+            from_host::<B, F, 2>(dw, [out, inner], &device),
+            from_host::<B, F, 1>(db, [out], &device),
+        )
+    }
+    match host_float::<B>(&grad) {
+        Some(DType::F32) => run::<B, f32>(grad, x),
+        Some(_) => run::<B, f64>(grad, x),
+        None => linear::tensor_grad_params::<B>(grad, x),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, TensorData};
+
+    use super::*;
+    use crate::cell::{cell_names, AnyCellConfig, Cell, CellConfig};
+    use crate::check::{max_abs_diff, F64};
+
+    fn random<const D: usize>(shape: [usize; D]) -> FloatTensor<F64> {
+        primitive(Tensor::<F64, D>::random(
+            shape,
+            Distribution::Uniform(-1.0, 1.0),
+            &Default::default(),
+        ))
+    }
+
+    fn data<const D: usize>(tensor: FloatTensor<F64>) -> TensorData {
+        float::<F64, D>(tensor).into_data()
+    }
+
+    /// The projection and the outputs op on host memory against their tensor-op defaults
+    /// (what GPU backends run), with a strided (transposed) input as the layer passes it.
+    #[test]
+    fn host_linear_and_outputs_match_tensor_ops() {
+        let x = primitive(float::<F64, 3>(random([4, 3, 5])).swap_dims(0, 1));
+        let (weight, bias) = (random([6, 5]), random([6]));
+        let grad = random([3, 4, 6]);
+        let worst = [
+            max_abs_diff(
+                "linear",
+                &data::<3>(host_linear::<F64>(
+                    x.clone(),
+                    weight.clone(),
+                    Some(bias.clone()),
+                )),
+                &data::<3>(linear::tensor_forward::<F64>(
+                    x.clone(),
+                    weight.clone(),
+                    Some(bias),
+                )),
+            ),
+            max_abs_diff(
+                "linear input gradient",
+                &data::<3>(host_linear_grad_input::<F64>(grad.clone(), weight.clone())),
+                &data::<3>(linear::tensor_grad_input::<F64>(grad.clone(), weight)),
+            ),
+            {
+                let (host_w, host_b) = host_linear_grad_params::<F64>(grad.clone(), x.clone());
+                let (ops_w, ops_b) = linear::tensor_grad_params::<F64>(grad, x);
+                max_abs_diff(
+                    "linear weight gradient",
+                    &data::<2>(host_w),
+                    &data::<2>(ops_w),
+                )
+                .max(max_abs_diff(
+                    "linear bias gradient",
+                    &data::<1>(host_b),
+                    &data::<1>(ops_b),
+                ))
+            },
+        ];
+        let visible = random([4, 3, 7]);
+        let outputs = host_outputs::<F64>(visible.clone(), 2);
+        let expected = float::<F64, 3>(visible).narrow(2, 0, 2).swap_dims(0, 1);
+        let grad = random([3, 4, 2]);
+        let back = host_outputs_backward::<F64>(grad.clone(), 7);
+        let expected_back = Tensor::cat(
+            vec![
+                float::<F64, 3>(grad).swap_dims(0, 1),
+                Tensor::zeros([4, 3, 5], &Default::default()),
+            ],
+            2,
+        );
+        let worst = worst
+            .into_iter()
+            .fold(0.0, f64::max)
+            .max(max_abs_diff(
+                "outputs",
+                &data::<3>(outputs),
+                &expected.into_data(),
+            ))
+            .max(max_abs_diff(
+                "outputs backward",
+                &data::<3>(back),
+                &expected_back.into_data(),
+            ));
+        assert!(worst < 1e-12, "host and tensor ops differ by {worst:e}");
+    }
+
+    /// The host path (what burn-ndarray runs) against the plain-tensor default bodies (what
+    /// the GPU backends run), forward and backward, for every cell, both directions, masked.
+    #[test]
+    fn host_path_matches_tensor_path() {
+        let (len, batch) = (5, 3);
+        let keep = [
+            [1.0, 1.0, 1.0],
+            [1.0, 1.0, 1.0],
+            [1.0, 0.0, 1.0],
+            [1.0, 0.0, 1.0],
+        ];
+        let mut mask: Vec<f64> = keep.iter().flatten().copied().collect();
+        mask.extend([1.0, 0.0, 0.0]);
+        for name in cell_names() {
+            let config = AnyCellConfig::named(name, 3, 4).unwrap();
+            let kernel = config.init_cell::<F64>(&Default::default()).kernel();
+            let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
+            for reverse in [false, true] {
+                let input = RecurrenceInput::<F64> {
+                    xp: random([len, batch, kernel.input_width()]),
+                    state0: random([batch, kernel.state_width()]),
+                    params: random([param_len]),
+                    mask: Some(primitive(Tensor::<F64, 2>::from_data(
+                        TensorData::new(mask.clone(), [len, batch]),
+                        &Default::default(),
+                    ))),
+                    reverse,
+                };
+                let tensor_out = recurrence_forward::<F64, _>(&kernel, input.clone());
+                let host_out = host_recurrence_forward::<F64, _>(&kernel, input.clone()).0;
+                let forward = max_abs_diff(
+                    name,
+                    &data::<3>(host_out.clone()),
+                    &data::<3>(tensor_out.clone()),
+                );
+                let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
+                let tensor =
+                    recurrence_backward::<F64, _>(&kernel, input.clone(), tensor_out, grad.clone());
+                let host = host_recurrence_backward::<F64, _>(&kernel, input, host_out, grad);
+                let backward = [
+                    max_abs_diff(name, &data::<3>(host.xp), &data::<3>(tensor.xp)),
+                    max_abs_diff(name, &data::<2>(host.state0), &data::<2>(tensor.state0)),
+                    max_abs_diff(name, &data::<1>(host.params), &data::<1>(tensor.params)),
+                ];
+                let worst = backward.into_iter().fold(forward, f64::max);
+                assert!(worst < 1e-12, "{name} (reverse {reverse}): {worst:e}");
+            }
+        }
+    }
+}
