@@ -548,23 +548,8 @@ fn split_rows<F>(packed: &mut [F], row_len: usize, t: usize, prev: usize) -> (&[
     }
 }
 
-/// Runs `f` on a thread of rayon's pool: the parallel parts of each step then split work with
-/// the pool's other threads instead of waking them from outside, which costs a context switch
-/// per step.
-fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
-        f()
-    } else {
-        rayon::scope(|_| f())
-    }
-}
-
 /// The forward of the recurrence op: the packed `[T, batch, O + S + V]` sequence.
 pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> Vec<F> {
-    on_pool(|| forward_on_pool(kernel, input))
-}
-
-fn forward_on_pool<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> Vec<F> {
     let (out_w, state_w, in_w) = (
         kernel.output_width(),
         kernel.state_width(),
@@ -661,15 +646,6 @@ fn operand_view<F: HostFloat>(
 /// The backward of the recurrence op, from its inputs, the full packed sequence and the
 /// gradient of the op's output (`[T, batch, O + S]`).
 pub fn backward<F: HostFloat, K: Recurrence>(
-    kernel: &K,
-    input: HostInput<F>,
-    packed: &[F],
-    grad: &[F],
-) -> HostGrads<F> {
-    on_pool(|| backward_on_pool(kernel, input, packed, grad))
-}
-
-fn backward_on_pool<F: HostFloat, K: Recurrence>(
     kernel: &K,
     input: HostInput<F>,
     packed: &[F],
