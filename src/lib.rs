@@ -34,6 +34,8 @@ pub mod host;
 pub mod import;
 pub mod layer;
 pub mod ops;
+pub mod plot;
+pub mod suite;
 pub mod task;
 pub mod train;
 

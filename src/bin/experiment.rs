@@ -1,15 +1,19 @@
 //! `experiment`: trains cells on a long-dependency task and compares them.
 //!
-//! `experiment copy-task --cell gru`, `experiment adding-task --cell lstm,gru,sru --seed 0,1,2`.
+//! `experiment copy-task --cell gru`, `experiment adding-task --cell lstm,gru,sru --seed 0,1,2`,
+//! `experiment suite experiments/quick.toml --jobs 2`, `experiment report runs/quick`.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
 
 use clap::{Args, Parser, Subcommand};
 use rnn_zoo::backend::{backend_name, default_device, describe, TrainBackend};
+use rnn_zoo::suite::{report::write_report, run_parallel, Plan, PlannedRun, Shard, SuiteSpec};
 use rnn_zoo::task::TaskKind;
 use rnn_zoo::train::config::{ExperimentConfig, InitKind, OptimizerKind, Overrides};
 use rnn_zoo::train::report::{markdown, rows, run_experiment};
+use rnn_zoo::train::run::{train_run, RunSummary};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,6 +44,52 @@ enum TaskCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Run a suite: the grid of cells × tasks × lengths × seeds in a TOML file. Finished runs
+    /// are skipped, so running it again resumes it.
+    Suite(SuiteArgs),
+    /// Merge finished runs from any number of folders into report.md, report.csv and plots.
+    Report {
+        /// Folders to gather finished runs from (suite outputs, shards, experiments).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where to write the report [default: the first folder].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// One run of a suite, in its own process (used by `suite`).
+    #[command(hide = true)]
+    SuiteRun {
+        /// The experiment folder (holds experiment.json).
+        #[arg(long)]
+        experiment: PathBuf,
+        #[arg(long)]
+        cell: String,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct SuiteArgs {
+    /// The suite file (see experiments/quick.toml).
+    file: PathBuf,
+    /// Runs at once, each in its own process [default: 1].
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Worker threads per run [default: the suite's setting, else 2].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Run only the runs of shard i of n (0 <= i < n), e.g. 3/16 [default: 0/1, all].
+    #[arg(long, default_value = "0/1")]
+    shard: Shard,
+    /// Output folder [default: the suite's `out`, else runs/suite-NAME].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run only the lengths up to this one this time (the short rows first).
+    #[arg(long)]
+    max_length: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -129,8 +179,8 @@ enum Failure {
     Run(String),
 }
 
-fn resolve(cli: &Cli) -> Result<(ExperimentConfig, bool), Failure> {
-    let (task, length, common) = match &cli.task {
+fn resolve(command: &TaskCommand) -> Result<(ExperimentConfig, bool), Failure> {
+    let (task, length, common) = match command {
         TaskCommand::CopyTask { delay, common } => (
             TaskKind::CopyTask,
             Overrides {
@@ -147,6 +197,7 @@ fn resolve(cli: &Cli) -> Result<(ExperimentConfig, bool), Failure> {
             },
             common,
         ),
+        _ => unreachable!("only training commands are resolved"),
     };
     if let Some(dir) = &common.resume {
         let path = dir.join("experiment.json");
@@ -182,8 +233,186 @@ fn resolve(cli: &Cli) -> Result<(ExperimentConfig, bool), Failure> {
     Ok((config, common.print_config))
 }
 
+/// Sizes burn-ndarray's pools: rayon's global pool and matrixmultiply's threads.
+fn set_threads(threads: usize) {
+    std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
-    let (config, print_only) = resolve(&cli)?;
+    match &cli.task {
+        TaskCommand::Suite(args) => run_suite(args),
+        TaskCommand::Report { dirs, out } => {
+            let out = out.clone().unwrap_or_else(|| dirs[0].clone());
+            let sections = write_report(dirs, &out).map_err(Failure::Usage)?;
+            let runs: usize = sections.iter().flat_map(|s| &s.rows).map(|r| r.seeds).sum();
+            println!(
+                "report of {runs} runs in {} experiments: {}",
+                sections.len(),
+                out.join("report.md").display()
+            );
+            Ok(())
+        }
+        TaskCommand::SuiteRun {
+            experiment,
+            cell,
+            seed,
+            threads,
+        } => suite_run(experiment, cell, *seed, *threads),
+        command => train(command),
+    }
+}
+
+/// One run of a suite: the experiment's config from its folder, this cell and seed.
+fn suite_run(dir: &Path, cell: &str, seed: u64, threads: Option<usize>) -> Result<(), Failure> {
+    let path = dir.join("experiment.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
+    let mut config: ExperimentConfig = serde_json::from_str(&text)
+        .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+    config.out = dir.to_path_buf();
+    if let Some(threads) = threads {
+        config.threads = threads;
+    }
+    set_threads(config.threads);
+    train_run::<TrainBackend>(&config, cell, seed, &default_device(), backend_name())
+        .map_err(Failure::Run)?;
+    Ok(())
+}
+
+fn run_suite(args: &SuiteArgs) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| Failure::Usage(format!("cannot read suite {}: {e}", args.file.display())))?;
+    let spec = SuiteSpec::from_toml(&text)
+        .map_err(|e| Failure::Usage(format!("suite {}: {e}", args.file.display())))?;
+    if args.jobs == 0 {
+        return Err(Failure::Usage("jobs must be at least 1".into()));
+    }
+    let out = args.out.clone().or(spec.out.clone()).unwrap_or_else(|| {
+        let stem = args.file.file_stem().unwrap_or_default().to_string_lossy();
+        PathBuf::from(format!("runs/suite-{stem}"))
+    });
+    let plan = spec
+        .plan(&out, args.threads)
+        .map_err(|e| Failure::Usage(format!("suite {}: {e}", args.file.display())))?;
+    plan.write_configs().map_err(Failure::Run)?;
+    let max_length = args.max_length.unwrap_or(usize::MAX);
+    let mine: Vec<&PlannedRun> = plan
+        .shard(args.shard)
+        .into_iter()
+        .filter(|r| plan.groups[r.group].config.length <= max_length)
+        .collect();
+    let pending: Vec<&PlannedRun> = mine.iter().copied().filter(|r| !plan.finished(r)).collect();
+    eprintln!(
+        "suite {}: {} runs in all, {} in shard {}/{}, {} already finished, {} to run ({} at a time); output {}",
+        args.file.display(),
+        plan.runs.len(),
+        mine.len(),
+        args.shard.index,
+        args.shard.count,
+        mine.len() - pending.len(),
+        pending.len(),
+        args.jobs,
+        out.display()
+    );
+    let exe = std::env::current_exe().map_err(|e| Failure::Run(e.to_string()))?;
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let results = run_parallel(&pending, args.jobs, |run| {
+        let result = spawn_run(&exe, &plan, run, args.threads);
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        match &result {
+            Ok(summary) => eprintln!(
+                "[{n}/{}] {}: {}",
+                pending.len(),
+                plan.label(run),
+                outcome(summary)
+            ),
+            Err(e) => eprintln!("[{n}/{}] {} failed: {e}", pending.len(), plan.label(run)),
+        }
+        result
+    });
+    let failed: Vec<String> = pending
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_err())
+        .map(|(run, _)| plan.label(run))
+        .collect();
+    match write_report(std::slice::from_ref(&out), &out) {
+        Ok(_) => println!("report: {}", out.join("report.md").display()),
+        Err(e) => eprintln!("no report yet: {e}"),
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Run(format!(
+            "{} run(s) failed (their logs are train.log in each run folder): {}",
+            failed.len(),
+            failed.join(", ")
+        )))
+    }
+}
+
+/// A finished run in a few words.
+fn outcome(summary: &RunSummary) -> String {
+    let solved = summary
+        .solved_at
+        .map_or("not solved".to_string(), |s| format!("solved at {s}"));
+    format!(
+        "{:.4} (ratio {:.3} to baseline), {solved}, {:.1} min",
+        summary.final_metric,
+        summary.final_metric / summary.baseline,
+        summary.wall_time_s / 60.0
+    )
+}
+
+/// Runs one suite run in a child process (its output goes to `train.log` in the run folder).
+fn spawn_run(
+    exe: &Path,
+    plan: &Plan,
+    run: &PlannedRun,
+    threads: Option<usize>,
+) -> Result<RunSummary, String> {
+    let run_dir = plan.run_dir(run);
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    let log_path = run_dir.join("train.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+    let mut command = Command::new(exe);
+    command
+        .arg("suite-run")
+        .arg("--experiment")
+        .arg(&plan.groups[run.group].config.out)
+        .args(["--cell", &run.cell, "--seed", &run.seed.to_string()])
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(threads) = threads {
+        command.args(["--threads", &threads.to_string()]);
+    }
+    let status = command
+        .status()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    if !status.success() {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or("");
+        return Err(format!("{status}; {last}"));
+    }
+    let summary = std::fs::read_to_string(run_dir.join("summary.json"))
+        .map_err(|e| format!("no summary: {e}"))?;
+    serde_json::from_str(&summary).map_err(|e| format!("bad summary: {e}"))
+}
+
+fn train(command: &TaskCommand) -> Result<(), Failure> {
+    let (config, print_only) = resolve(command)?;
     if print_only {
         println!(
             "{}",
@@ -191,11 +420,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    // burn-ndarray runs on rayon's global pool and matrixmultiply's own threads.
-    std::env::set_var("MATMUL_NUM_THREADS", config.threads.to_string());
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(config.threads)
-        .build_global();
+    set_threads(config.threads);
     eprintln!("backend: {}", describe());
     eprintln!("output: {}", config.out.display());
     let summaries = run_experiment::<TrainBackend>(&config, &default_device(), backend_name())

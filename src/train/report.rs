@@ -4,15 +4,15 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::AutodiffBackend;
-use plotters::prelude::*;
 
 use super::config::ExperimentConfig;
 use super::run::{train_run, write_json, MetricsLine, RunSummary};
 use crate::import::write_atomically;
 use crate::ops::RnnBackend;
+use crate::plot::{write_curves, Curve, CurveFigure};
 
 /// Runs every cell and seed of `config` (runs whose `summary.json` exists are kept as they
 /// are), then writes the comparison. Returns the summaries.
@@ -165,11 +165,11 @@ fn read_metrics(path: &Path) -> Vec<MetricsLine> {
         .collect()
 }
 
-/// Mean eval metric per step over a cell's seeds.
-fn curve(config: &ExperimentConfig, cell: &str) -> Vec<(f64, f64)> {
+/// Mean eval metric per step over the runs in `run_dirs` (a cell's seeds).
+pub fn mean_curve(run_dirs: impl IntoIterator<Item = PathBuf>) -> Vec<(f64, f64)> {
     let mut by_step: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
-    for &seed in &config.seed {
-        for line in read_metrics(&config.run_dir(cell, seed).join("metrics.jsonl")) {
+    for dir in run_dirs {
+        for line in read_metrics(&dir.join("metrics.jsonl")) {
             let entry = by_step.entry(line.step).or_insert((0.0, 0));
             entry.0 += line.eval_metric;
             entry.1 += 1;
@@ -179,88 +179,6 @@ fn curve(config: &ExperimentConfig, cell: &str) -> Vec<(f64, f64)> {
         .into_iter()
         .map(|(step, (sum, n))| (step as f64, sum / n as f64))
         .collect()
-}
-
-fn draw_curves<DB: DrawingBackend>(
-    root: DrawingArea<DB, plotters::coord::Shift>,
-    config: &ExperimentConfig,
-    baseline: f64,
-    metric: &str,
-) -> Result<(), String>
-where
-    DB::ErrorType: 'static,
-{
-    let err = |e: &dyn std::fmt::Display| format!("cannot draw the plot: {e}");
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let curves: Vec<(String, Vec<(f64, f64)>)> = config
-        .cell
-        .iter()
-        .map(|c| (c.clone(), curve(config, c)))
-        .collect();
-    let y_max = curves
-        .iter()
-        .flat_map(|(_, c)| c.iter().map(|p| p.1))
-        .chain([baseline])
-        .filter(|v| v.is_finite())
-        .fold(0.0, f64::max)
-        * 1.1;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!(
-                "{} (length {}): held-out {metric}",
-                config.task.name(),
-                config.length
-            ),
-            ("sans-serif", 22),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..config.steps as f64, 0.0..y_max.max(1e-6))
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("training step")
-        .y_desc(metric)
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(|e| err(&e))?;
-    for (i, (cell, points)) in curves.into_iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(cell)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    let steps = config.steps as f64;
-    chart
-        .draw_series(LineSeries::new(
-            vec![(0.0, baseline), (steps, baseline)],
-            BLACK.stroke_width(1),
-        ))
-        .map_err(|e| err(&e))?
-        .label("baseline")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
-}
-
-fn register_font() {
-    static FONT: std::sync::Once = std::sync::Once::new();
-    FONT.call_once(|| {
-        // DejaVu Sans ships with the crate so that PNG text needs no system fonts.
-        let bytes: &'static [u8] = include_bytes!("../../assets/DejaVuSans.ttf");
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, bytes);
-    });
 }
 
 /// Writes `results.md`, `results.csv`, `curves.svg` and `curves.png` into the output folder.
@@ -277,20 +195,23 @@ pub fn write_report(config: &ExperimentConfig, summaries: &[RunSummary]) -> Resu
     };
     write("results.md", &markdown(config, &rows, baseline, metric))?;
     write("results.csv", &csv(&rows))?;
-    register_font();
-    let svg = out.join("curves.svg");
-    draw_curves(
-        SVGBackend::new(&svg, (900, 560)).into_drawing_area(),
-        config,
-        baseline,
+    let figure = CurveFigure {
+        title: format!(
+            "{} (length {}): held-out {metric}",
+            config.task.name(),
+            config.length
+        ),
         metric,
-    )?;
-    let png = out.join("curves.png");
-    draw_curves(
-        BitMapBackend::new(&png, (900, 560)).into_drawing_area(),
-        config,
         baseline,
-        metric,
-    )?;
-    Ok(())
+        steps: config.steps as f64,
+        curves: config
+            .cell
+            .iter()
+            .map(|cell| Curve {
+                label: cell.clone(),
+                points: mean_curve(config.seed.iter().map(|&s| config.run_dir(cell, s))),
+            })
+            .collect(),
+    };
+    write_curves(&out.join("curves"), &figure)
 }
