@@ -184,13 +184,18 @@ fn extent(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> usi
     }
 }
 
+/// Panics unless a row-major `[rows, cols]` view with rows `row_stride` apart fits in `len`.
+fn check_view(len: usize, rows: usize, cols: usize, row_stride: usize) {
+    assert!(
+        extent(rows, cols, row_stride, 1) <= len,
+        "view out of bounds"
+    );
+}
+
 impl<'a, F: Copy> MatRef<'a, F> {
     /// A row-major `[rows, cols]` view whose rows start `row_stride` apart.
     pub fn strided(data: &'a [F], rows: usize, cols: usize, row_stride: usize) -> Self {
-        assert!(
-            extent(rows, cols, row_stride, 1) <= data.len(),
-            "view out of bounds"
-        );
+        check_view(data.len(), rows, cols, row_stride);
         Self {
             data,
             rows,
@@ -245,10 +250,7 @@ impl<'a, F: Copy> MatRef<'a, F> {
 impl<'a, F: Copy + Send + Sync> MatMut<'a, F> {
     /// A mutable row-major `[rows, cols]` view whose rows start `row_stride` apart.
     pub fn strided(data: &'a mut [F], rows: usize, cols: usize, row_stride: usize) -> Self {
-        assert!(
-            extent(rows, cols, row_stride, 1) <= data.len(),
-            "view out of bounds"
-        );
+        check_view(data.len(), rows, cols, row_stride);
         Self {
             data,
             rows,

@@ -10,7 +10,26 @@ use burn::tensor::{backend::Backend, ops::FloatTensor, DType, Tensor};
 use super::*;
 use crate::host::{self, HostFloat, HostInput, MatMut, MatRef};
 
-// burn-ndarray runs the recurrence on host memory (`crate::host`).
+/// Runs `$run` with the type `$f` standing for the element type of `$tensor` when it is f32
+/// or f64 (the host path), `$fallback` (the tensor-op default) for any other type.
+macro_rules! by_float_type {
+    ($tensor:expr, $f:ident => $run:expr, other => $fallback:expr) => {
+        match float::<B, 1>(($tensor).clone()).dtype() {
+            DType::F32 => {
+                type $f = f32;
+                $run
+            }
+            DType::F64 => {
+                type $f = f64;
+                $run
+            }
+            _ => $fallback,
+        }
+    };
+}
+
+// burn-ndarray runs the recurrence on host memory (`crate::host`). The bounds repeat
+// burn-ndarray's own: Rust needs a struct's bounds spelled out on every impl.
 impl<E, I, Q> RnnBackend for burn::backend::NdArray<E, I, Q>
 where
     E: burn::backend::ndarray::FloatNdArrayElement,
@@ -83,15 +102,9 @@ pub fn host_outputs<B: HostTensors>(
         }
         from_host::<B, F, 3>(outputs, [batch, len, out_w], &B::float_device(&visible))
     }
-    match float::<B, 3>(visible.clone()).dtype() {
-        DType::F32 => run::<B, f32>(visible, output_width),
-        DType::F64 => run::<B, f64>(visible, output_width),
-        _ => primitive(
-            float::<B, 3>(visible)
-                .narrow(2, 0, output_width)
-                .swap_dims(0, 1),
-        ),
-    }
+    by_float_type!(&visible,
+        F => run::<B, F>(visible, output_width),
+        other => outputs::tensor_forward::<B>(visible, output_width))
 }
 
 /// [`RnnBackend::rnn_outputs_backward`] on host memory.
@@ -108,16 +121,9 @@ pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize)
         }
         from_host::<B, F, 3>(full, [len, batch, width], &B::float_device(&grad))
     }
-    match float::<B, 3>(grad.clone()).dtype() {
-        DType::F32 => run::<B, f32>(grad, width),
-        DType::F64 => run::<B, f64>(grad, width),
-        _ => {
-            let grad = float::<B, 3>(grad).swap_dims(0, 1);
-            let [len, batch, out_w] = grad.dims();
-            let zeros = Tensor::zeros([len, batch, width - out_w], &grad.device());
-            primitive(Tensor::cat(vec![grad, zeros], 2))
-        }
-    }
+    by_float_type!(&grad,
+        F => run::<B, F>(grad, width),
+        other => outputs::tensor_backward::<B>(grad, width))
 }
 
 /// How a backend lends its tensors to the host path: by default a copy through `into_data`;
@@ -271,14 +277,12 @@ pub fn host_recurrence_forward<B: HostTensors, K: Recurrence>(
             from_host::<B, F, 3>(output, [len, batch, shown], &device),
         )
     }
-    match float::<B, 3>(input.xp.clone()).dtype() {
-        DType::F32 => run::<B, f32, K>(kernel, input),
-        DType::F64 => run::<B, f64, K>(kernel, input),
-        _ => {
-            let packed = recurrence_forward::<B, K>(kernel, input);
-            (packed.clone(), visible::<B, K>(kernel, packed))
-        }
-    }
+    by_float_type!(&input.xp,
+    F => run::<B, F, K>(kernel, input),
+    other => {
+        let packed = recurrence_forward::<B, K>(kernel, input);
+        (packed.clone(), visible::<B, K>(kernel, packed))
+    })
 }
 
 /// The backward of [`host_recurrence_forward`].
@@ -307,11 +311,9 @@ pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
             params: from_host::<B, F, 1>(grads.params, [param_len], &device),
         }
     }
-    match float::<B, 3>(input.xp.clone()).dtype() {
-        DType::F32 => run::<B, f32, K>(kernel, input, packed, grad),
-        DType::F64 => run::<B, f64, K>(kernel, input, packed, grad),
-        _ => recurrence_backward::<B, K>(kernel, input, packed, grad),
-    }
+    by_float_type!(&input.xp,
+        F => run::<B, F, K>(kernel, input, packed, grad),
+        other => recurrence_backward::<B, K>(kernel, input, packed, grad))
 }
 
 fn dims3<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 3] {
@@ -320,11 +322,6 @@ fn dims3<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 3] {
 
 fn dims<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 2] {
     float::<B, 2>(tensor.clone()).dims()
-}
-
-fn host_float<B: Backend>(tensor: &FloatTensor<B>) -> Option<DType> {
-    let dtype = float::<B, 3>(tensor.clone()).dtype();
-    matches!(dtype, DType::F32 | DType::F64).then_some(dtype)
 }
 
 /// `x · Wᵀ + b` through the GEMM on host memory.
@@ -355,11 +352,9 @@ pub fn host_linear<B: HostTensors>(
         );
         from_host::<B, F, 3>(y, [len, batch, out], &B::float_device(&x))
     }
-    match host_float::<B>(&x) {
-        Some(DType::F32) => run::<B, f32>(x, weight, bias),
-        Some(_) => run::<B, f64>(x, weight, bias),
-        None => linear::tensor_forward::<B>(x, weight, bias),
-    }
+    by_float_type!(&x,
+        F => run::<B, F>(x, weight, bias),
+        other => linear::tensor_forward::<B>(x, weight, bias))
 }
 
 /// `grad · W` through the GEMM on host memory.
@@ -383,11 +378,9 @@ pub fn host_linear_grad_input<B: HostTensors>(
         );
         from_host::<B, F, 3>(dx, [len, batch, inner], &B::float_device(&grad))
     }
-    match host_float::<B>(&grad) {
-        Some(DType::F32) => run::<B, f32>(grad, weight),
-        Some(_) => run::<B, f64>(grad, weight),
-        None => linear::tensor_grad_input::<B>(grad, weight),
-    }
+    by_float_type!(&grad,
+        F => run::<B, F>(grad, weight),
+        other => linear::tensor_grad_input::<B>(grad, weight))
 }
 
 /// `gradᵀ · x` and the column sums of `grad` through the GEMM on host memory.
@@ -425,11 +418,9 @@ pub fn host_linear_grad_params<B: HostTensors>(
             from_host::<B, F, 1>(db, [out], &device),
         )
     }
-    match host_float::<B>(&grad) {
-        Some(DType::F32) => run::<B, f32>(grad, x),
-        Some(_) => run::<B, f64>(grad, x),
-        None => linear::tensor_grad_params::<B>(grad, x),
-    }
+    by_float_type!(&grad,
+        F => run::<B, F>(grad, x),
+        other => linear::tensor_grad_params::<B>(grad, x))
 }
 
 #[cfg(test)]

@@ -213,17 +213,36 @@ pub trait RnnBackend: Backend {
     /// Each step's output, batch-major and contiguous: `[batch, T, O]` from the op's
     /// `[T, batch, W]` output (its first `O` columns).
     fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
-        primitive(
-            float::<Self, 3>(visible)
-                .narrow(2, 0, output_width)
-                .swap_dims(0, 1),
-        )
+        outputs::tensor_forward::<Self>(visible, output_width)
     }
 
     /// The backward of [`rnn_outputs`](RnnBackend::rnn_outputs): `[T, batch, W]` with zeros
     /// beyond the first `O` columns.
     fn rnn_outputs_backward(grad: FloatTensor<Self>, width: usize) -> FloatTensor<Self> {
-        let grad = float::<Self, 3>(grad).swap_dims(0, 1);
+        outputs::tensor_backward::<Self>(grad, width)
+    }
+}
+
+/// The batch-major output layout and its backward with plain tensor ops (the host versions
+/// are in [`cpu`]).
+pub mod outputs {
+    use super::*;
+
+    /// The first `output_width` columns of `[T, batch, W]`, as `[batch, T, O]`.
+    pub fn tensor_forward<B: Backend>(
+        visible: FloatTensor<B>,
+        output_width: usize,
+    ) -> FloatTensor<B> {
+        primitive(
+            float::<B, 3>(visible)
+                .narrow(2, 0, output_width)
+                .swap_dims(0, 1),
+        )
+    }
+
+    /// `[batch, T, O]` back to `[T, batch, W]`, zeros beyond the first `O` columns.
+    pub fn tensor_backward<B: Backend>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
+        let grad = float::<B, 3>(grad).swap_dims(0, 1);
         let [len, batch, output_width] = grad.dims();
         let zeros = Tensor::zeros([len, batch, width - output_width], &grad.device());
         primitive(Tensor::cat(vec![grad, zeros], 2))
