@@ -44,6 +44,48 @@ enum TaskCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Variable-delay copy (Henaff et al. 2016): the delay drawn per sequence from 1..=T.
+    VariableCopy {
+        /// The longest delay T (sequences of T + 20 steps) [default: 100].
+        #[arg(long)]
+        delay: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Selective copying (Gu & Dao 2023): 10 symbols scattered among T noise steps, recalled
+    /// in order at 10 markers.
+    SelectiveCopy {
+        /// The length T of the scattered part (at least 10) [default: 100].
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Temporal order (Hochreiter & Schmidhuber 1997, 6a): the order of 2 relevant symbols.
+    TemporalOrder {
+        /// The sequence length T (at least 10) [default: 100].
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Temporal order with 3 relevant symbols (Hochreiter & Schmidhuber 1997, 6b).
+    #[command(name = "temporal-order-3")]
+    TemporalOrder3 {
+        /// The sequence length T (at least 10) [default: 100].
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Associative recall: n key-value pairs, then a key; answer its value.
+    AssociativeRecall {
+        /// Key-value pairs n, 1 to 26 (sequences of 2n + 2 steps) [default: 8].
+        #[arg(long)]
+        pairs: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Run a suite: the grid of cells × tasks × lengths × seeds in a TOML file. Finished runs
     /// are skipped, so running it again resumes it.
     Suite(SuiteArgs),
@@ -179,26 +221,31 @@ enum Failure {
     Run(String),
 }
 
+impl TaskCommand {
+    /// The task, its length flag and the common options of a training command.
+    fn training(&self) -> Option<(TaskKind, Option<usize>, &Common)> {
+        Some(match self {
+            Self::CopyTask { delay, common } => (TaskKind::CopyTask, *delay, common),
+            Self::AddingTask { seq_len, common } => (TaskKind::AddingTask, *seq_len, common),
+            Self::VariableCopy { delay, common } => (TaskKind::VariableCopy, *delay, common),
+            Self::SelectiveCopy { seq_len, common } => (TaskKind::SelectiveCopy, *seq_len, common),
+            Self::TemporalOrder { seq_len, common } => (TaskKind::TemporalOrder, *seq_len, common),
+            Self::TemporalOrder3 { seq_len, common } => {
+                (TaskKind::TemporalOrder3, *seq_len, common)
+            }
+            Self::AssociativeRecall { pairs, common } => {
+                (TaskKind::AssociativeRecall, *pairs, common)
+            }
+            Self::Suite(_) | Self::Report { .. } | Self::SuiteRun { .. } => return None,
+        })
+    }
+}
+
 fn resolve(command: &TaskCommand) -> Result<(ExperimentConfig, bool), Failure> {
-    let (task, length, common) = match command {
-        TaskCommand::CopyTask { delay, common } => (
-            TaskKind::CopyTask,
-            Overrides {
-                delay: *delay,
-                ..Default::default()
-            },
-            common,
-        ),
-        TaskCommand::AddingTask { seq_len, common } => (
-            TaskKind::AddingTask,
-            Overrides {
-                seq_len: *seq_len,
-                ..Default::default()
-            },
-            common,
-        ),
-        _ => unreachable!("only training commands are resolved"),
-    };
+    let (task, length, common) = command
+        .training()
+        .expect("only training commands are resolved");
+    let length = Overrides::with_length(task, length);
     if let Some(dir) = &common.resume {
         let path = dir.join("experiment.json");
         let text = std::fs::read_to_string(&path)

@@ -62,7 +62,9 @@ struct RawSuite {
 }
 
 /// Keys that a suite sets through its own axes, not through runner options.
-const AXIS_KEYS: [&str; 6] = ["cell", "seed", "delay", "seq-len", "out", "threads"];
+const AXIS_KEYS: [&str; 7] = [
+    "cell", "seed", "delay", "seq-len", "pairs", "out", "threads",
+];
 
 /// Runner options from a TOML table; the suite's axes are not options.
 fn options(table: toml::Table, place: &str) -> Result<Overrides, String> {
@@ -76,14 +78,18 @@ fn options(table: toml::Table, place: &str) -> Result<Overrides, String> {
         .map_err(|e| format!("{place}: {}", e.to_string().trim().replace('\n', " ")))
 }
 
+fn task_names() -> String {
+    TaskKind::ALL.map(TaskKind::name).join(", ")
+}
+
 fn task_spec(mut table: toml::Table, index: usize) -> Result<TaskSpec, String> {
     let place = format!("[[task]] {}", index + 1);
     let name = table
         .remove("name")
-        .ok_or_else(|| format!("{place}: missing `name` (copy-task or adding-task)"))?;
+        .ok_or_else(|| format!("{place}: missing `name` ({})", task_names()))?;
     let task: TaskKind = name
         .try_into()
-        .map_err(|_| format!("{place}: unknown task name (copy-task or adding-task)"))?;
+        .map_err(|_| format!("{place}: unknown task name ({})", task_names()))?;
     let lengths: Vec<usize> = table
         .remove("lengths")
         .ok_or_else(|| format!("{place}: missing `lengths`"))?
@@ -191,8 +197,6 @@ impl SuiteSpec {
         }
         let grid = options(toml::Table::from_iter(point.iter().cloned()), "[grid]")?;
         let axes = Overrides {
-            delay: (task.task == TaskKind::CopyTask).then_some(length),
-            seq_len: (task.task == TaskKind::AddingTask).then_some(length),
             cell: Some(self.cells.join(",")),
             seed: Some(
                 self.seeds
@@ -203,7 +207,7 @@ impl SuiteSpec {
             ),
             out: Some(out.join(&name)),
             threads,
-            ..Overrides::default()
+            ..Overrides::with_length(task.task, Some(length))
         };
         let merged = self
             .settings

@@ -12,7 +12,7 @@ pub const RECALL: usize = 10;
 pub const DATA_SYMBOLS: usize = 8;
 /// Input one-hot width: blank, 8 data symbols, delimiter.
 pub const INPUT_SIZE: usize = DATA_SYMBOLS + 2;
-const BLANK: usize = 0;
+pub(crate) const BLANK: usize = 0;
 const DELIMITER: usize = DATA_SYMBOLS + 1;
 
 /// The copy task with delay `delay` (sequences of `delay + 20` steps).
@@ -44,69 +44,15 @@ impl Task for CopyTask {
     }
 
     fn batch(&self, size: usize, rng: &mut StdRng) -> Batch {
-        let len = self.seq_len();
-        let mut inputs = vec![0.0f32; size * len * INPUT_SIZE];
-        let mut targets = vec![BLANK as i64; size * len];
-        let delimiter_at = RECALL + self.delay - 1;
-        for b in 0..size {
-            let mut one_hot =
-                |t: usize, symbol: usize| inputs[(b * len + t) * INPUT_SIZE + symbol] = 1.0;
-            for t in 0..len {
-                let symbol = if t < RECALL {
-                    let s = rng.random_range(1..=DATA_SYMBOLS);
-                    targets[b * len + len - RECALL + t] = s as i64;
-                    s
-                } else if t == delimiter_at {
-                    DELIMITER
-                } else {
-                    BLANK
-                };
-                one_hot(t, symbol);
-            }
-        }
-        Batch {
-            size,
-            len,
-            features: INPUT_SIZE,
-            inputs,
-            targets: Targets::Classes(targets),
-        }
+        copy_batch(size, self.seq_len(), rng, |_| self.delay)
     }
 
     fn losses<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1> {
-        let Targets::Classes(classes) = &batch.targets else {
-            unreachable!("the copy task has class targets")
-        };
-        let [size, len, classes_n] = outputs.dims();
-        let device = outputs.device();
-        cross_entropy(
-            outputs.reshape([size * len, classes_n]),
-            class_tensor(classes, &device),
-        )
+        step_losses(outputs, batch)
     }
 
     fn evaluate<B: Backend>(&self, outputs: Tensor<B, 3>, batch: &Batch) -> Metrics {
-        let Targets::Classes(classes) = &batch.targets else {
-            unreachable!("the copy task has class targets")
-        };
-        let [size, len, _] = outputs.dims();
-        let predicted = outputs
-            .clone()
-            .narrow(1, len - RECALL, RECALL)
-            .argmax(2)
-            .into_data()
-            .convert::<i64>()
-            .to_vec::<i64>()
-            .expect("argmax indices");
-        let correct = (0..size)
-            .flat_map(|b| (0..RECALL).map(move |k| (b, k)))
-            .filter(|&(b, k)| predicted[b * RECALL + k] == classes[b * len + len - RECALL + k])
-            .count();
-        let ce = host_mean(self.losses(outputs, batch));
-        Metrics {
-            metric: ce,
-            recall_accuracy: Some(correct as f64 / (size * RECALL) as f64),
-        }
+        recall_metrics(outputs, batch)
     }
 
     /// `10·ln 8 / (T + 20)`: blanks predicted perfectly, the 10 symbols at chance.
@@ -115,7 +61,7 @@ impl Task for CopyTask {
     }
 
     fn solved(&self, metrics: &Metrics) -> bool {
-        metrics.recall_accuracy.is_some_and(|a| a >= 0.99)
+        recalled(metrics)
     }
 
     fn metric_name(&self) -> &'static str {
@@ -123,12 +69,115 @@ impl Task for CopyTask {
     }
 }
 
+/// Sequences of `len` steps: 10 data symbols, a delimiter `d` steps after the last of them
+/// (`d` from `delay`, drawn per sequence), the 10 symbols as targets right after the
+/// delimiter; blanks everywhere else.
+pub(crate) fn copy_batch(
+    size: usize,
+    len: usize,
+    rng: &mut StdRng,
+    mut delay: impl FnMut(&mut StdRng) -> usize,
+) -> Batch {
+    let (mut inputs, mut targets) = blank_batch(size, len);
+    for b in 0..size {
+        let d = delay(rng);
+        for t in 0..len {
+            let symbol = if t < RECALL {
+                let s = data_symbol(rng);
+                targets[b * len + RECALL + d + t] = s as i64;
+                s
+            } else if t == RECALL + d - 1 {
+                DELIMITER
+            } else {
+                BLANK
+            };
+            put(&mut inputs, len, b, t, symbol);
+        }
+    }
+    Batch {
+        size,
+        len,
+        features: INPUT_SIZE,
+        inputs,
+        targets: Targets::Classes(targets),
+    }
+}
+
+/// Solved rule of the recall tasks: recall accuracy ≥ 0.99.
+pub(crate) fn recalled(metrics: &Metrics) -> bool {
+    metrics.recall_accuracy.is_some_and(|a| a >= 0.99)
+}
+
+/// Cross-entropy at every step of a batch with a class per step.
+pub(crate) fn step_losses<B: Backend>(outputs: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1> {
+    let Targets::Classes(classes) = &batch.targets else {
+        unreachable!("recall tasks have a class per step")
+    };
+    let [size, len, classes_n] = outputs.dims();
+    let device = outputs.device();
+    cross_entropy(
+        outputs.reshape([size * len, classes_n]),
+        class_tensor(classes, &device),
+    )
+}
+
+/// Mean cross-entropy over all steps, and the accuracy on the steps whose target is a data
+/// symbol (not the blank): the positions that need memory.
+pub(crate) fn recall_metrics<B: Backend>(outputs: Tensor<B, 3>, batch: &Batch) -> Metrics {
+    let Targets::Classes(classes) = &batch.targets else {
+        unreachable!("recall tasks have a class per step")
+    };
+    let predicted = outputs
+        .clone()
+        .argmax(2)
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("argmax indices");
+    let (mut hits, mut total) = (0usize, 0usize);
+    for (p, c) in predicted.iter().zip(classes) {
+        if *c != BLANK as i64 {
+            total += 1;
+            hits += usize::from(p == c);
+        }
+    }
+    Metrics {
+        metric: host_mean(step_losses(outputs, batch)),
+        recall_accuracy: Some(hits as f64 / total.max(1) as f64),
+    }
+}
+
+/// One-hot input rows and blank targets for `size` sequences of `len` steps: what every
+/// recall task starts from.
+pub(crate) fn blank_batch(size: usize, len: usize) -> (Vec<f32>, Vec<i64>) {
+    (
+        vec![0.0f32; size * len * INPUT_SIZE],
+        vec![BLANK as i64; size * len],
+    )
+}
+
+/// Sets step `t` of sequence `b` (of `len` steps) to `symbol`, one-hot.
+pub(crate) fn put(inputs: &mut [f32], len: usize, b: usize, t: usize, symbol: usize) {
+    inputs[(b * len + t) * INPUT_SIZE + symbol] = 1.0;
+}
+
+/// A data symbol, uniform over `1..=DATA_SYMBOLS`.
+pub(crate) fn data_symbol(rng: &mut StdRng) -> usize {
+    rng.random_range(1..=DATA_SYMBOLS)
+}
+
+/// The marker input symbol (the copy task's delimiter; the selective copy's recall marker).
+pub(crate) const MARKER: usize = DELIMITER;
+
 /// Cross-entropy of each row of `logits [n, classes]` against `targets [n]`.
 ///
 /// Written so that no tensor feeds more than two gradient paths: burn 0.21 accumulates a
 /// tensor's incoming gradients in hash-map order, and with three or more the float sum (and
 /// so a resumed run) would differ in its last bits from one process to the next.
-fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+pub(crate) fn cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
     let [n, _] = logits.dims();
     let max = logits.clone().detach().max_dim(1);
     let shifted = logits - max;

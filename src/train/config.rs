@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::cell::{cell_names, AnyCellConfig};
-use crate::task::TaskKind;
+use crate::task::{LengthKey, TaskKind};
 
 /// Optimiser, with PyTorch's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -74,8 +74,10 @@ pub struct ExperimentConfig {
 pub struct Overrides {
     /// Copy task delay.
     pub delay: Option<usize>,
-    /// Adding task length.
+    /// Sequence length (adding, selective copy, temporal order).
     pub seq_len: Option<usize>,
+    /// Key-value pairs (associative recall).
+    pub pairs: Option<usize>,
     /// Cells: a name, `all`, or a comma list.
     pub cell: Option<String>,
     /// See [`ExperimentConfig::steps`].
@@ -114,6 +116,26 @@ impl Overrides {
         toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
     }
 
+    /// The length parameter under `key`.
+    pub fn length(&self, key: LengthKey) -> Option<usize> {
+        match key {
+            LengthKey::Delay => self.delay,
+            LengthKey::SeqLen => self.seq_len,
+            LengthKey::Pairs => self.pairs,
+        }
+    }
+
+    /// Only the length parameter of `task`, set to `length`.
+    pub fn with_length(task: TaskKind, length: Option<usize>) -> Self {
+        let mut overrides = Self::default();
+        match task.length_key() {
+            LengthKey::Delay => overrides.delay = length,
+            LengthKey::SeqLen => overrides.seq_len = length,
+            LengthKey::Pairs => overrides.pairs = length,
+        }
+        overrides
+    }
+
     /// `other`'s values where it has them, else ours.
     pub fn then(self, other: Overrides) -> Overrides {
         macro_rules! pick {
@@ -122,6 +144,7 @@ impl Overrides {
         pick!(
             delay,
             seq_len,
+            pairs,
             cell,
             steps,
             batch_size,
@@ -183,23 +206,26 @@ impl ExperimentConfig {
     /// Defaults for `task`, then `overrides`, checked.
     pub fn resolve(task: TaskKind, overrides: Overrides) -> Result<Self, String> {
         let o = overrides;
-        let (length_key, length, other) = match task {
-            TaskKind::CopyTask => ("delay", o.delay, o.seq_len.map(|_| "seq-len")),
-            TaskKind::AddingTask => ("seq-len", o.seq_len, o.delay.map(|_| "delay")),
-        };
+        let length_key = task.length_key();
+        let other = [LengthKey::Delay, LengthKey::SeqLen, LengthKey::Pairs]
+            .into_iter()
+            .find(|&k| k != length_key && o.length(k).is_some());
         if let Some(key) = other {
             return Err(format!(
-                "{key} does not apply to {} (use {length_key})",
-                task.name()
+                "{} does not apply to {} (use {})",
+                key.key(),
+                task.name(),
+                length_key.key()
             ));
         }
+        let (min_length, max_length) = task.length_range();
         let config = Self {
             task,
             length: in_range(
-                length_key,
-                length.unwrap_or(task.default_length()),
-                1,
-                100_000,
+                length_key.key(),
+                o.length(length_key).unwrap_or(task.default_length()),
+                min_length,
+                max_length,
             )?,
             cell: parse_cells(o.cell.as_deref().unwrap_or("gru"))?,
             steps: in_range(
