@@ -1,5 +1,6 @@
 //! The Elman RNN: `h' = φ(W_ih x + b_ih + W_hh h + b_hh)` with φ = tanh (`rnn`) or relu
-//! (`rnn-relu`). Parameter names and layouts as `torch.nn.RNN`.
+//! (`rnn-relu`), and the IRNN (`irnn`, Le et al. 2015): the relu RNN started from identity
+//! recurrent weights. Parameter names and layouts as `torch.nn.RNN`.
 
 use burn::config::Config;
 use burn::module::{Module, Param};
@@ -25,6 +26,9 @@ pub struct RnnConfig {
     /// relu instead of tanh.
     #[config(default = false)]
     pub relu: bool,
+    /// IRNN initialisation (Le et al. 2015): `W_hh = I`, zero biases, `W_ih ~ N(0, 0.001²)`.
+    #[config(default = false)]
+    pub identity_init: bool,
 }
 
 /// An Elman RNN cell. Weights in PyTorch's layout: `weight_ih [H, I]`, `weight_hh [H, H]`.
@@ -43,9 +47,23 @@ pub struct Rnn<B: Backend> {
 }
 
 impl RnnConfig {
-    /// Builds the cell with PyTorch's initialisation, `U(-1/√H, 1/√H)` everywhere.
+    /// Builds the cell with PyTorch's initialisation, `U(-1/√H, 1/√H)` everywhere, or the
+    /// IRNN's when `identity_init` is set.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Rnn<B> {
         let (i, h) = (self.input_size, self.hidden_size);
+        if self.identity_init {
+            return Rnn {
+                weight_ih: Param::from_tensor(Tensor::random(
+                    [h, i],
+                    burn::tensor::Distribution::Normal(0.0, 0.001),
+                    device,
+                )),
+                weight_hh: Param::from_tensor(Tensor::eye(h, device)),
+                bias_ih: Param::from_tensor(Tensor::zeros([h], device)),
+                bias_hh: Param::from_tensor(Tensor::zeros([h], device)),
+                relu: true,
+            };
+        }
         let bound = 1.0 / (h as f64).sqrt();
         Rnn {
             weight_ih: uniform_param([h, i], bound, device),
@@ -61,21 +79,26 @@ impl CellConfig for RnnConfig {
     type Cell<B: Backend> = Rnn<B>;
 
     fn names() -> &'static [&'static str] {
-        &["rnn", "rnn-relu"]
+        &["rnn", "rnn-relu", "irnn"]
     }
     fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
-        let relu = match name {
-            "rnn" => false,
-            "rnn-relu" => true,
+        let (relu, identity_init) = match name {
+            "rnn" => (false, false),
+            "rnn-relu" => (true, false),
+            "irnn" => (true, true),
             _ => return None,
         };
-        Some(Self::new(input_size, hidden_size).with_relu(relu))
+        Some(
+            Self::new(input_size, hidden_size)
+                .with_relu(relu)
+                .with_identity_init(identity_init),
+        )
     }
     fn name(&self) -> &'static str {
-        if self.relu {
-            "rnn-relu"
-        } else {
-            "rnn"
+        match (self.relu, self.identity_init) {
+            (_, true) => "irnn",
+            (true, false) => "rnn-relu",
+            (false, false) => "rnn",
         }
     }
     fn input_size(&self) -> usize {
@@ -335,5 +358,22 @@ mod tests {
             let config = RnnLayerConfig::new(RnnConfig::new(3, 4).with_relu(relu));
             finite_differences(&config, 2, 4, None);
         }
+    }
+
+    #[test]
+    fn irnn_starts_from_the_identity_and_steps_as_the_relu_rnn() {
+        let config = RnnConfig::from_name("irnn", 3, 4).unwrap();
+        assert_eq!((config.name(), config.relu), ("irnn", true));
+        let cell = config.init::<crate::check::F64>(&Default::default());
+        let eye = Tensor::<crate::check::F64, 2>::eye(4, &Default::default());
+        assert_eq!(cell.weight_hh.val().into_data(), eye.into_data());
+        assert!(cell.bias_ih.val().abs().max().into_scalar() == 0.0);
+        let spread = cell.weight_ih.val().abs().max().into_scalar();
+        assert!(
+            spread > 0.0 && spread < 0.01,
+            "N(0, 0.001²) input weights: {spread}"
+        );
+        let err = compare_step(config, 3, |w, x, s| reference_step(w, x, s, true));
+        assert!(err < 1e-12, "{err:e}");
     }
 }

@@ -257,7 +257,8 @@ impl ExperimentConfig {
             }),
         };
         if config.init == InitKind::Chrono {
-            if let Some(cell) = config.cell.iter().find(|c| c.starts_with("rnn")) {
+            let ungated = ["rnn", "rnn-relu", "irnn"];
+            if let Some(cell) = config.cell.iter().find(|c| ungated.contains(&c.as_str())) {
                 return Err(format!(
                     "init = chrono needs gated cells; {cell} has no gates"
                 ));

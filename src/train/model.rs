@@ -184,7 +184,7 @@ pub fn chrono_init<B: Backend>(
             "cifg-lstm" if is_ih || is_hh => vec![(0, -1.0)],
             "gru" | "gru-cho" if is_ih || is_hh => vec![(hidden, 1.0)],
             "sru" if name.ends_with(".bias") => vec![(0, 1.0)],
-            "rnn" | "rnn-relu" => {
+            "rnn" | "rnn-relu" | "irnn" => {
                 return Err(format!("--init chrono needs a gated cell, not {cell}"))
             }
             _ => vec![],
