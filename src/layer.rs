@@ -239,6 +239,19 @@ pub struct RnnLayer<B: Backend, C: Module<B>> {
 }
 
 impl<B: Backend, C: Cell<B>> RnnLayer<B, C> {
+    /// The layer after a training step on sequences of up to `max_len` steps: each cell's
+    /// parameters back in their allowed range (see [`Cell::constrain_recurrent`]).
+    pub fn constrain_recurrent(self, max_len: usize) -> Self {
+        Self {
+            cells: self
+                .cells
+                .into_iter()
+                .map(|cell| cell.constrain_recurrent(max_len))
+                .collect(),
+            ..self
+        }
+    }
+
     /// 1 or 2.
     pub fn num_directions(&self) -> usize {
         if self.bidirectional {

@@ -5,7 +5,9 @@
 //! that projection (one stacked matmul per step at most). The [layer](crate::layer) owns time.
 
 pub mod gru;
+pub mod indrnn;
 pub mod lstm;
+pub mod mgu;
 pub mod rnn;
 pub mod sru;
 
@@ -37,6 +39,17 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
         B: RnnBackend;
     /// The kernel's recurrent parameters, flattened and concatenated in its order.
     fn recurrent_params(&self) -> Tensor<B, 1>;
+
+    /// The cell after a training step on sequences of up to `max_len` steps, with its
+    /// parameters put back into their allowed range (IndRNN clips its recurrent weights);
+    /// most cells have no constraint.
+    fn constrain_recurrent(self, max_len: usize) -> Self
+    where
+        Self: Sized,
+    {
+        let _ = max_len;
+        self
+    }
 
     /// Loads the cells of one layer (one per direction) from a state dict, replacing the
     /// parameters of `cells`; names follow the convention of the cell's family.
@@ -360,6 +373,9 @@ macro_rules! register_cells {
             fn kernel(&self) -> AnyKernel { match self { $(Self::$variant(c) => AnyKernel::$variant(c.kernel())),* } }
             fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> where B: RnnBackend { match self { $(Self::$variant(c) => c.project(input)),* } }
             fn recurrent_params(&self) -> Tensor<B, 1> { match self { $(Self::$variant(c) => c.recurrent_params()),* } }
+            fn constrain_recurrent(self, max_len: usize) -> Self {
+                match self { $(Self::$variant(c) => Self::$variant(c.constrain_recurrent(max_len))),* }
+            }
 
             fn load_layer(
                 cells: Vec<Self>,
@@ -423,8 +439,10 @@ macro_rules! register_cells {
 // The registry: adding a cell family is one line here plus its file.
 register_cells! {
     Rnn => rnn::{ Rnn, RnnConfig, RnnKernel },
+    IndRnn => indrnn::{ IndRnn, IndRnnConfig, IndRnnKernel },
     Lstm => lstm::{ Lstm, LstmConfig, LstmKernel },
     Gru => gru::{ Gru, GruConfig, GruKernel },
+    Mgu => mgu::{ Mgu, MguConfig, MguKernel },
     Sru => sru::{ Sru, SruConfig, SruKernel },
 }
 

@@ -257,7 +257,7 @@ impl ExperimentConfig {
             }),
         };
         if config.init == InitKind::Chrono {
-            let ungated = ["rnn", "rnn-relu", "irnn"];
+            let ungated = ["rnn", "rnn-relu", "irnn", "indrnn"];
             if let Some(cell) = config.cell.iter().find(|c| ungated.contains(&c.as_str())) {
                 return Err(format!(
                     "init = chrono needs gated cells; {cell} has no gates"

@@ -250,6 +250,7 @@ where
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         clip_global_norm(&model, &mut grads, config.clip);
         model = optim.step(config.lr, model, grads);
+        model.rnn = model.rnn.constrain_recurrent(batch.len);
 
         if step % config.eval_every == 0 || step == config.steps {
             let metrics = evaluate(&task, &model.valid(), &eval, device);
