@@ -10,9 +10,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::{
-    accumulate, batch_sum, cols, flatten_params, load_torch_params, project_sequence,
-    save_torch_params, sigmoid, sigmoid_grad, tanh_grad, uniform_param, Cell, CellConfig, Position,
-    TorchRefs,
+    accumulate, batch_sum, cols, flatten_params, load_torch_layer, project_sequence,
+    save_torch_layer, sigmoid, sigmoid_grad, tanh_grad, uniform_param, Cell, CellConfig, Position,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
@@ -460,42 +459,15 @@ impl<B: Backend> Cell<B> for Gru<B> {
         layer: usize,
         source: &mut dyn TensorSource,
     ) -> Result<Vec<Self>, ImportError> {
-        cells
-            .into_iter()
-            .enumerate()
-            .map(|(direction, cell)| {
-                let (weight_ih, weight_hh, bias_ih, bias_hh) =
-                    load_torch_params(source, layer, direction, cell.torch_refs())?;
-                Ok(Gru {
-                    weight_ih,
-                    weight_hh,
-                    bias_ih,
-                    bias_hh,
-                    reset_after: cell.reset_after,
-                })
-            })
-            .collect()
+        load_torch_layer(cells, layer, source)
     }
 
     fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
-        cells
-            .iter()
-            .enumerate()
-            .flat_map(|(direction, cell)| save_torch_params(layer, direction, cell.torch_refs()))
-            .collect()
+        save_torch_layer(cells, layer)
     }
 }
 
-impl<B: Backend> Gru<B> {
-    fn torch_refs(&self) -> TorchRefs<'_, B> {
-        (
-            &self.weight_ih,
-            &self.weight_hh,
-            &self.bias_ih,
-            &self.bias_hh,
-        )
-    }
-}
+super::torch_style!(Gru);
 
 #[cfg(test)]
 mod tests {

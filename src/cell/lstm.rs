@@ -12,9 +12,9 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    accumulate, batch_sum, cols, flatten_params, load_param, load_torch_params, param_data,
-    project_sequence, save_torch_params, sigmoid, sigmoid_grad, tanh_grad, torch_name, uniform,
-    uniform_param, Cell, CellConfig, Position, TorchRefs,
+    accumulate, batch_sum, cols, flatten_params, load_param, load_torch_layer, param_data,
+    project_sequence, save_torch_layer, sigmoid, sigmoid_grad, tanh_grad, torch_name, uniform,
+    uniform_param, Cell, CellConfig, Position,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
@@ -498,32 +498,25 @@ impl<B: Backend> Cell<B> for Lstm<B> {
         layer: usize,
         source: &mut dyn TensorSource,
     ) -> Result<Vec<Self>, ImportError> {
-        cells
+        load_torch_layer(cells, layer, source)?
             .into_iter()
             .enumerate()
             .map(|(direction, cell)| {
-                let (weight_ih, weight_hh, bias_ih, bias_hh) =
-                    load_torch_params(source, layer, direction, cell.torch_refs())?;
                 let peephole = torch_name("weight_peephole", layer, direction);
                 Ok(Lstm {
-                    weight_ih,
-                    weight_hh,
-                    bias_ih,
-                    bias_hh,
                     weight_peephole: match &cell.weight_peephole {
                         Some(p) => Some(load_param(source, &peephole, p)?),
                         None => None,
                     },
-                    coupled: cell.coupled,
+                    ..cell
                 })
             })
             .collect()
     }
 
     fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
-        let mut tensors = Vec::new();
+        let mut tensors = save_torch_layer(cells, layer);
         for (direction, cell) in cells.iter().enumerate() {
-            tensors.extend(save_torch_params(layer, direction, cell.torch_refs()));
             if let Some(p) = &cell.weight_peephole {
                 tensors.push((
                     torch_name("weight_peephole", layer, direction),
@@ -535,16 +528,7 @@ impl<B: Backend> Cell<B> for Lstm<B> {
     }
 }
 
-impl<B: Backend> Lstm<B> {
-    fn torch_refs(&self) -> TorchRefs<'_, B> {
-        (
-            &self.weight_ih,
-            &self.weight_hh,
-            &self.bias_ih,
-            &self.bias_hh,
-        )
-    }
-}
+super::torch_style!(Lstm);
 
 #[cfg(test)]
 mod tests {

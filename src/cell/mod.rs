@@ -279,6 +279,72 @@ pub(crate) fn save_torch_params<B: Backend>(
     ]
 }
 
+/// A cell whose tensors are PyTorch's four (`weight_ih`, `weight_hh`, `bias_ih`, `bias_hh`),
+/// plus whatever else it keeps as it is.
+pub(crate) trait TorchStyle<B: Backend>: Sized {
+    /// References to the four tensors.
+    fn torch_refs(&self) -> TorchRefs<'_, B>;
+    /// The cell with the four tensors replaced.
+    fn with_torch_params(self, params: TorchParams<B>) -> Self;
+}
+
+/// Implements [`TorchStyle`] for a cell struct with the four PyTorch-named fields.
+macro_rules! torch_style {
+    ($cell:ident) => {
+        impl<B: Backend> super::TorchStyle<B> for $cell<B> {
+            fn torch_refs(&self) -> super::TorchRefs<'_, B> {
+                (
+                    &self.weight_ih,
+                    &self.weight_hh,
+                    &self.bias_ih,
+                    &self.bias_hh,
+                )
+            }
+            // `..self` keeps a cell's other fields; MGU has none.
+            #[allow(clippy::needless_update)]
+            fn with_torch_params(self, params: super::TorchParams<B>) -> Self {
+                let (weight_ih, weight_hh, bias_ih, bias_hh) = params;
+                Self {
+                    weight_ih,
+                    weight_hh,
+                    bias_ih,
+                    bias_hh,
+                    ..self
+                }
+            }
+        }
+    };
+}
+pub(crate) use torch_style;
+
+/// [`Cell::load_layer`] of a [`TorchStyle`] cell: one cell per direction.
+pub(crate) fn load_torch_layer<B: Backend, C: TorchStyle<B>>(
+    cells: Vec<C>,
+    layer: usize,
+    source: &mut dyn TensorSource,
+) -> Result<Vec<C>, ImportError> {
+    cells
+        .into_iter()
+        .enumerate()
+        .map(|(direction, cell)| {
+            let params = load_torch_params(source, layer, direction, cell.torch_refs())?;
+            Ok(cell.with_torch_params(params))
+        })
+        .collect()
+}
+
+/// [`Cell::save_layer`] of a [`TorchStyle`] cell.
+pub(crate) fn save_torch_layer<B: Backend, C: TorchStyle<B>>(
+    cells: &[C],
+    layer: usize,
+) -> Vec<(String, TensorData)> {
+    cells
+        .iter()
+        .enumerate()
+        .flat_map(|(direction, cell)| save_torch_params(layer, direction, cell.torch_refs()))
+        .collect()
+}
+
 /// A parameter's values, for export.
 pub(crate) fn param_data<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> TensorData {
     param.val().into_data()

@@ -7,8 +7,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
 
 use super::{
-    accumulate, flatten_params, load_torch_params, project_sequence, save_torch_params, tanh_grad,
-    uniform_param, Cell, CellConfig, Position, TorchRefs,
+    accumulate, flatten_params, load_torch_layer, project_sequence, save_torch_layer, tanh_grad,
+    uniform_param, Cell, CellConfig, Position,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
@@ -280,42 +280,15 @@ impl<B: Backend> Cell<B> for Rnn<B> {
         layer: usize,
         source: &mut dyn TensorSource,
     ) -> Result<Vec<Self>, ImportError> {
-        cells
-            .into_iter()
-            .enumerate()
-            .map(|(direction, cell)| {
-                let (weight_ih, weight_hh, bias_ih, bias_hh) =
-                    load_torch_params(source, layer, direction, cell.torch_refs())?;
-                Ok(Rnn {
-                    weight_ih,
-                    weight_hh,
-                    bias_ih,
-                    bias_hh,
-                    relu: cell.relu,
-                })
-            })
-            .collect()
+        load_torch_layer(cells, layer, source)
     }
 
     fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
-        cells
-            .iter()
-            .enumerate()
-            .flat_map(|(direction, cell)| save_torch_params(layer, direction, cell.torch_refs()))
-            .collect()
+        save_torch_layer(cells, layer)
     }
 }
 
-impl<B: Backend> Rnn<B> {
-    fn torch_refs(&self) -> TorchRefs<'_, B> {
-        (
-            &self.weight_ih,
-            &self.weight_hh,
-            &self.bias_ih,
-            &self.bias_hh,
-        )
-    }
-}
+super::torch_style!(Rnn);
 
 #[cfg(test)]
 mod tests {
