@@ -248,8 +248,26 @@ fn a_corrupt_checkpoint_is_reported() {
         "--resume".into(),
         out.display().to_string(),
     ]);
-    assert_error(&output, 1, "corrupt checkpoint");
+    assert_error(&output, 1, "corrupt or incompatible checkpoint");
+
+    // A checkpoint of another cell (burn's recorder panics on some such records).
+    let other = scratch("corrupt-other");
+    let mut args = tiny("adding-task", &other);
+    args.extend(["--cell".into(), "lstm".into()]);
+    assert!(run(&args).status.success());
+    std::fs::copy(
+        other.join("lstm-s0/checkpoint/checkpoint.mpk"),
+        dir.join("checkpoint/checkpoint.mpk"),
+    )
+    .unwrap();
+    let output = run(&[
+        "adding-task".into(),
+        "--resume".into(),
+        out.display().to_string(),
+    ]);
+    assert_error(&output, 1, "corrupt or incompatible checkpoint");
     let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&other);
 }
 
 #[test]

@@ -502,14 +502,15 @@ macro_rules! register_cells {
     };
 }
 
-// The registry: adding a cell family is one line here plus its file.
+// The registry: adding a cell family is one line here plus its file. New families go at the
+// end: a checkpoint records a cell by its position here.
 register_cells! {
     Rnn => rnn::{ Rnn, RnnConfig, RnnKernel },
-    IndRnn => indrnn::{ IndRnn, IndRnnConfig, IndRnnKernel },
     Lstm => lstm::{ Lstm, LstmConfig, LstmKernel },
     Gru => gru::{ Gru, GruConfig, GruKernel },
-    Mgu => mgu::{ Mgu, MguConfig, MguKernel },
     Sru => sru::{ Sru, SruConfig, SruKernel },
+    IndRnn => indrnn::{ IndRnn, IndRnnConfig, IndRnnKernel },
+    Mgu => mgu::{ Mgu, MguConfig, MguKernel },
 }
 
 impl AnyCellConfig {

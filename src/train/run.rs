@@ -158,6 +158,22 @@ fn injected_nan(step: usize) -> bool {
         == Some(step)
 }
 
+/// Runs `f`, turning a panic into an error: burn's recorder panics on some malformed bytes
+/// (a checkpoint of another version of the model, a damaged file) instead of returning one.
+fn without_panics<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    result.map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unreadable".into())
+    })
+}
+
 /// Trains `cell` with `seed` under `config` in its run folder, resuming from its checkpoint if
 /// there is one. Returns the summary (also written to `summary.json`).
 pub fn train_run<B: AutodiffBackend + RnnBackend>(
@@ -202,15 +218,21 @@ where
     let ckpt_path = checkpoint_path(&run_dir);
     if ckpt_path.exists() {
         let bytes = fs::read(&ckpt_path).map_err(|e| io_error(&ckpt_path, e))?;
-        let ckpt: Checkpoint = rmp_serde::from_slice(&bytes)
-            .map_err(|e| format!("corrupt checkpoint {}: {e}", ckpt_path.display()))?;
-        let record = recorder
-            .load(ckpt.model, device)
-            .map_err(|e| format!("corrupt checkpoint {}: {e}", ckpt_path.display()))?;
-        model = model.load_record(record);
-        optim = optim
-            .load_bytes(ckpt.optimizer, device)
-            .map_err(|e| format!("corrupt checkpoint {}: {e}", ckpt_path.display()))?;
+        let unusable = |e: String| {
+            format!(
+                "corrupt or incompatible checkpoint {}: {e}",
+                ckpt_path.display()
+            )
+        };
+        let ckpt: Checkpoint =
+            rmp_serde::from_slice(&bytes).map_err(|e| unusable(e.to_string()))?;
+        let record = without_panics(|| recorder.load(ckpt.model, device))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(unusable)?;
+        model = without_panics(|| model.load_record(record)).map_err(unusable)?;
+        optim = without_panics(|| optim.load_bytes(ckpt.optimizer, device))
+            .and_then(|r| r)
+            .map_err(unusable)?;
         start = ckpt.step;
         wall_before = ckpt.wall_time_s;
         best = ckpt.best_metric;
