@@ -117,13 +117,13 @@ enum TaskCommand {
 struct SuiteArgs {
     /// The suite file (see experiments/quick.toml).
     file: PathBuf,
-    /// Runs at once, each in its own process [default: 1].
+    /// Runs at once, each in its own process.
     #[arg(long, default_value_t = 1)]
     jobs: usize,
-    /// Worker threads per run [default: the suite's setting, else 2].
+    /// Worker threads per run [default: 2].
     #[arg(long)]
     threads: Option<usize>,
-    /// Run only the runs of shard i of n (0 <= i < n), e.g. 3/16 [default: 0/1, all].
+    /// Run only the runs of shard i of n (0 <= i < n), e.g. 3/16; 0/1 is the whole suite.
     #[arg(long, default_value = "0/1")]
     shard: Shard,
     /// Output folder [default: the suite's `out`, else runs/suite-NAME].
