@@ -244,6 +244,16 @@ pub fn sections(runs: &[FinishedRun]) -> Vec<ReportSection> {
             &b.experiment,
         ))
     });
+    // Two settings under one folder name (merged from different suites) get distinct names,
+    // so that their figures do not overwrite each other.
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for section in &mut sections {
+        let count = seen.entry(section.experiment.clone()).or_insert(0);
+        *count += 1;
+        if *count > 1 {
+            section.experiment = format!("{}_{}", section.experiment, count);
+        }
+    }
     sections
 }
 
