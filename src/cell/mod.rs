@@ -429,6 +429,9 @@ macro_rules! register_cells {
             fn host_weight_products(&self) -> Vec<crate::host::WeightProduct> {
                 match self { $(Self::$variant(k) => k.host_weight_products()),* }
             }
+            fn as_sru(&self) -> Option<&sru::SruKernel> {
+                match self { $(Self::$variant(k) => k.as_sru()),* }
+            }
         }
 
         impl<B: Backend> Cell<B> for AnyCell<B> {

@@ -318,6 +318,10 @@ impl Recurrence for SruKernel {
         }
     }
 
+    fn as_sru(&self) -> Option<&SruKernel> {
+        Some(self)
+    }
+
     fn host_weight_products(&self) -> Vec<WeightProduct> {
         // The biases' gradient: dz_f and dz_r summed over the batch and the sequence.
         vec![WeightProduct {

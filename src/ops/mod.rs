@@ -19,10 +19,15 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::{backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
 
+use crate::cell::sru::SruKernel;
 use crate::host::{HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
 
 #[cfg(feature = "ndarray")]
 pub mod cpu;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod cube;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod fusion;
 
 /// The recurrent part of a cell, free of any backend: it knows the widths of its tensors and
 /// how to advance one step (and its backward) from an input that was projected beforehand.
@@ -81,6 +86,10 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
     /// Weight gradients that are sums over steps of `a_tᵀ · g_t` (none by default).
     fn host_weight_products(&self) -> Vec<WeightProduct> {
         Vec::new()
+    }
+    /// The SRU kernel, when this is one: the GPU backends have a fused kernel for it.
+    fn as_sru(&self) -> Option<&SruKernel> {
+        None
     }
 }
 
@@ -161,7 +170,7 @@ pub trait RnnBackend: Backend {
         input: RecurrenceInput<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let packed = Self::rnn_recurrence_packed(kernel, input);
-        (packed.clone(), visible::<Self, K>(kernel, packed))
+        split::<Self, K>(kernel, packed)
     }
 
     /// The recurrence op: each step's output and new state, `[T, batch, O + S]` (the packed
@@ -301,6 +310,14 @@ pub mod linear {
             .matmul(x.reshape([len * batch, width]));
         (primitive(weight), primitive(grad.sum_dim(0).reshape([out])))
     }
+}
+
+/// A full packed sequence and its output columns.
+fn split<B: Backend, K: Recurrence>(
+    kernel: &K,
+    packed: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    (packed.clone(), visible::<B, K>(kernel, packed))
 }
 
 /// The op's output columns (`O + S`) of a full packed sequence.
@@ -634,20 +651,65 @@ impl<B: RnnBackend> Backward<B, 3> for LinearBackward {
     }
 }
 
-// GPU backends run the plain-tensor path (a fused kernel is future work).
+// GPU backends: the SRU runs as one fused kernel per pass (`cube`), other cells as plain
+// tensor ops.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 impl<R, F, I, BT> RnnBackend for burn_cubecl::CubeBackend<R, F, I, BT>
 where
-    burn_cubecl::CubeBackend<R, F, I, BT>: Backend,
     R: burn_cubecl::CubeRuntime,
     F: burn_cubecl::FloatElement,
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
+    fn rnn_recurrence_split<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match kernel.as_sru() {
+            Some(sru) => cube::sru_forward(sru, cube_input(input)),
+            None => split::<Self, K>(kernel, recurrence_forward::<Self, K>(kernel, input)),
+        }
+    }
+
+    fn rnn_recurrence_backward<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> RecurrenceGrads<Self> {
+        let Some(sru) = kernel.as_sru() else {
+            return recurrence_backward::<Self, K>(kernel, input, packed, grad);
+        };
+        let grads = cube::sru_backward(sru, cube_input(input), packed, grad);
+        let per_row = float::<Self, 2>(grads.params_per_row);
+        let width = per_row.dims()[1];
+        RecurrenceGrads {
+            xp: grads.xp,
+            state0: grads.state0,
+            params: primitive(per_row.sum_dim(0).reshape([width])),
+        }
+    }
 }
 
+/// The op's inputs as the fused SRU kernels take them.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-impl<B: burn_fusion::FusionBackend> RnnBackend for burn_fusion::Fusion<B> {}
+fn cube_input<R, F, I, BT>(
+    input: RecurrenceInput<burn_cubecl::CubeBackend<R, F, I, BT>>,
+) -> cube::SruInput<R>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    cube::SruInput {
+        xp: input.xp,
+        state0: input.state0,
+        params: input.params,
+        mask: input.mask,
+        reverse: input.reverse,
+    }
+}
 
 /// How the recurrence is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
