@@ -57,6 +57,8 @@ pub fn collect(roots: &[PathBuf]) -> Result<Vec<FinishedRun>, String> {
     }
     summaries.sort();
     let mut seen = std::collections::HashSet::new();
+    // Each experiment's config is read once, not once per run.
+    let mut configs: BTreeMap<PathBuf, ExperimentConfig> = BTreeMap::new();
     let mut runs = Vec::new();
     for path in summaries {
         let dir = path.parent().expect("a file has a folder").to_path_buf();
@@ -67,7 +69,14 @@ pub fn collect(roots: &[PathBuf]) -> Result<Vec<FinishedRun>, String> {
         if !config_path.exists() {
             continue;
         }
-        let config: ExperimentConfig = read_json(&config_path)?;
+        let config = match configs.get(&config_path) {
+            Some(config) => config.clone(),
+            None => {
+                let config: ExperimentConfig = read_json(&config_path)?;
+                configs.insert(config_path, config.clone());
+                config
+            }
+        };
         let summary: RunSummary = read_json(&path)?;
         if seen.insert((setting_key(&config), summary.cell.clone(), summary.seed)) {
             runs.push(FinishedRun {
