@@ -222,6 +222,13 @@ pub struct SruInput<R: CubeRuntime> {
 
 impl<R: CubeRuntime> SruInput<R> {
     fn contiguous(self) -> Self {
+        if let Some(mask) = &self.mask {
+            // The kernels read the mask as the same float type as the input.
+            assert_eq!(
+                mask.dtype, self.xp.dtype,
+                "mask and input float types differ"
+            );
+        }
         Self {
             xp: into_contiguous(self.xp),
             state0: into_contiguous(self.state0),
