@@ -1,23 +1,27 @@
-//! The fused SRU kernel (`ops::cube`) on burn's wgpu backend against the plain tensor path on
-//! the same backend: outputs and every gradient, masked or not, in both directions, with and
-//! without `tanh`. Runs on any Vulkan device; CI uses Mesa's software one (lavapipe), so the
-//! shapes are small. (`check`, the comparison helpers, comes with the default `ndarray`.)
-#![cfg(all(feature = "wgpu", feature = "ndarray"))]
+//! The fused SRU kernel (`ops::cube`) on the compiled-in GPU backend (`cuda`, else `wgpu`)
+//! against the plain tensor path on the same backend and against the CPU (burn-ndarray) op:
+//! outputs and every gradient, masked or not, in both directions, with and without `tanh`. With `wgpu` it runs on any Vulkan device;
+//! CI uses Mesa's software one (lavapipe), so the shapes are small. (`check`, the comparison
+//! helpers, comes with the default `ndarray`.)
+#![cfg(all(any(feature = "wgpu", feature = "cuda"), feature = "ndarray"))]
 
-use burn::backend::{Autodiff, Wgpu};
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use rnn_zoo::cell::sru::SruKernel;
 use rnn_zoo::check::{gradients_of, max_abs_diff};
 use rnn_zoo::ops::{self, Recurrence, RecurrencePath};
 use rnn_zoo::prelude::*;
 
-type B = Autodiff<Wgpu>;
+type B = Autodiff<rnn_zoo::backend::DefaultBackend>;
+/// The CPU reference backend.
+type Cpu = Autodiff<NdArray>;
 
 /// The f32 tolerance the issue sets for the fused kernel against the plain path.
 const TOLERANCE: f64 = 1e-4;
 
-/// Deterministic values in [-1, 1], different for each `seed`.
-fn tensor<const D: usize>(dims: [usize; D], seed: u64) -> Tensor<B, D> {
+/// Deterministic values in [-1, 1], different for each `seed`, on backend `X`.
+fn tensor_on<X: AutodiffBackend, const D: usize>(dims: [usize; D], seed: u64) -> Tensor<X, D> {
     let n: usize = dims.iter().product();
     let values: Vec<f32> = (0..n)
         .map(|i| ((i as f64 * 0.7311 + seed as f64 * 1.913).sin()) as f32)
@@ -25,8 +29,13 @@ fn tensor<const D: usize>(dims: [usize; D], seed: u64) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(values, dims), &Default::default())
 }
 
+/// [`tensor_on`] the GPU backend.
+fn tensor<const D: usize>(dims: [usize; D], seed: u64) -> Tensor<B, D> {
+    tensor_on::<B, D>(dims, seed)
+}
+
 /// The time-major `[T, B]` mask of sequences of `lengths`.
-fn mask_of(lengths: &[usize], len: usize) -> Tensor<B, 2> {
+fn mask_of<X: AutodiffBackend>(lengths: &[usize], len: usize) -> Tensor<X, 2> {
     let keep: Vec<f32> = (0..len)
         .flat_map(|t| lengths.iter().map(move |&l| if t < l { 1.0 } else { 0.0 }))
         .collect();
@@ -36,19 +45,20 @@ fn mask_of(lengths: &[usize], len: usize) -> Tensor<B, 2> {
     )
 }
 
-/// The op's output and the gradients of its three inputs under a weighted-sum loss.
-fn op_results(
+/// The op's output and the gradients of its three inputs under a weighted-sum loss, on
+/// backend `X`.
+fn op_results<X: AutodiffBackend + ops::RnnBackend>(
     path: RecurrencePath,
     kernel: &SruKernel,
-    mask: Option<Tensor<B, 2>>,
+    mask: Option<Tensor<X, 2>>,
     reverse: bool,
 ) -> [TensorData; 4] {
     let (len, batch, hidden) = (7, 3, kernel.hidden);
     let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
-    let xp = tensor([len, batch, 4 * hidden], 1).require_grad();
-    let state0 = tensor([batch, hidden], 2).require_grad();
-    let params = tensor([param_len], 3).require_grad();
-    let weights = tensor([len, batch, 2 * hidden], 4);
+    let xp = tensor_on::<X, 3>([len, batch, 4 * hidden], 1).require_grad();
+    let state0 = tensor_on::<X, 2>([batch, hidden], 2).require_grad();
+    let params = tensor_on::<X, 1>([param_len], 3).require_grad();
+    let weights = tensor_on::<X, 3>([len, batch, 2 * hidden], 4);
     let output = ops::recurrence_with(
         path,
         kernel,
@@ -67,9 +77,19 @@ fn op_results(
     ]
 }
 
+/// The largest difference of each of the four results.
+fn differences(a: &[TensorData; 4], b: &[TensorData; 4]) -> Vec<f64> {
+    ["output", "grad xp", "grad state0", "grad params"]
+        .iter()
+        .zip(a.iter().zip(b))
+        .map(|(what, (a, b))| max_abs_diff(what, a, b))
+        .collect()
+}
+
 #[test]
-fn fused_sru_op_matches_plain_path() {
+fn fused_sru_op_matches_plain_path_and_cpu() {
     let lengths = [7, 2, 5];
+    let mut failed = Vec::new();
     for use_tanh in [false, true] {
         for masked in [false, true] {
             for reverse in [false, true] {
@@ -77,24 +97,27 @@ fn fused_sru_op_matches_plain_path() {
                     hidden: 5,
                     use_tanh,
                 };
-                let mask = masked.then(|| mask_of(&lengths, 7));
+                let mask = masked.then(|| mask_of::<B>(&lengths, 7));
                 let fused = op_results(RecurrencePath::Fused, &kernel, mask.clone(), reverse);
                 let plain = op_results(RecurrencePath::Plain, &kernel, mask, reverse);
-                let errors: Vec<f64> = ["output", "grad xp", "grad state0", "grad params"]
-                    .iter()
-                    .zip(fused.iter().zip(&plain))
-                    .map(|(what, (a, b))| max_abs_diff(what, a, b))
-                    .collect();
+                let cpu_mask = masked.then(|| mask_of::<Cpu>(&lengths, 7));
+                let cpu = op_results(RecurrencePath::Fused, &kernel, cpu_mask, reverse);
                 let case = format!("use_tanh={use_tanh} masked={masked} reverse={reverse}");
-                let shown: Vec<String> = errors.iter().map(|e| format!("{e:.1e}")).collect();
-                println!("{case}: max abs diff output, xp, state0, params: {shown:?}");
-                assert!(
-                    errors.iter().all(|&e| e < TOLERANCE),
-                    "{case}: fused and plain paths differ: {errors:?}"
-                );
+                for (what, errors) in [
+                    ("fused vs plain", differences(&fused, &plain)),
+                    ("fused vs cpu", differences(&fused, &cpu)),
+                    ("plain vs cpu", differences(&plain, &cpu)),
+                ] {
+                    let shown: Vec<String> = errors.iter().map(|e| format!("{e:.1e}")).collect();
+                    println!("{case} {what}: output, grad xp, state0, params {shown:?}");
+                    if errors.iter().any(|&e| e >= TOLERANCE) {
+                        failed.push(format!("{case} {what}"));
+                    }
+                }
             }
         }
     }
+    assert!(failed.is_empty(), "paths differ: {failed:?}");
 }
 
 /// Through the layer: a bidirectional, masked SRU layer reaches the kernel through `AnyCell`.

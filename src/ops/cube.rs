@@ -11,7 +11,8 @@
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::{
-    kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor, CubeRuntime,
+    kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
+    CubeRuntime,
 };
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
@@ -250,8 +251,11 @@ impl<R: CubeRuntime> SruInput<R> {
             | bit(kernel.use_tanh, USE_TANH)
     }
 
+    /// A new contiguous tensor: the kernels index rows as `row · width`, while burn's default
+    /// allocation may pad each row to an alignment (burn-cuda does: with H = 5 every result
+    /// was wrong on an H100, while H = 4 and wgpu were right).
     fn new_tensor(&self, dims: Vec<usize>) -> CubeTensor<R> {
-        empty_device_dtype(
+        empty_device_contiguous_dtype(
             self.xp.client.clone(),
             self.xp.device.clone(),
             Shape::from(dims),
