@@ -1,4 +1,4 @@
-"""PyTorch CPU peer of rnn-zoo's `bench` binary, for reproducing speed comparisons.
+"""PyTorch peer of rnn-zoo's `bench` binary (CPU, or CUDA with cuDNN), for reproducing speed comparisons.
 
 This is a comparison tool only; rnn-zoo does not depend on Python or PyTorch. It times the
 same harness as `cargo run --release --bin bench`: one training step (torch.nn.LSTM/GRU/RNN
@@ -8,6 +8,7 @@ runs, reported as the median and (min..max) of --repeats timed runs.
 
     python3 -m venv .venv && .venv/bin/pip install torch
     .venv/bin/python scripts/bench_pytorch.py --cell all --json
+    python3 scripts/bench_pytorch.py --device cuda --seq-len 100,1000   # cuDNN on a GPU
 """
 
 import argparse
@@ -26,23 +27,31 @@ CELLS = {
 WARMUP = 2
 
 
-def time_ms(run, repeats):
-    """Median and (min, max) in ms of `repeats` timed runs after WARMUP untimed ones."""
-    for _ in range(WARMUP):
-        run()
-    samples = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        run()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples), (min(samples), max(samples))
+def elapsed_ms(run, device):
+    """Milliseconds `run` takes, waiting for the GPU to finish its work."""
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def time_ms(run, repeats, device):
+    """The first run's time, then the median and (min, max) in ms of `repeats` timed runs
+    after WARMUP untimed ones (the first among them)."""
+    first = elapsed_ms(run, device)
+    for _ in range(WARMUP - 1):
+        elapsed_ms(run, device)
+    samples = [elapsed_ms(run, device) for _ in range(max(repeats, 1))]
+    return first, statistics.median(samples), (min(samples), max(samples))
 
 
 def bench(cell, batch, seq_len, args, backend):
-    layer = CELLS[cell](args.input, args.hidden, args.layers)
-    head = torch.nn.Linear(args.hidden, 10)
+    device = torch.device(args.device)
+    layer = CELLS[cell](args.input, args.hidden, args.layers).to(device)
+    head = torch.nn.Linear(args.hidden, 10).to(device)
     params = list(layer.parameters()) + list(head.parameters())
-    x = torch.rand(batch, seq_len, args.input)
+    x = torch.rand(batch, seq_len, args.input, device=device)
 
     def train_step():
         for p in params:
@@ -53,12 +62,12 @@ def bench(cell, batch, seq_len, args, backend):
         with torch.no_grad():
             layer(x)
 
-    train, train_range = time_ms(train_step, args.repeats)
-    fwd, _ = time_ms(forward, args.repeats)
+    first, train, train_range = time_ms(train_step, args.repeats, device)
+    _, fwd, _ = time_ms(forward, args.repeats, device)
     return {
         "cell": cell, "batch": batch, "seq_len": seq_len, "input": args.input,
         "hidden": args.hidden, "layers": args.layers, "threads": args.threads,
-        "train_step_ms": train, "train_step_range_ms": list(train_range), "forward_ms": fwd,
+        "first_train_step_ms": first, "train_step_ms": train, "train_step_range_ms": list(train_range), "forward_ms": fwd,
         "train_steps_per_s": batch * seq_len / (train / 1e3), "backend": backend,
     }
 
@@ -73,6 +82,7 @@ def main():
     p.add_argument("--layers", type=int, default=1, help="stacked layers")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (after 2 warm-up runs)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (nn.LSTM/GRU/RNN run on cuDNN)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     args = p.parse_args()
 
@@ -84,7 +94,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    backend = "pytorch-%s-cpu" % torch.__version__.split("+")[0]
+    device = "cpu" if args.device == "cpu" else "cuda-" + torch.cuda.get_device_name().replace(" ", "-")
+    backend = "pytorch-%s-%s" % (torch.__version__.split("+")[0], device)
     if not args.json:
         print("backend: %s, %d threads" % (backend, args.threads))
         print("%-14s %6s %6s %6s %6s %12s %18s %11s %14s" % (

@@ -45,6 +45,9 @@ pub struct BenchResult {
     pub layers: usize,
     /// Worker threads.
     pub threads: usize,
+    /// The first (untimed warm-up) training step, ms: on GPU backends it includes compiling
+    /// the step's kernels, i.e. the start-up cost.
+    pub first_train_step_ms: f64,
     /// Median training step (forward + backward), ms.
     pub train_step_ms: f64,
     /// Smallest and largest training step, ms.
@@ -79,18 +82,24 @@ fn median_and_range(mut samples: Vec<f64>) -> (f64, (f64, f64)) {
     (median, (samples[0], samples[n - 1]))
 }
 
-fn time_ms(settings: BenchSettings, mut run: impl FnMut()) -> (f64, (f64, f64)) {
-    for _ in 0..settings.warmup {
+/// Milliseconds `run` takes.
+fn elapsed_ms(run: &mut impl FnMut()) -> f64 {
+    let start = Instant::now();
+    run();
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+/// The first warm-up run's time, then the median and range of the timed runs.
+fn time_ms(settings: BenchSettings, mut run: impl FnMut()) -> (f64, f64, (f64, f64)) {
+    let first = elapsed_ms(&mut run);
+    for _ in 1..settings.warmup {
         run();
     }
     let samples = (0..settings.repeats.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            run();
-            start.elapsed().as_secs_f64() * 1e3
-        })
+        .map(|_| elapsed_ms(&mut run))
         .collect();
-    median_and_range(samples)
+    let (median, range) = median_and_range(samples);
+    (first, median, range)
 }
 
 /// Times any sequence model given as forward closures `[B, T, I] -> [B, T, H]`: `forward`
@@ -110,7 +119,7 @@ fn bench_model<B: AutodiffBackend>(
         Distribution::Default,
         &device,
     );
-    let (train, range) = time_ms(settings, || {
+    let (first_train, train, range) = time_ms(settings, || {
         let loss = head.forward(forward(input.clone())).mean();
         let grads = loss.backward();
         // Reading a value waits for asynchronous backends to finish the step.
@@ -121,7 +130,7 @@ fn bench_model<B: AutodiffBackend>(
             .map(|g| g.sum().into_scalar());
     });
     let inner_input = input.clone().inner();
-    let (forward_ms, _) = time_ms(settings, || {
+    let (_, forward_ms, _) = time_ms(settings, || {
         let out = infer(inner_input.clone());
         let _ = out.sum().into_scalar();
     });
@@ -133,6 +142,7 @@ fn bench_model<B: AutodiffBackend>(
         hidden: shape.hidden,
         layers: shape.layers,
         threads: settings.threads,
+        first_train_step_ms: first_train,
         train_step_ms: train,
         train_step_range_ms: range,
         forward_ms,

@@ -68,7 +68,7 @@ fn run(args: Args) -> Result<(), String> {
     if !args.json {
         println!("backend: {}", describe());
         println!(
-            "{:<14} {:>6} {:>6} {:>6} {:>6} {:>12} {:>18} {:>11} {:>14}",
+            "{:<14} {:>6} {:>6} {:>6} {:>6} {:>12} {:>18} {:>11} {:>14} {:>13}",
             "cell",
             "batch",
             "T",
@@ -77,7 +77,8 @@ fn run(args: Args) -> Result<(), String> {
             "train ms",
             "(min..max)",
             "forward ms",
-            "train steps/s"
+            "train steps/s",
+            "first step ms"
         );
     }
     for &seq_len in &args.seq_len {
@@ -102,7 +103,7 @@ fn run(args: Args) -> Result<(), String> {
             } else {
                 let (lo, hi) = result.train_step_range_ms;
                 println!(
-                    "{:<14} {:>6} {:>6} {:>6} {:>6} {:>12.1} {:>18} {:>11.1} {:>14.0}",
+                    "{:<14} {:>6} {:>6} {:>6} {:>6} {:>12.1} {:>18} {:>11.1} {:>14.0} {:>13.0}",
                     result.cell,
                     result.batch,
                     result.seq_len,
@@ -111,7 +112,8 @@ fn run(args: Args) -> Result<(), String> {
                     result.train_step_ms,
                     format!("({lo:.1}..{hi:.1})"),
                     result.forward_ms,
-                    result.train_steps_per_s
+                    result.train_steps_per_s,
+                    result.first_train_step_ms
                 );
             }
         }
