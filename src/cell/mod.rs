@@ -4,8 +4,13 @@
 //! step of a sequence at once, and its [`Recurrence`] kernel advances the state one step from
 //! that projection (one stacked matmul per step at most). The [layer](crate::layer) owns time.
 
+// `AnyCell` and the record burn derives for it are as large as the largest family (LN-LSTM's
+// seven parameters): a layer holds one or two cells, so a box would buy nothing.
+#![allow(clippy::large_enum_variant)]
+
 pub mod gru;
 pub mod indrnn;
+pub mod ln_lstm;
 pub mod lstm;
 pub mod mgu;
 pub mod rnn;
@@ -514,6 +519,7 @@ register_cells! {
     Sru => sru::{ Sru, SruConfig, SruKernel },
     IndRnn => indrnn::{ IndRnn, IndRnnConfig, IndRnnKernel },
     Mgu => mgu::{ Mgu, MguConfig, MguKernel },
+    LnLstm => ln_lstm::{ LnLstm, LnLstmConfig, LnLstmKernel },
 }
 
 impl AnyCellConfig {

@@ -181,6 +181,7 @@ pub fn chrono_init<B: Backend>(
         // (slice start, sign) of the gates chrono sets, in the bias layout of each family.
         let targets: Vec<(usize, f32)> = match cell {
             "lstm" | "peephole-lstm" if is_ih || is_hh => vec![(hidden, 1.0), (0, -1.0)],
+            "ln-lstm" if name.starts_with("bias_l") => vec![(hidden, 1.0), (0, -1.0)],
             // CIFG's input gate and MGU's forget gate both weigh the new value against the old.
             "cifg-lstm" | "mgu" if is_ih || is_hh => vec![(0, -1.0)],
             "gru" | "gru-cho" if is_ih || is_hh => vec![(hidden, 1.0)],

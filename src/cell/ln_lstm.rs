@@ -1,0 +1,601 @@
+//! The layer-normalised LSTM (Ba, Kiros & Hinton 2016, §3.1 and the LSTM equations of its
+//! supplement): layer normalisation of the input projection, of the recurrent projection and
+//! of the new cell before its output `tanh`, each over its own features and per example.
+//!
+//! `z = LN(W_ih x; γ_ih) + LN(W_hh h; γ_hh) + b`, gates i, f, g, o as `torch.nn.LSTM`,
+//! `c' = f⊙c + i⊙g`, `h' = o⊙tanh(LN(c'; γ_c, β_c))`, where
+//! `LN(v; γ, β) = γ⊙(v − mean(v))/√(var(v) + ε) + β` (ε = 1e-5, PyTorch's). The two projections'
+//! shifts would only add to `b`, so they are folded into it.
+//!
+//! Tensors: `weight_ih [4H, I]`, `weight_hh [4H, H]`, `bias [4H]`, `ln_ih_weight [4H]`,
+//! `ln_hh_weight [4H]`, `ln_cell_weight [H]`, `ln_cell_bias [H]`, each with the layer and
+//! direction suffix of PyTorch's names (`weight_ih_l0`, `ln_cell_bias_l1_reverse`).
+//!
+//! The input projection and its normalisation run over the whole sequence at once; the
+//! recurrent normalisation and the cell's run inside the step, forward and backward.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use super::{
+    accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence, sigmoid,
+    sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell, CellConfig, Position,
+};
+use crate::host::{
+    self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
+};
+use crate::import::{ImportError, TensorSource};
+use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+
+/// The variance floor of every normalisation (PyTorch's `LayerNorm` default).
+pub const LN_EPSILON: f64 = 1e-5;
+
+/// Configuration of an [`LnLstm`] cell.
+#[derive(Config, Debug, PartialEq)]
+pub struct LnLstmConfig {
+    /// Width of the input.
+    pub input_size: usize,
+    /// Width of the hidden state.
+    pub hidden_size: usize,
+    /// Initial value of the forget-gate slice of `bias`, as the zoo's LSTM (Gers et al. 2000).
+    #[config(default = "1.0")]
+    pub forget_bias: f64,
+}
+
+/// A layer-normalised LSTM cell.
+#[derive(Module, Debug)]
+pub struct LnLstm<B: Backend> {
+    /// Input-to-gates weights `[4H, I]`, rows i, f, g, o.
+    pub weight_ih: Param<Tensor<B, 2>>,
+    /// Hidden-to-gates weights `[4H, H]`.
+    pub weight_hh: Param<Tensor<B, 2>>,
+    /// Gate bias `[4H]` (the normalisations' shifts folded in).
+    pub bias: Param<Tensor<B, 1>>,
+    /// Gain of the input projection's normalisation `[4H]`.
+    pub ln_ih_weight: Param<Tensor<B, 1>>,
+    /// Gain of the recurrent projection's normalisation `[4H]`.
+    pub ln_hh_weight: Param<Tensor<B, 1>>,
+    /// Gain of the cell's normalisation `[H]`.
+    pub ln_cell_weight: Param<Tensor<B, 1>>,
+    /// Shift of the cell's normalisation `[H]`.
+    pub ln_cell_bias: Param<Tensor<B, 1>>,
+}
+
+impl LnLstmConfig {
+    /// Builds the cell: weights `U(-1/√H, 1/√H)` as PyTorch's LSTM, gains 1 and shifts 0 as
+    /// PyTorch's `LayerNorm`, the bias 0 but for the forget slice.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> LnLstm<B> {
+        let (i, h) = (self.input_size, self.hidden_size);
+        let bound = 1.0 / (h as f64).sqrt();
+        let bias: Vec<f64> = (0..4 * h)
+            .map(|k| {
+                if (h..2 * h).contains(&k) {
+                    self.forget_bias
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let vector = |values: Vec<f64>| {
+            let n = values.len();
+            Param::from_tensor(Tensor::from_data(TensorData::new(values, [n]), device))
+        };
+        LnLstm {
+            weight_ih: uniform_param([4 * h, i], bound, device),
+            weight_hh: uniform_param([4 * h, h], bound, device),
+            bias: vector(bias),
+            ln_ih_weight: vector(vec![1.0; 4 * h]),
+            ln_hh_weight: vector(vec![1.0; 4 * h]),
+            ln_cell_weight: vector(vec![1.0; h]),
+            ln_cell_bias: vector(vec![0.0; h]),
+        }
+    }
+}
+
+impl CellConfig for LnLstmConfig {
+    type Cell<B: Backend> = LnLstm<B>;
+
+    fn names() -> &'static [&'static str] {
+        &["ln-lstm"]
+    }
+    fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
+        (name == "ln-lstm").then(|| Self::new(input_size, hidden_size))
+    }
+    fn name(&self) -> &'static str {
+        "ln-lstm"
+    }
+    fn input_size(&self) -> usize {
+        self.input_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn at_position(&self, position: Position) -> Self {
+        Self {
+            input_size: position.input_size,
+            ..self.clone()
+        }
+    }
+    fn init_cell<B: Backend>(&self, device: &B::Device) -> LnLstm<B> {
+        self.init(device)
+    }
+}
+
+/// Row-wise normalisation of `[batch, width]`: `(x̂, 1/√(var + ε))`, the latter `[batch, 1]`.
+fn normalize_rows<B: Backend>(x: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let centred = x.clone() - x.mean_dim(1);
+    let inv_std = (centred.clone().square().mean_dim(1) + LN_EPSILON)
+        .sqrt()
+        .recip();
+    (centred * inv_std.clone(), inv_std)
+}
+
+/// The gradient through [`normalize_rows`]: `inv_std · (g − mean(g) − x̂·mean(g⊙x̂))`.
+fn normalize_rows_backward<B: Backend>(
+    normalized: Tensor<B, 2>,
+    inv_std: Tensor<B, 2>,
+    grad: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let mean_grad = grad.clone().mean_dim(1);
+    let mean_dot = (grad.clone() * normalized.clone()).mean_dim(1);
+    (grad - mean_grad - normalized * mean_dot) * inv_std
+}
+
+/// [`normalize_rows`] in place on one host row; returns `1/√(var + ε)`.
+fn normalize_in_place<F: HostFloat>(row: &mut [F]) -> F {
+    let n = <F as num_traits::NumCast>::from(row.len()).expect("a width fits the float type");
+    let mean = row.iter().fold(F::zero(), |acc, &v| acc + v) / n;
+    let var = row
+        .iter()
+        .fold(F::zero(), |acc, &v| acc + (v - mean) * (v - mean))
+        / n;
+    let inv_std =
+        F::one() / (var + <F as num_traits::NumCast>::from(LN_EPSILON).expect("ε fits")).sqrt();
+    for v in row.iter_mut() {
+        *v = (*v - mean) * inv_std;
+    }
+    inv_std
+}
+
+/// [`normalize_rows_backward`] in place on one host row: `grad` becomes the input's gradient.
+fn normalize_backward_in_place<F: HostFloat>(normalized: &[F], inv_std: F, grad: &mut [F]) {
+    let n = <F as num_traits::NumCast>::from(grad.len()).expect("a width fits the float type");
+    let (mut sum, mut dot) = (F::zero(), F::zero());
+    for (&g, &x) in grad.iter().zip(normalized) {
+        sum += g;
+        dot += g * x;
+    }
+    let (mean, mean_dot) = (sum / n, dot / n);
+    for (g, &x) in grad.iter_mut().zip(normalized) {
+        *g = (*g - mean - x * mean_dot) * inv_std;
+    }
+}
+
+/// The LN-LSTM step. Params `[W_hh^T [H, 4H], γ_hh [1, 4H], γ_c [1, H], β_c [1, H]]`; state
+/// `[h | c]`; saved `[i, f, g, o | r̂ | ĉ | tanh(γ_c⊙ĉ + β_c) | 1/σ_r, 1/σ_c]` with `r̂` the
+/// normalised recurrent projection and `ĉ` the normalised new cell.
+#[derive(Debug, Clone)]
+pub struct LnLstmKernel {
+    /// Width of the hidden state.
+    pub hidden: usize,
+}
+
+/// Where each saved value starts in a packed row `[h out | h' | c' | saved]`.
+struct Layout {
+    gates: usize,
+    r_hat: usize,
+    c_hat: usize,
+    act: usize,
+    inv_std: usize,
+}
+
+impl LnLstmKernel {
+    fn layout(&self) -> Layout {
+        let hd = self.hidden;
+        Layout {
+            gates: 3 * hd,
+            r_hat: 7 * hd,
+            c_hat: 11 * hd,
+            act: 12 * hd,
+            inv_std: 13 * hd,
+        }
+    }
+}
+
+impl Recurrence for LnLstmKernel {
+    fn input_width(&self) -> usize {
+        4 * self.hidden
+    }
+    fn state_width(&self) -> usize {
+        2 * self.hidden
+    }
+    fn output_width(&self) -> usize {
+        self.hidden
+    }
+    fn saved_width(&self) -> usize {
+        10 * self.hidden + 2
+    }
+    fn param_shapes(&self) -> Vec<[usize; 2]> {
+        let hd = self.hidden;
+        vec![[hd, 4 * hd], [1, 4 * hd], [1, hd], [1, hd]]
+    }
+
+    fn step<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        xp: Tensor<B, 2>,
+        state: Tensor<B, 2>,
+    ) -> StepOutput<B> {
+        let hd = self.hidden;
+        let (h, c) = (cols(&state, 0, hd), cols(&state, hd, hd));
+        let (r_hat, inv_std_r) = normalize_rows(h.matmul(params[0].clone()));
+        let z = xp + r_hat.clone() * params[1].clone();
+        let i = sigmoid(cols(&z, 0, hd));
+        let f = sigmoid(cols(&z, hd, hd));
+        let g = cols(&z, 2 * hd, hd).tanh();
+        let o = sigmoid(cols(&z, 3 * hd, hd));
+        let c_new = f.clone() * c + i.clone() * g.clone();
+        let (c_hat, inv_std_c) = normalize_rows(c_new.clone());
+        let act = (c_hat.clone() * params[2].clone() + params[3].clone()).tanh();
+        let h_new = o.clone() * act.clone();
+        StepOutput {
+            output: h_new.clone(),
+            state: Tensor::cat(vec![h_new, c_new], 1),
+            saved: Some(Tensor::cat(
+                vec![i, f, g, o, r_hat, c_hat, act, inv_std_r, inv_std_c],
+                1,
+            )),
+        }
+    }
+
+    fn step_backward<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        step: StepRecord<B>,
+        param_grads: &mut [Tensor<B, 2>],
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let hd = self.hidden;
+        let saved = step
+            .saved
+            .expect("the LN-LSTM saves its gates and normalisations");
+        let part = |k: usize, width: usize| cols(&saved, k, width);
+        let (i, f, g, o) = (
+            part(0, hd),
+            part(hd, hd),
+            part(2 * hd, hd),
+            part(3 * hd, hd),
+        );
+        let (r_hat, c_hat, act) = (part(4 * hd, 4 * hd), part(8 * hd, hd), part(9 * hd, hd));
+        let (inv_std_r, inv_std_c) = (part(10 * hd, 1), part(10 * hd + 1, 1));
+        let (h, c) = (
+            cols(&step.prev_state, 0, hd),
+            cols(&step.prev_state, hd, hd),
+        );
+        let grad_h = step.grad_output + cols(&step.grad_state, 0, hd);
+
+        let d_act = grad_h.clone() * o.clone() * tanh_grad(act.clone());
+        accumulate(
+            &mut param_grads[2],
+            batch_sum(d_act.clone() * c_hat.clone()),
+        );
+        accumulate(&mut param_grads[3], batch_sum(d_act.clone()));
+        let grad_c = cols(&step.grad_state, hd, hd)
+            + normalize_rows_backward(c_hat, inv_std_c, d_act * params[2].clone());
+        let dz = Tensor::cat(
+            vec![
+                grad_c.clone() * g.clone() * sigmoid_grad(i.clone()),
+                grad_c.clone() * c * sigmoid_grad(f.clone()),
+                grad_c.clone() * i * tanh_grad(g),
+                grad_h * act * sigmoid_grad(o),
+            ],
+            1,
+        );
+        accumulate(&mut param_grads[1], batch_sum(dz.clone() * r_hat.clone()));
+        let dr = normalize_rows_backward(r_hat, inv_std_r, dz.clone() * params[1].clone());
+        accumulate(&mut param_grads[0], h.transpose().matmul(dr.clone()));
+        let grad_h_prev = dr.matmul(params[0].clone().transpose());
+        (dz, Tensor::cat(vec![grad_h_prev, grad_c * f], 1))
+    }
+
+    fn host_step<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        xp: MatRef<F>,
+        prev: MatRef<F>,
+        mut out: MatMut<F>,
+    ) {
+        let (hd, at) = (self.hidden, self.layout());
+        // The recurrent projection lands in r̂'s slot and is normalised there.
+        host::matmul(
+            &mut out.cols_mut(at.r_hat, 4 * hd),
+            prev.cols(0, hd),
+            params[0],
+            false,
+        );
+        let (gain_r, gain_c, shift_c) = (params[1].row(0), params[2].row(0), params[3].row(0));
+        out.for_each_row(|b, row| {
+            let (head, saved) = row.split_at_mut(at.gates);
+            let (gates, rest) = saved.split_at_mut(4 * hd);
+            let (r_hat, rest) = rest.split_at_mut(4 * hd);
+            let (c_hat, rest) = rest.split_at_mut(hd);
+            let (act, inv_std) = rest.split_at_mut(hd);
+            inv_std[0] = normalize_in_place(r_hat);
+            let x = xp.row(b);
+            for k in 0..4 * hd {
+                gates[k] = x[k] + gain_r[k] * r_hat[k];
+            }
+            F::sigmoid_in_place(&mut gates[..2 * hd]);
+            F::tanh_in_place(&mut gates[2 * hd..3 * hd]);
+            F::sigmoid_in_place(&mut gates[3 * hd..]);
+            let c = &prev.row(b)[hd..];
+            for j in 0..hd {
+                c_hat[j] = gates[hd + j] * c[j] + gates[j] * gates[2 * hd + j];
+            }
+            head[2 * hd..].copy_from_slice(c_hat);
+            inv_std[1] = normalize_in_place(c_hat);
+            for j in 0..hd {
+                act[j] = gain_c[j] * c_hat[j] + shift_c[j];
+            }
+            F::tanh_in_place(act);
+            for j in 0..hd {
+                head[j] = gates[3 * hd + j] * act[j];
+            }
+            let (h_out, h_new) = head.split_at_mut(hd);
+            h_new[..hd].copy_from_slice(h_out);
+        });
+    }
+
+    fn host_step_backward<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        step: HostStep<F>,
+        mut grads: HostStepGrads<F>,
+    ) {
+        let (hd, at, one) = (self.hidden, self.layout(), F::one());
+        let (gain_r, gain_c) = (params[1].row(0), params[2].row(0));
+        let (_, dr) = &mut grads.products[0];
+        // Per row: the gate gradients into dxp, dc_prev into its slot, and the gradient of the
+        // recurrent projection into dr; d(γ_c ĉ + β_c) waits in the h_prev gradient's slot.
+        host::for_each_row_triple(&mut grads.xp, &mut grads.prev, dr, |b, dz, gp, dr| {
+            let row = step.row.row(b);
+            let gates = &row[at.gates..at.r_hat];
+            let (r_hat, c_hat) = (&row[at.r_hat..at.c_hat], &row[at.c_hat..at.act]);
+            let (act, inv_std) = (&row[at.act..at.inv_std], &row[at.inv_std..]);
+            let c = &step.prev.row(b)[hd..];
+            let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
+            let (d_act, grad_c) = gp.split_at_mut(hd);
+            for j in 0..hd {
+                let grad_h = go[j] + gs[j];
+                d_act[j] = grad_h * gates[3 * hd + j] * (one - act[j] * act[j]);
+                grad_c[j] = d_act[j] * gain_c[j];
+            }
+            normalize_backward_in_place(c_hat, inv_std[1], grad_c);
+            for j in 0..hd {
+                let (i, f, g, o) = (
+                    gates[j],
+                    gates[hd + j],
+                    gates[2 * hd + j],
+                    gates[3 * hd + j],
+                );
+                let dc = grad_c[j] + gs[hd + j];
+                dz[j] = dc * g * (i * (one - i));
+                dz[hd + j] = dc * c[j] * (f * (one - f));
+                dz[2 * hd + j] = dc * i * (one - g * g);
+                dz[3 * hd + j] = (go[j] + gs[j]) * act[j] * (o * (one - o));
+                grad_c[j] = dc * f;
+            }
+            for k in 0..4 * hd {
+                dr[k] = dz[k] * gain_r[k];
+            }
+            normalize_backward_in_place(r_hat, inv_std[0], dr);
+        });
+        // The gains' and shift's gradients: sums over the batch, rows in order.
+        for b in 0..step.xp.rows() {
+            let row = step.row.row(b);
+            let (r_hat, c_hat) = (&row[at.r_hat..at.c_hat], &row[at.c_hat..at.act]);
+            let (dz, d_act) = (grads.xp.as_ref().row(b), &grads.prev.as_ref().row(b)[..hd]);
+            let grad_gain_r = grads.params[1].row_mut(0);
+            for k in 0..4 * hd {
+                grad_gain_r[k] += dz[k] * r_hat[k];
+            }
+            let grad_gain_c = grads.params[2].row_mut(0);
+            for j in 0..hd {
+                grad_gain_c[j] += d_act[j] * c_hat[j];
+            }
+            let grad_shift_c = grads.params[3].row_mut(0);
+            for j in 0..hd {
+                grad_shift_c[j] += d_act[j];
+            }
+        }
+        let dr = grads.products[0].1.as_ref();
+        host::matmul(&mut grads.prev.cols_mut(0, hd), dr, step.params_t[0], false);
+    }
+
+    fn host_weight_products(&self) -> Vec<WeightProduct> {
+        vec![WeightProduct {
+            param: 0,
+            col: 0,
+            k: self.hidden,
+            n: 4 * self.hidden,
+            a: Operand::PrevState(0),
+            g: Operand::Written,
+        }]
+    }
+}
+
+/// `[T, batch, W]` normalised over `W` at every step, scaled by `gain [W]`.
+fn normalize_sequence<B: Backend>(x: Tensor<B, 3>, gain: Tensor<B, 1>) -> Tensor<B, 3> {
+    let centred = x.clone() - x.mean_dim(2);
+    let inv_std = (centred.clone().square().mean_dim(2) + LN_EPSILON)
+        .sqrt()
+        .recip();
+    centred * inv_std * gain.unsqueeze::<3>()
+}
+
+impl<B: Backend> Cell<B> for LnLstm<B> {
+    type Kernel = LnLstmKernel;
+
+    fn input_size(&self) -> usize {
+        self.weight_ih.dims()[1]
+    }
+    fn hidden_size(&self) -> usize {
+        self.weight_hh.dims()[1]
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        &["h", "c"]
+    }
+    fn kernel(&self) -> LnLstmKernel {
+        LnLstmKernel {
+            hidden: self.hidden_size(),
+        }
+    }
+    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
+    where
+        B: RnnBackend,
+    {
+        let projected = project_sequence(input, self.weight_ih.val(), None);
+        normalize_sequence(projected, self.ln_ih_weight.val()) + self.bias.val().unsqueeze::<3>()
+    }
+    fn recurrent_params(&self) -> Tensor<B, 1> {
+        flatten_params(vec![
+            self.weight_hh.val().transpose(),
+            self.ln_hh_weight.val().unsqueeze_dim(0),
+            self.ln_cell_weight.val().unsqueeze_dim(0),
+            self.ln_cell_bias.val().unsqueeze_dim(0),
+        ])
+    }
+
+    fn load_layer(
+        cells: Vec<Self>,
+        layer: usize,
+        source: &mut dyn TensorSource,
+    ) -> Result<Vec<Self>, ImportError> {
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(direction, cell)| {
+                let name = |base: &str| torch_name(base, layer, direction);
+                Ok(LnLstm {
+                    weight_ih: load_param(source, &name("weight_ih"), &cell.weight_ih)?,
+                    weight_hh: load_param(source, &name("weight_hh"), &cell.weight_hh)?,
+                    bias: load_param(source, &name("bias"), &cell.bias)?,
+                    ln_ih_weight: load_param(source, &name("ln_ih_weight"), &cell.ln_ih_weight)?,
+                    ln_hh_weight: load_param(source, &name("ln_hh_weight"), &cell.ln_hh_weight)?,
+                    ln_cell_weight: load_param(
+                        source,
+                        &name("ln_cell_weight"),
+                        &cell.ln_cell_weight,
+                    )?,
+                    ln_cell_bias: load_param(source, &name("ln_cell_bias"), &cell.ln_cell_bias)?,
+                })
+            })
+            .collect()
+    }
+
+    fn save_layer(cells: &[Self], layer: usize) -> Vec<(String, TensorData)> {
+        cells
+            .iter()
+            .enumerate()
+            .flat_map(|(direction, cell)| {
+                let name = |base: &str| torch_name(base, layer, direction);
+                vec![
+                    (name("weight_ih"), param_data(&cell.weight_ih)),
+                    (name("weight_hh"), param_data(&cell.weight_hh)),
+                    (name("bias"), param_data(&cell.bias)),
+                    (name("ln_ih_weight"), param_data(&cell.ln_ih_weight)),
+                    (name("ln_hh_weight"), param_data(&cell.ln_hh_weight)),
+                    (name("ln_cell_weight"), param_data(&cell.ln_cell_weight)),
+                    (name("ln_cell_bias"), param_data(&cell.ln_cell_bias)),
+                ]
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{
+        compare_step, finite_differences,
+        reference::{self, *},
+    };
+    use crate::layer::RnnLayerConfig;
+    use reference::sigmoid;
+
+    /// `γ⊙(v − mean)/√(var + ε) + β` in f64.
+    fn layer_norm(v: &[f64], gain: &[f64], shift: Option<&[f64]>) -> Vec<f64> {
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        (0..v.len())
+            .map(|k| {
+                gain[k] * (v[k] - mean) / (var + LN_EPSILON).sqrt() + shift.map_or(0.0, |s| s[k])
+            })
+            .collect()
+    }
+
+    /// The LN-LSTM equations, one batch row, in plain f64.
+    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let (h, c) = (&state[0], &state[1]);
+        let n = h.len();
+        let zx = layer_norm(
+            &w.mat("weight_ih_l0").matvec(x),
+            &w.vec("ln_ih_weight_l0"),
+            None,
+        );
+        let zh = layer_norm(
+            &w.mat("weight_hh_l0").matvec(h),
+            &w.vec("ln_hh_weight_l0"),
+            None,
+        );
+        let z = add(&add(&zx, &zh), &w.vec("bias_l0"));
+        let c_new: Vec<f64> = (0..n)
+            .map(|j| sigmoid(z[n + j]) * c[j] + sigmoid(z[j]) * z[2 * n + j].tanh())
+            .collect();
+        let c_norm = layer_norm(
+            &c_new,
+            &w.vec("ln_cell_weight_l0"),
+            Some(&w.vec("ln_cell_bias_l0")),
+        );
+        let h_new: Vec<f64> = (0..n)
+            .map(|j| sigmoid(z[3 * n + j]) * c_norm[j].tanh())
+            .collect();
+        (h_new.clone(), vec![h_new, c_new])
+    }
+
+    #[test]
+    fn step_matches_f64_reference() {
+        let err = compare_step(LnLstmConfig::new(3, 4), 3, reference_step);
+        assert!(err < 1e-12, "{err:e}");
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        finite_differences(&RnnLayerConfig::new(LnLstmConfig::new(3, 4)), 2, 4, None);
+    }
+
+    #[test]
+    fn initialisation_and_names() {
+        type B = crate::check::F64;
+        let cell = LnLstmConfig::new(2, 3).init::<B>(&Default::default());
+        let bias = crate::check::values(&cell.bias.val().into_data());
+        assert_eq!(bias, [0., 0., 0., 1., 1., 1., 0., 0., 0., 0., 0., 0.]);
+        let names: Vec<String> = LnLstm::save_layer(&[cell], 1)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "weight_ih_l1",
+                "weight_hh_l1",
+                "bias_l1",
+                "ln_ih_weight_l1",
+                "ln_hh_weight_l1",
+                "ln_cell_weight_l1",
+                "ln_cell_bias_l1"
+            ]
+        );
+    }
+}
