@@ -328,7 +328,10 @@ pub mod linear {
             .min((len * batch / 512).max(1))
             .min((16 << 20) / result_size.max(1))
             .max(1);
-        (1..=target).rev().find(|&d| len.is_multiple_of(d)).unwrap_or(1)
+        (1..=target)
+            .rev()
+            .find(|&d| len.is_multiple_of(d))
+            .unwrap_or(1)
     }
 
     #[cfg(test)]
