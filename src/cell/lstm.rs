@@ -457,6 +457,10 @@ impl Recurrence for LstmKernel {
             g: Operand::GradInput(0),
         }]
     }
+
+    fn as_plain_lstm(&self) -> Option<usize> {
+        (!self.peephole && !self.coupled).then_some(self.hidden)
+    }
 }
 
 impl<B: Backend> Cell<B> for Lstm<B> {

@@ -437,6 +437,9 @@ macro_rules! register_cells {
             fn as_sru(&self) -> Option<&sru::SruKernel> {
                 match self { $(Self::$variant(k) => k.as_sru()),* }
             }
+            fn as_plain_lstm(&self) -> Option<usize> {
+                match self { $(Self::$variant(k) => k.as_plain_lstm()),* }
+            }
         }
 
         impl<B: Backend> Cell<B> for AnyCell<B> {

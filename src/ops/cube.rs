@@ -1,4 +1,5 @@
-//! The SRU recurrence as one CubeCL kernel per pass (burn's GPU backends).
+//! The SRU recurrence as one CubeCL kernel per pass (burn's GPU backends), and what the fused
+//! kernels share (`cube_lstm` has the LSTM's).
 //!
 //! SRU's recurrence is elementwise: hidden unit `j` of batch row `b` only ever reads its own
 //! columns. So one thread per `(b, j)` walks the whole sequence with its state in a register,
@@ -20,7 +21,7 @@ use crate::cell::sru::SruKernel;
 
 /// Step index of the `i`-th step visited.
 #[cube]
-fn visited_step(i: usize, len: usize, reverse: u32) -> usize {
+pub(super) fn visited_step(i: usize, len: usize, reverse: u32) -> usize {
     if reverse != 0 {
         len - 1 - i
     } else {
@@ -30,7 +31,7 @@ fn visited_step(i: usize, len: usize, reverse: u32) -> usize {
 
 /// The mask value of `row` (`t·batch + b`): 1 when unmasked.
 #[cube]
-fn keep_of<F: Float>(mask: &Tensor<F>, row: usize, masked: u32) -> F {
+pub(super) fn keep_of<F: Float>(mask: &Tensor<F>, row: usize, masked: u32) -> F {
     let mut keep = F::new(1.0);
     if masked != 0 {
         keep = mask[row];
@@ -40,7 +41,7 @@ fn keep_of<F: Float>(mask: &Tensor<F>, row: usize, masked: u32) -> F {
 
 /// `σ(x)` written as the plain path writes it, through `tanh`.
 #[cube]
-fn sigmoid<F: Float>(x: F) -> F {
+pub(super) fn sigmoid<F: Float>(x: F) -> F {
     ((x * F::new(0.5)).tanh() + F::new(1.0)) * F::new(0.5)
 }
 
@@ -201,19 +202,19 @@ fn sru_backward_kernel<F: Float>(
 }
 
 /// Bit of the kernels' `switches`: `mask` holds the `[T, B]` mask (else every step is real).
-const MASKED: u32 = 1;
+pub(super) const MASKED: u32 = 1;
 /// Bit of the kernels' `switches`: walk the sequence from its end.
-const REVERSE: u32 = 2;
+pub(super) const REVERSE: u32 = 2;
 /// Bit of the kernels' `switches`: `h = r⊙tanh(c') + ..`.
 const USE_TANH: u32 = 4;
 
-/// The recurrence op's inputs as the kernels read them: contiguous, on one device.
-pub struct SruInput<R: CubeRuntime> {
-    /// `[T, B, 4H]`.
+/// The recurrence op's inputs as the fused kernels read them: contiguous, on one device.
+pub struct CubeInput<R: CubeRuntime> {
+    /// `[T, B, input width]`.
     pub xp: CubeTensor<R>,
-    /// `[B, H]`.
+    /// `[B, state width]`.
     pub state0: CubeTensor<R>,
-    /// `[4H]`.
+    /// The flat recurrent parameters.
     pub params: CubeTensor<R>,
     /// `[T, B]`, or `None` when every step is real.
     pub mask: Option<CubeTensor<R>>,
@@ -221,8 +222,8 @@ pub struct SruInput<R: CubeRuntime> {
     pub reverse: bool,
 }
 
-impl<R: CubeRuntime> SruInput<R> {
-    fn contiguous(self) -> Self {
+impl<R: CubeRuntime> CubeInput<R> {
+    pub(super) fn contiguous(self) -> Self {
         if let Some(mask) = &self.mask {
             // The kernels read the mask as the same float type as the input.
             assert_eq!(
@@ -239,22 +240,21 @@ impl<R: CubeRuntime> SruInput<R> {
         }
     }
 
-    fn dims(&self) -> (usize, usize) {
+    pub(super) fn dims(&self) -> (usize, usize) {
         let dims = self.xp.meta.shape();
         (dims[0], dims[1])
     }
 
-    fn switches(&self, kernel: &SruKernel) -> u32 {
+    /// The `MASKED` and `REVERSE` bits.
+    pub(super) fn switches(&self) -> u32 {
         let bit = |on: bool, bit: u32| if on { bit } else { 0 };
-        bit(self.mask.is_some(), MASKED)
-            | bit(self.reverse, REVERSE)
-            | bit(kernel.use_tanh, USE_TANH)
+        bit(self.mask.is_some(), MASKED) | bit(self.reverse, REVERSE)
     }
 
     /// A new contiguous tensor: the kernels index rows as `row · width`, while burn's default
     /// allocation may pad each row to an alignment (burn-cuda does: with H = 5 every result
     /// was wrong on an H100, while H = 4 and wgpu were right).
-    fn new_tensor(&self, dims: Vec<usize>) -> CubeTensor<R> {
+    pub(super) fn new_tensor(&self, dims: Vec<usize>) -> CubeTensor<R> {
         empty_device_contiguous_dtype(
             self.xp.client.clone(),
             self.xp.device.clone(),
@@ -264,7 +264,7 @@ impl<R: CubeRuntime> SruInput<R> {
     }
 
     /// The mask, or a one-element stand-in that the kernel never reads.
-    fn mask_arg(&self) -> CubeTensor<R> {
+    pub(super) fn mask_arg(&self) -> CubeTensor<R> {
         match &self.mask {
             Some(mask) => mask.clone(),
             None => self.new_tensor(vec![1]),
@@ -279,16 +279,20 @@ impl<R: CubeRuntime> SruInput<R> {
         (count, cube_dim)
     }
 
-    fn dtype(&self) -> DType {
+    pub(super) fn dtype(&self) -> DType {
         self.xp.dtype
     }
+}
+
+fn sru_switches<R: CubeRuntime>(input: &CubeInput<R>, kernel: &SruKernel) -> u32 {
+    input.switches() | if kernel.use_tanh { USE_TANH } else { 0 }
 }
 
 /// Runs the forward kernel: the full packed sequence `[T, B, 4H]` and the op's output
 /// `[T, B, 2H]`.
 pub fn sru_forward<R: CubeRuntime>(
     kernel: &SruKernel,
-    input: SruInput<R>,
+    input: CubeInput<R>,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let input = input.contiguous();
     let (len, batch) = input.dims();
@@ -309,7 +313,7 @@ pub fn sru_forward<R: CubeRuntime>(
         len as u32,
         batch as u32,
         hd as u32,
-        input.switches(kernel),
+        sru_switches(&input, kernel),
         input.dtype().into(),
     );
     (packed, visible)
@@ -329,7 +333,7 @@ pub struct SruGrads<R: CubeRuntime> {
 /// its output.
 pub fn sru_backward<R: CubeRuntime>(
     kernel: &SruKernel,
-    input: SruInput<R>,
+    input: CubeInput<R>,
     packed: CubeTensor<R>,
     grad: CubeTensor<R>,
 ) -> SruGrads<R> {
@@ -359,7 +363,7 @@ pub fn sru_backward<R: CubeRuntime>(
         len as u32,
         batch as u32,
         hd as u32,
-        input.switches(kernel),
+        sru_switches(&input, kernel),
         input.dtype().into(),
     );
     grads

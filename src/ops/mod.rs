@@ -27,6 +27,8 @@ pub mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod cube_lstm;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod fusion;
 
 /// The recurrent part of a cell, free of any backend: it knows the widths of its tensors and
@@ -89,6 +91,11 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
     }
     /// The SRU kernel, when this is one: the GPU backends have a fused kernel for it.
     fn as_sru(&self) -> Option<&SruKernel> {
+        None
+    }
+    /// The hidden size, when this is `torch.nn.LSTM`'s cell (no peepholes, separate gates;
+    /// params `[W_hhᵀ]`): the GPU backends have a fused kernel for it.
+    fn as_plain_lstm(&self) -> Option<usize> {
         None
     }
 }
@@ -690,8 +697,8 @@ impl<B: RnnBackend> Backward<B, 3> for LinearBackward {
     }
 }
 
-// GPU backends: the SRU runs as one fused kernel per pass (`cube`), other cells as plain
-// tensor ops.
+// GPU backends: the SRU and the plain LSTM run as one fused kernel per pass (`cube`,
+// `cube_lstm`), other cells as plain tensor ops.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 impl<R, F, I, BT> RnnBackend for burn_cubecl::CubeBackend<R, F, I, BT>
 where
@@ -704,8 +711,11 @@ where
         kernel: &K,
         input: RecurrenceInput<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match kernel.as_sru() {
-            Some(sru) => cube::sru_forward(sru, cube_input(input)),
+        if let Some(sru) = kernel.as_sru() {
+            return cube::sru_forward(sru, cube_input(input));
+        }
+        match fused_lstm_hidden(kernel, &input) {
+            Some(hidden) => cube_lstm::lstm_forward(hidden, cube_input(input)),
             None => split::<Self, K>(kernel, recurrence_forward::<Self, K>(kernel, input)),
         }
     }
@@ -716,17 +726,87 @@ where
         packed: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> RecurrenceGrads<Self> {
-        let Some(sru) = kernel.as_sru() else {
-            return recurrence_backward::<Self, K>(kernel, input, packed, grad);
-        };
-        let grads = cube::sru_backward(sru, cube_input(input), packed, grad);
-        let per_row = float::<Self, 2>(grads.params_per_row);
-        let width = per_row.dims()[1];
-        RecurrenceGrads {
-            xp: grads.xp,
-            state0: grads.state0,
-            params: primitive(per_row.sum_dim(0).reshape([width])),
+        if let Some(sru) = kernel.as_sru() {
+            let grads = cube::sru_backward(sru, cube_input(input), packed, grad);
+            let per_row = float::<Self, 2>(grads.params_per_row);
+            let width = per_row.dims()[1];
+            return RecurrenceGrads {
+                xp: grads.xp,
+                state0: grads.state0,
+                params: primitive(per_row.sum_dim(0).reshape([width])),
+            };
         }
+        match fused_lstm_hidden(kernel, &input) {
+            Some(hidden) => lstm_backward_cube(hidden, input, packed, grad),
+            None => recurrence_backward::<Self, K>(kernel, input, packed, grad),
+        }
+    }
+}
+
+/// The hidden size when the fused LSTM kernel runs this recurrence.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn fused_lstm_hidden<R, F, I, BT, K: Recurrence>(
+    kernel: &K,
+    input: &RecurrenceInput<burn_cubecl::CubeBackend<R, F, I, BT>>,
+) -> Option<usize>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    kernel
+        .as_plain_lstm()
+        .filter(|&hidden| cube_lstm::fits(&input.xp, hidden))
+}
+
+/// The fused LSTM backward: the kernel gives `dz` and the initial state's gradient; the
+/// weight gradient `Σ h_prevᵀ dz` is one chunked product over every step.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn lstm_backward_cube<R, F, I, BT>(
+    hidden: usize,
+    input: RecurrenceInput<burn_cubecl::CubeBackend<R, F, I, BT>>,
+    packed: FloatTensor<burn_cubecl::CubeBackend<R, F, I, BT>>,
+    grad: FloatTensor<burn_cubecl::CubeBackend<R, F, I, BT>>,
+) -> RecurrenceGrads<burn_cubecl::CubeBackend<R, F, I, BT>>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    type Cb<R, F, I, BT> = burn_cubecl::CubeBackend<R, F, I, BT>;
+    let gates = 4 * hidden;
+    let reverse = input.reverse;
+    let state0 = float::<Cb<R, F, I, BT>, 2>(input.state0.clone());
+    let weight = float::<Cb<R, F, I, BT>, 1>(input.params.clone())
+        .reshape([hidden, gates])
+        .transpose();
+    let (grad_xp, grad_state0) = cube_lstm::lstm_backward(
+        hidden,
+        cube_input(input),
+        primitive(weight),
+        packed.clone(),
+        grad,
+    );
+    // The state each step started from, in step order.
+    let h_seq = float::<Cb<R, F, I, BT>, 3>(packed).narrow(2, hidden, hidden);
+    let len = h_seq.dims()[0];
+    let h0 = state0.narrow(1, 0, hidden).unsqueeze_dim::<3>(0);
+    let h_prev = match (len, reverse) {
+        (1, _) => h0,
+        (_, false) => Tensor::cat(vec![h0, h_seq.narrow(0, 0, len - 1)], 0),
+        (_, true) => Tensor::cat(vec![h_seq.narrow(0, 1, len - 1), h0], 0),
+    };
+    let (grad_weight, _) =
+        linear::tensor_grad_params::<Cb<R, F, I, BT>>(grad_xp.clone(), primitive(h_prev));
+    let grad_params = float::<Cb<R, F, I, BT>, 2>(grad_weight)
+        .transpose()
+        .reshape([hidden * gates]);
+    RecurrenceGrads {
+        xp: grad_xp,
+        state0: grad_state0,
+        params: primitive(grad_params),
     }
 }
 
@@ -734,14 +814,14 @@ where
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn cube_input<R, F, I, BT>(
     input: RecurrenceInput<burn_cubecl::CubeBackend<R, F, I, BT>>,
-) -> cube::SruInput<R>
+) -> cube::CubeInput<R>
 where
     R: burn_cubecl::CubeRuntime,
     F: burn_cubecl::FloatElement,
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
-    cube::SruInput {
+    cube::CubeInput {
         xp: input.xp,
         state0: input.state0,
         params: input.params,
