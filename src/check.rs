@@ -8,7 +8,7 @@ use burn::tensor::{backend::AutodiffBackend, Distribution, Tensor, TensorData};
 use crate::cell::{Cell, CellConfig};
 use crate::import::StateDict;
 use crate::layer::{Mask, RnnLayer, RnnLayerConfig, RnnState};
-use crate::ops::RnnBackend;
+use crate::ops::{RecurrencePath, RnnBackend};
 
 /// The f64 CPU backend the checks run on.
 pub type F64 = NdArray<f64>;
@@ -100,7 +100,8 @@ pub struct FiniteDifferenceReport {
 /// Checks every gradient of a layer against central differences (step `1e-6`, f64): of each
 /// parameter element, each input element and each initial-state element, for the loss
 /// `Σ output⊙g + Σ_k state_k⊙w_k` with fixed random `g`, `w_k`. With `lengths`, the batch is
-/// right-padded to `len` and masked.
+/// right-padded to `len` and masked. Recurrent dropout and zoneout noise, if the layer has them,
+/// is drawn once and held fixed.
 pub fn finite_differences<C: CellConfig>(
     config: &RnnLayerConfig<C>,
     batch: usize,
@@ -128,13 +129,18 @@ pub fn finite_differences<C: CellConfig>(
         .map(|_| random(state_shape))
         .collect();
     let mask = lengths.map(|l| Mask::<B>::from_lengths(l, len, &device).expect("valid lengths"));
+    // Recurrent dropout and zoneout noise, if the layer has them, drawn once.
+    let noise = layer.sample_noise(&input);
 
     let loss = |layer: &RnnLayer<B, C::Cell<B>>, input: Tensor<B, 3>, state0: Vec<Tensor<B, 3>>| {
         let state = Some(RnnState { components: state0 });
-        let (output, state) = match &mask {
-            Some(mask) => layer.forward_masked(input, mask, state),
-            None => layer.forward(input, state),
-        };
+        let (output, state) = layer.forward_with_noise(
+            input,
+            mask.as_ref(),
+            state,
+            noise.as_deref(),
+            RecurrencePath::Fused,
+        );
         let mut total = (output * grad_out.clone()).sum();
         for (component, weight) in state.components.into_iter().zip(&state_weights) {
             total = total + (component * weight.clone()).sum();

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::cell::{Cell, CellConfig, Position};
 use crate::import::{to_safetensors_bytes, write_atomically, ImportError, StateDict, TensorSource};
 use crate::ops::{self, RecurrencePath, RnnBackend};
+use crate::regularisation::StateNoise;
 
 /// Configuration of an [`RnnLayer`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -47,6 +48,15 @@ pub struct RnnLayerConfig<C> {
     /// Dropout probability on the outputs of every layer but the last (training only).
     #[serde(default)]
     pub dropout: f64,
+    /// Variational dropout of the hidden state each step reads, one mask per sequence
+    /// (training only; see [`crate::regularisation`]). Cells whose state has no `h` (SRU)
+    /// cannot use it.
+    #[serde(default)]
+    pub recurrent_dropout: f64,
+    /// Zoneout probability of every state unit at every step (the expectation at evaluation;
+    /// see [`crate::regularisation`]).
+    #[serde(default)]
+    pub zoneout: f64,
 }
 
 fn one() -> usize {
@@ -61,6 +71,8 @@ impl<C: CellConfig> RnnLayerConfig<C> {
             num_layers: 1,
             bidirectional: false,
             dropout: 0.0,
+            recurrent_dropout: 0.0,
+            zoneout: 0.0,
         }
     }
     /// Sets the number of stacked layers.
@@ -78,6 +90,16 @@ impl<C: CellConfig> RnnLayerConfig<C> {
         self.dropout = dropout;
         self
     }
+    /// Sets the variational dropout of the recurrent state.
+    pub fn with_recurrent_dropout(mut self, recurrent_dropout: f64) -> Self {
+        self.recurrent_dropout = recurrent_dropout;
+        self
+    }
+    /// Sets the zoneout probability.
+    pub fn with_zoneout(mut self, zoneout: f64) -> Self {
+        self.zoneout = zoneout;
+        self
+    }
 
     /// Number of directions, 1 or 2.
     pub fn num_directions(&self) -> usize {
@@ -91,6 +113,13 @@ impl<C: CellConfig> RnnLayerConfig<C> {
     /// Builds the layer with freshly initialised cells.
     pub fn init<B: Backend>(&self, device: &B::Device) -> RnnLayer<B, C::Cell<B>> {
         assert!(self.num_layers > 0, "an RNN layer needs at least one layer");
+        for (what, p) in [
+            ("dropout", self.dropout),
+            ("recurrent_dropout", self.recurrent_dropout),
+            ("zoneout", self.zoneout),
+        ] {
+            assert!((0.0..1.0).contains(&p), "{what} = {p} is not in [0, 1)");
+        }
         let dirs = self.num_directions();
         let hidden = self.cell.hidden_size();
         let cells = (0..self.num_layers)
@@ -110,13 +139,22 @@ impl<C: CellConfig> RnnLayerConfig<C> {
                     .init_cell(device)
             })
             .collect();
-        RnnLayer {
+        let layer = RnnLayer {
             cells,
             dropout: DropoutConfig::new(self.dropout).init(),
+            recurrent_dropout: self.recurrent_dropout,
+            zoneout: self.zoneout,
             num_layers: self.num_layers,
             bidirectional: self.bidirectional,
             _backend: PhantomData,
-        }
+        };
+        assert!(
+            self.recurrent_dropout == 0.0 || layer.state_names().contains(&"h"),
+            "recurrent dropout masks the hidden state h, but {}'s state is {:?} (use zoneout)",
+            self.cell.name(),
+            layer.state_names()
+        );
+        layer
     }
 }
 
@@ -231,6 +269,10 @@ pub struct RnnLayer<B: Backend, C: Module<B>> {
     pub cells: Vec<C>,
     /// Dropout between layers.
     pub dropout: Dropout,
+    /// Variational dropout of the recurrent state (see [`RnnLayerConfig::recurrent_dropout`]).
+    pub recurrent_dropout: f64,
+    /// Zoneout probability (see [`RnnLayerConfig::zoneout`]).
+    pub zoneout: f64,
     /// Number of stacked layers.
     pub num_layers: usize,
     /// Two directions.
@@ -317,7 +359,8 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
         input: Tensor<B, 3>,
         state: Option<RnnState<B>>,
     ) -> (Tensor<B, 3>, RnnState<B>) {
-        self.run(input, None, state, RecurrencePath::Fused)
+        let noise = self.sample_noise(&input);
+        self.run(input, None, state, RecurrencePath::Fused, noise.as_deref())
     }
 
     /// Runs the layer over a right-padded batch: padded steps output zeros and leave the state
@@ -329,8 +372,7 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
         mask: &Mask<B>,
         state: Option<RnnState<B>>,
     ) -> (Tensor<B, 3>, RnnState<B>) {
-        self.check_mask(&input, mask);
-        self.run(input, Some(mask.keep.clone()), state, RecurrencePath::Fused)
+        self.forward_with_path(input, Some(mask), state, RecurrencePath::Fused)
     }
 
     /// [`forward`](RnnLayer::forward) or [`forward_masked`](RnnLayer::forward_masked) along a
@@ -342,13 +384,50 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
         state: Option<RnnState<B>>,
         path: RecurrencePath,
     ) -> (Tensor<B, 3>, RnnState<B>) {
+        let noise = self.sample_noise(&input);
+        self.forward_with_noise(input, mask, state, noise.as_deref(), path)
+    }
+
+    /// [`forward_with_path`](RnnLayer::forward_with_path) with given recurrent noise, one
+    /// per cell (from [`sample_noise`](RnnLayer::sample_noise)), or none: the same noise
+    /// gives the same result.
+    pub fn forward_with_noise(
+        &self,
+        input: Tensor<B, 3>,
+        mask: Option<&Mask<B>>,
+        state: Option<RnnState<B>>,
+        noise: Option<&[StateNoise<B>]>,
+        path: RecurrencePath,
+    ) -> (Tensor<B, 3>, RnnState<B>) {
         match mask {
             Some(mask) => {
                 self.check_mask(&input, mask);
-                self.run(input, Some(mask.keep.clone()), state, path)
+                self.run(input, Some(mask.keep.clone()), state, path, noise)
             }
-            None => self.run(input, None, state, path),
+            None => self.run(input, None, state, path, noise),
         }
+    }
+
+    /// Recurrent dropout and zoneout noise for a batch `input` `[batch, T, ·]`, one per cell:
+    /// random in training (an autodiff backend, as burn's `Dropout`), deterministic at
+    /// evaluation; `None` when the layer has neither.
+    pub fn sample_noise(&self, input: &Tensor<B, 3>) -> Option<Vec<StateNoise<B>>> {
+        let [batch, len, _] = input.dims();
+        let device = input.device();
+        let training = B::ad_enabled(&device);
+        self.cells
+            .iter()
+            .map(|cell| {
+                StateNoise::sample(
+                    cell.state_names(),
+                    cell.hidden_size(),
+                    [len, batch],
+                    (self.recurrent_dropout, self.zoneout),
+                    training,
+                    &device,
+                )
+            })
+            .collect()
     }
 
     /// One step for inference or step-by-step generation: `input [batch, input]` gives the
@@ -362,7 +441,9 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
             !self.bidirectional,
             "step-by-step use needs a unidirectional layer"
         );
-        let (output, state) = self.run(input.unsqueeze_dim(1), None, state, RecurrencePath::Fused);
+        let input = input.unsqueeze_dim(1);
+        let noise = self.sample_noise(&input);
+        let (output, state) = self.run(input, None, state, RecurrencePath::Fused, noise.as_deref());
         (output.squeeze_dim(1), state)
     }
 
@@ -383,6 +464,7 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
         mask: Option<Tensor<B, 2>>,
         state: Option<RnnState<B>>,
         path: RecurrencePath,
+        noise: Option<&[StateNoise<B>]>,
     ) -> (Tensor<B, 3>, RnnState<B>) {
         let [batch, len, width] = input.dims();
         assert_eq!(
@@ -424,6 +506,7 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
                     mask.clone(),
                     reverse,
                     path,
+                    noise.map(|noise| &noise[index]),
                 );
                 // The final state is the last row the recurrence visited.
                 let last = if reverse { 0 } else { len - 1 };

@@ -35,6 +35,7 @@ pub mod import;
 pub mod layer;
 pub mod ops;
 pub mod plot;
+pub mod regularisation;
 pub mod suite;
 pub mod task;
 pub mod train;

@@ -214,6 +214,22 @@ fn bad_input_gives_a_short_error() {
         2,
         "init = chrono needs gated cells; rnn has no gates",
     );
+    assert_error(
+        &run(&[
+            "copy-task".into(),
+            "--cell".into(),
+            "gru,sru".into(),
+            "--recurrent-dropout".into(),
+            "0.2".into(),
+        ]),
+        2,
+        "recurrent-dropout masks the hidden state h",
+    );
+    assert_error(
+        &run(&["copy-task".into(), "--zoneout".into(), "1".into()]),
+        2,
+        "zoneout = 1 is out of range",
+    );
     let file = out.join("bad.toml");
     std::fs::write(&file, "stepz = 5\n").unwrap();
     assert_error(
@@ -307,6 +323,8 @@ fn a_run_killed_between_checkpoints_resumes_exactly() {
         a[ckpt + 1] = "10".into();
         let eval = a.iter().position(|s| s == "--eval-every").unwrap();
         a[eval + 1] = "2".into();
+        // Recurrent noise too: a resumed run must draw the noise the uninterrupted one drew.
+        a.extend(["--recurrent-dropout", "0.2", "--zoneout", "0.1"].map(String::from));
         a
     };
     let reference = scratch("uninterrupted");

@@ -231,60 +231,101 @@ fn masks_must_be_prefixes() {
 /// final states and the gradients of the input, the initial state and every parameter.
 #[test]
 fn fused_path_matches_plain_path_on_stacked_bidirectional_masked_layer() {
-    use rnn_zoo::check::gradients_of;
-    use rnn_zoo::ops::RecurrencePath;
-    type B = F64Autodiff;
-    let device = Default::default();
     for name in cell_names() {
-        let layer = config(name, 3, 4)
+        let config = config(name, 3, 4)
             .with_num_layers(2)
-            .with_bidirectional(true)
-            .init::<B>(&device);
-        let input = Tensor::<B, 3>::random([3, 5, 3], Distribution::Default, &device);
-        let state0 = layer.zero_state(3, &device);
-        let mask = Mask::from_lengths(&[5, 2, 4], 5, &device).unwrap();
-        let run = |path: RecurrencePath| {
-            let x = input.clone().require_grad();
-            let s0: Vec<Tensor<B, 3>> = state0
-                .components
-                .iter()
-                .map(|s| (s.clone() + 0.3).require_grad())
-                .collect();
-            let (output, state) = layer.forward_with_path(
-                x.clone(),
-                Some(&mask),
-                Some(RnnState {
-                    components: s0.clone(),
-                }),
-                path,
-            );
-            let mut loss = (output.clone() * output.clone()).sum();
-            for c in &state.components {
-                loss = loss + c.clone().sum();
-            }
-            let grads = loss.backward();
-            let mut tensors = vec![output.into_data(), x.grad(&grads).unwrap().into_data()];
-            tensors.extend(state.components.into_iter().map(|c| c.into_data()));
-            tensors.extend(s0.iter().map(|s| s.grad(&grads).unwrap().into_data()));
-            tensors.extend(
-                gradients_of(layer.clone(), &grads)
-                    .state_dict()
-                    .into_iter()
-                    .map(|(_, d)| d),
-            );
-            tensors
-        };
-        let (fused, plain) = (run(RecurrencePath::Fused), run(RecurrencePath::Plain));
-        assert_eq!(fused.len(), plain.len());
-        let worst = fused
-            .iter()
-            .zip(&plain)
-            .map(|(a, b)| max_abs_diff(name, a, b))
-            .fold(0.0, f64::max);
-        assert!(
-            worst < 1e-5,
-            "{name}: fused and plain paths differ by {worst:e}"
-        );
+            .with_bidirectional(true);
+        let worst = fused_minus_plain(&config);
         println!("fused vs plain {name:>14}: max abs difference {worst:.1e}");
     }
+}
+
+/// With recurrent dropout (cells with an `h`) and zoneout, one noise draw for both paths.
+#[test]
+fn regularised_fused_path_matches_plain_path() {
+    for name in cell_names() {
+        let config = regularised(config(name, 3, 4).with_bidirectional(true));
+        let worst = fused_minus_plain(&config);
+        println!("regularised fused vs plain {name:>14}: max abs difference {worst:.1e}");
+    }
+}
+
+#[test]
+fn regularised_layer_matches_finite_differences() {
+    for name in cell_names() {
+        let config = regularised(config(name, 3, 3).with_bidirectional(true));
+        let report = finite_differences(&config, 3, 4, Some(&[4, 2, 3]));
+        println!(
+            "regularised finite differences {name:>14}: {} gradients, max relative error {:.1e}",
+            report.compared, report.max_relative_error
+        );
+    }
+}
+
+/// Recurrent dropout 0.4 where the cell has an `h` (all but SRU), zoneout 0.3.
+fn regularised(config: RnnLayerConfig<AnyCellConfig>) -> RnnLayerConfig<AnyCellConfig> {
+    let dropout = if config.cell.name() == "sru" {
+        0.0
+    } else {
+        0.4
+    };
+    config.with_recurrent_dropout(dropout).with_zoneout(0.3)
+}
+
+/// The largest difference between the fused and the plain path of a masked layer (f64, in
+/// training mode): outputs, final states and every gradient. Panics above 1e-5.
+fn fused_minus_plain(config: &RnnLayerConfig<AnyCellConfig>) -> f64 {
+    use rnn_zoo::check::gradients_of;
+    type B = F64Autodiff;
+    let device = Default::default();
+    let layer = config.init::<B>(&device);
+    let input = Tensor::<B, 3>::random([3, 5, 3], Distribution::Default, &device);
+    let state0 = layer.zero_state(3, &device);
+    let mask = Mask::from_lengths(&[5, 2, 4], 5, &device).unwrap();
+    let noise = layer.sample_noise(&input);
+    let run = |path: RecurrencePath| {
+        let x = input.clone().require_grad();
+        let s0: Vec<Tensor<B, 3>> = state0
+            .components
+            .iter()
+            .map(|s| (s.clone() + 0.3).require_grad())
+            .collect();
+        let (output, state) = layer.forward_with_noise(
+            x.clone(),
+            Some(&mask),
+            Some(RnnState {
+                components: s0.clone(),
+            }),
+            noise.as_deref(),
+            path,
+        );
+        let mut loss = (output.clone() * output.clone()).sum();
+        for c in &state.components {
+            loss = loss + c.clone().sum();
+        }
+        let grads = loss.backward();
+        let mut tensors = vec![output.into_data(), x.grad(&grads).unwrap().into_data()];
+        tensors.extend(state.components.into_iter().map(|c| c.into_data()));
+        tensors.extend(s0.iter().map(|s| s.grad(&grads).unwrap().into_data()));
+        tensors.extend(
+            gradients_of(layer.clone(), &grads)
+                .state_dict()
+                .into_iter()
+                .map(|(_, d)| d),
+        );
+        tensors
+    };
+    let (fused, plain) = (run(RecurrencePath::Fused), run(RecurrencePath::Plain));
+    assert_eq!(fused.len(), plain.len());
+    let name = config.cell.name();
+    let worst = fused
+        .iter()
+        .zip(&plain)
+        .map(|(a, b)| max_abs_diff(name, a, b))
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 1e-5,
+        "{name}: fused and plain paths differ by {worst:e}"
+    );
+    worst
 }

@@ -163,6 +163,12 @@ struct Common {
     /// Gate-bias initialisation [default: default].
     #[arg(long, value_enum)]
     init: Option<InitKind>,
+    /// Variational dropout of the recurrent state, one mask per sequence [default: 0].
+    #[arg(long)]
+    recurrent_dropout: Option<f64>,
+    /// Zoneout probability of each state unit at each step [default: 0].
+    #[arg(long)]
+    zoneout: Option<f64>,
     /// Steps between evaluations [default: 100].
     #[arg(long)]
     eval_every: Option<usize>,
@@ -204,6 +210,8 @@ impl Common {
             optimizer: self.optimizer,
             clip: self.clip,
             init: self.init,
+            recurrent_dropout: self.recurrent_dropout,
+            zoneout: self.zoneout,
             eval_every: self.eval_every,
             checkpoint_every: self.checkpoint_every,
             eval_size: self.eval_size,

@@ -22,6 +22,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{self, Recurrence, RecurrencePath, RnnBackend};
+use crate::regularisation::StateNoise;
 
 /// A recurrent cell: what the layer needs to run it over a sequence.
 pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
@@ -74,7 +75,8 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
         Self: Sized;
 
     /// Runs the cell over a time-major sequence from a packed state `[batch, state_width]`,
-    /// returning the packed per-step record of the [recurrence op](crate::ops).
+    /// with recurrent `noise` (dropout, zoneout) if any, returning the op's per-step output
+    /// and state `[T, batch, output_width + state_width]` (see [the recurrence op](crate::ops)).
     fn run(
         &self,
         input: Tensor<B, 3>,
@@ -82,20 +84,28 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
         mask: Option<Tensor<B, 2>>,
         reverse: bool,
         path: RecurrencePath,
+        noise: Option<&StateNoise<B>>,
     ) -> Tensor<B, 3>
     where
         B: RnnBackend,
     {
         let projected = self.project(input);
-        ops::recurrence_with(
-            path,
-            &self.kernel(),
-            projected,
-            state,
-            self.recurrent_params(),
-            mask,
-            reverse,
-        )
+        let params = self.recurrent_params();
+        match noise {
+            None => ops::recurrence_with(
+                path,
+                &self.kernel(),
+                projected,
+                state,
+                params,
+                mask,
+                reverse,
+            ),
+            Some(noise) => {
+                let (kernel, projected) = noise.wrap(self.kernel(), projected);
+                ops::recurrence_with(path, &kernel, projected, state, params, mask, reverse)
+            }
+        }
     }
 }
 

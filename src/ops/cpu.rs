@@ -430,6 +430,7 @@ mod tests {
     use super::*;
     use crate::cell::{cell_names, AnyCellConfig, Cell, CellConfig};
     use crate::check::{max_abs_diff, F64};
+    use crate::regularisation::Regularised;
 
     fn random<const D: usize>(shape: [usize; D]) -> FloatTensor<F64> {
         primitive(Tensor::<F64, D>::random(
@@ -513,9 +514,30 @@ mod tests {
     }
 
     /// The host path (what burn-ndarray runs) against the plain-tensor default bodies (what
-    /// the GPU backends run), forward and backward, for every cell, both directions, masked.
+    /// the GPU backends run), forward and backward, for every cell, both directions, masked;
+    /// and the same with each kind of recurrent noise around the cell (random noise values:
+    /// the formulas hold for any).
     #[test]
     fn host_path_matches_tensor_path() {
+        for name in cell_names() {
+            let config = AnyCellConfig::named(name, 3, 4).unwrap();
+            let kernel = config.init_cell::<F64>(&Default::default()).kernel();
+            compare_host_and_tensor(name, &kernel);
+            for (dropout, zoneout) in [(true, false), (false, true), (true, true)] {
+                let wrapped = Regularised {
+                    inner: kernel.clone(),
+                    dropout,
+                    zoneout,
+                };
+                compare_host_and_tensor(
+                    &format!("{name} dropout {dropout} zoneout {zoneout}"),
+                    &wrapped,
+                );
+            }
+        }
+    }
+
+    fn compare_host_and_tensor<K: Recurrence>(name: &str, kernel: &K) {
         let (len, batch) = (5, 3);
         let keep = [
             [1.0, 1.0, 1.0],
@@ -525,40 +547,36 @@ mod tests {
         ];
         let mut mask: Vec<f64> = keep.iter().flatten().copied().collect();
         mask.extend([1.0, 0.0, 0.0]);
-        for name in cell_names() {
-            let config = AnyCellConfig::named(name, 3, 4).unwrap();
-            let kernel = config.init_cell::<F64>(&Default::default()).kernel();
-            let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
-            for reverse in [false, true] {
-                let input = RecurrenceInput::<F64> {
-                    xp: random([len, batch, kernel.input_width()]),
-                    state0: random([batch, kernel.state_width()]),
-                    params: random([param_len]),
-                    mask: Some(primitive(Tensor::<F64, 2>::from_data(
-                        TensorData::new(mask.clone(), [len, batch]),
-                        &Default::default(),
-                    ))),
-                    reverse,
-                };
-                let tensor_out = recurrence_forward::<F64, _>(&kernel, input.clone());
-                let host_out = host_recurrence_forward::<F64, _>(&kernel, input.clone()).0;
-                let forward = max_abs_diff(
-                    name,
-                    &data::<3>(host_out.clone()),
-                    &data::<3>(tensor_out.clone()),
-                );
-                let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
-                let tensor =
-                    recurrence_backward::<F64, _>(&kernel, input.clone(), tensor_out, grad.clone());
-                let host = host_recurrence_backward::<F64, _>(&kernel, input, host_out, grad);
-                let backward = [
-                    max_abs_diff(name, &data::<3>(host.xp), &data::<3>(tensor.xp)),
-                    max_abs_diff(name, &data::<2>(host.state0), &data::<2>(tensor.state0)),
-                    max_abs_diff(name, &data::<1>(host.params), &data::<1>(tensor.params)),
-                ];
-                let worst = backward.into_iter().fold(forward, f64::max);
-                assert!(worst < 1e-12, "{name} (reverse {reverse}): {worst:e}");
-            }
+        let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
+        for reverse in [false, true] {
+            let input = RecurrenceInput::<F64> {
+                xp: random([len, batch, kernel.input_width()]),
+                state0: random([batch, kernel.state_width()]),
+                params: random([param_len]),
+                mask: Some(primitive(Tensor::<F64, 2>::from_data(
+                    TensorData::new(mask.clone(), [len, batch]),
+                    &Default::default(),
+                ))),
+                reverse,
+            };
+            let tensor_out = recurrence_forward::<F64, _>(kernel, input.clone());
+            let host_out = host_recurrence_forward::<F64, _>(kernel, input.clone()).0;
+            let forward = max_abs_diff(
+                name,
+                &data::<3>(host_out.clone()),
+                &data::<3>(tensor_out.clone()),
+            );
+            let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
+            let tensor =
+                recurrence_backward::<F64, _>(kernel, input.clone(), tensor_out, grad.clone());
+            let host = host_recurrence_backward::<F64, _>(kernel, input, host_out, grad);
+            let backward = [
+                max_abs_diff(name, &data::<3>(host.xp), &data::<3>(tensor.xp)),
+                max_abs_diff(name, &data::<2>(host.state0), &data::<2>(tensor.state0)),
+                max_abs_diff(name, &data::<1>(host.params), &data::<1>(tensor.params)),
+            ];
+            let worst = backward.into_iter().fold(forward, f64::max);
+            assert!(worst < 1e-12, "{name} (reverse {reverse}): {worst:e}");
         }
     }
 }

@@ -54,6 +54,12 @@ pub struct ExperimentConfig {
     pub clip: f64,
     /// Gate-bias initialisation.
     pub init: InitKind,
+    /// Variational dropout of the recurrent state (0 = off).
+    #[serde(default)]
+    pub recurrent_dropout: f64,
+    /// Zoneout probability (0 = off).
+    #[serde(default)]
+    pub zoneout: f64,
     /// Steps between evaluations.
     pub eval_every: usize,
     /// Steps between checkpoints.
@@ -96,6 +102,10 @@ pub struct Overrides {
     pub clip: Option<f64>,
     /// See [`ExperimentConfig::init`].
     pub init: Option<InitKind>,
+    /// See [`ExperimentConfig::recurrent_dropout`].
+    pub recurrent_dropout: Option<f64>,
+    /// See [`ExperimentConfig::zoneout`].
+    pub zoneout: Option<f64>,
     /// See [`ExperimentConfig::eval_every`].
     pub eval_every: Option<usize>,
     /// See [`ExperimentConfig::checkpoint_every`].
@@ -154,6 +164,8 @@ impl Overrides {
             optimizer,
             clip,
             init,
+            recurrent_dropout,
+            zoneout,
             eval_every,
             checkpoint_every,
             eval_size,
@@ -241,6 +253,13 @@ impl ExperimentConfig {
             optimizer: o.optimizer.unwrap_or(OptimizerKind::Adam),
             clip: in_range("clip", o.clip.unwrap_or(1.0), 0.0, 1e9)?,
             init: o.init.unwrap_or(InitKind::Default),
+            recurrent_dropout: in_range(
+                "recurrent-dropout",
+                o.recurrent_dropout.unwrap_or(0.0),
+                0.0,
+                0.95,
+            )?,
+            zoneout: in_range("zoneout", o.zoneout.unwrap_or(0.0), 0.0, 0.95)?,
             eval_every: in_range("eval-every", o.eval_every.unwrap_or(100), 1, 100_000_000)?,
             checkpoint_every: in_range(
                 "checkpoint-every",
@@ -263,6 +282,14 @@ impl ExperimentConfig {
                     "init = chrono needs gated cells; {cell} has no gates"
                 ));
             }
+        }
+        // SRU's recurrence reads only its cell state c.
+        if config.recurrent_dropout > 0.0 && config.cell.iter().any(|c| c == "sru") {
+            return Err(
+                "recurrent-dropout masks the hidden state h, which sru's recurrence does not read \
+                 (use zoneout)"
+                    .into(),
+            );
         }
         Ok(config)
     }

@@ -19,6 +19,8 @@ use crate::cell::AnyCellConfig;
 use crate::import::write_atomically;
 use crate::layer::RnnLayerConfig;
 use crate::ops::RnnBackend;
+use rand::RngCore;
+
 use crate::task::{eval_rng, host_mean, step_rng, AnyTask, Batch, Metrics, Task};
 
 /// One line of `metrics.jsonl`.
@@ -196,7 +198,11 @@ where
 
     B::seed(device, seed);
     let cell_config = AnyCellConfig::named(cell, task.input_size(), config.hidden)?;
-    let layer_config = RnnLayerConfig::new(cell_config).with_num_layers(config.layers);
+    let layer_config = RnnLayerConfig::new(cell_config)
+        .with_num_layers(config.layers)
+        .with_recurrent_dropout(config.recurrent_dropout)
+        .with_zoneout(config.zoneout);
+    let noisy = config.recurrent_dropout > 0.0 || config.zoneout > 0.0;
     let mut model = SequenceModel::<B>::new(&layer_config, task.output_size(), device);
     if config.init == InitKind::Chrono {
         let t_max = task.batch(1, &mut eval_rng(seed)).len;
@@ -254,6 +260,11 @@ where
     let mut last_checkpoint = start;
     for step in start + 1..=config.steps {
         let batch = task.batch(config.batch_size, &mut step_rng(seed, step as u64));
+        if noisy {
+            // The step's recurrent noise depends on (seed, step) alone, so that a resumed run
+            // draws what the uninterrupted one did.
+            B::seed(device, step_rng(!seed, step as u64).next_u64());
+        }
         let losses = task.losses(model.forward(batch.input_tensor(device)), &batch);
         let mut loss_value = host_mean(losses.clone());
         let loss = losses.mean();

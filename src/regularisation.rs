@@ -1,0 +1,546 @@
+//! Recurrent regularisation for every cell: variational dropout of the state a step reads
+//! (Gal & Ghahramani 2016) and zoneout (Krueger et al. 2017).
+//!
+//! Both act between steps, so they wrap a cell's [`Recurrence`] kernel instead of touching
+//! it: the noise travels as extra columns of each step's projected input, and
+//! [`Regularised`] applies it around the inner step on every path (host, tensor, GPU
+//! fallback) with a hand-written backward, so training keeps its O(T) cost.
+//! - Dropout: the step reads `h ⊙ m` instead of `h`, with one mask `m ∈ {0, 1/(1−p)}` per
+//!   sequence and unit, the same at every step; other state components (an LSTM's `c`) are
+//!   read as they are. Off at evaluation.
+//! - Zoneout: each unit of every state component keeps its previous value with probability
+//!   `p` at each step: `s' = z ⊙ s + (1 − z) ⊙ cell(s)`, `z ~ Bernoulli(p)`; the step's
+//!   output is the cell's own (as the authors' code). At evaluation `z = p`, the expectation.
+
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+
+use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
+
+/// The noise of one cell over one sequence batch.
+#[derive(Debug, Clone)]
+pub struct StateNoise<B: Backend> {
+    /// `[batch, state_width]`: what multiplies the state a step reads (dropout), or `None`.
+    pub keep: Option<Tensor<B, 2>>,
+    /// `[T, batch, state_width]`: the share of each unit's previous value kept at each step
+    /// (zoneout), or `None`.
+    pub zone: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> StateNoise<B> {
+    /// Noise for a cell with state components `names` of `hidden` units each: a dropout mask
+    /// of rate `dropout` on the components named `h`, and zoneout of rate `zoneout` on all;
+    /// random when `training`, else dropout off and zoneout at its expectation. `None` when
+    /// neither applies.
+    pub fn sample(
+        names: &[&str],
+        hidden: usize,
+        [len, batch]: [usize; 2],
+        (dropout, zoneout): (f64, f64),
+        training: bool,
+        device: &B::Device,
+    ) -> Option<Self> {
+        let width = hidden * names.len();
+        let keep = (training && dropout > 0.0).then(|| {
+            let parts = names
+                .iter()
+                .map(|&name| match name {
+                    "h" => {
+                        Tensor::random(
+                            [batch, hidden],
+                            Distribution::Bernoulli(1.0 - dropout),
+                            device,
+                        ) / (1.0 - dropout)
+                    }
+                    _ => Tensor::ones([batch, hidden], device),
+                })
+                .collect();
+            Tensor::cat(parts, 1)
+        });
+        let zone = (zoneout > 0.0).then(|| match training {
+            true => Tensor::random(
+                [len, batch, width],
+                Distribution::Bernoulli(zoneout),
+                device,
+            ),
+            false => Tensor::full([len, batch, width], zoneout, device),
+        });
+        (keep.is_some() || zone.is_some()).then_some(Self { keep, zone })
+    }
+
+    /// The kernel wrapped to apply this noise, and the projected input `[T, batch, ·]` with
+    /// the noise columns appended.
+    pub fn wrap<K: Recurrence>(
+        &self,
+        kernel: K,
+        xp: Tensor<B, 3>,
+    ) -> (Regularised<K>, Tensor<B, 3>) {
+        let [len, batch, _] = xp.dims();
+        let mut columns = vec![xp];
+        if let Some(keep) = &self.keep {
+            let width = keep.dims()[1];
+            columns.push(
+                keep.clone()
+                    .unsqueeze_dim::<3>(0)
+                    .expand([len, batch, width]),
+            );
+        }
+        columns.extend(self.zone.clone());
+        let wrapped = Regularised {
+            inner: kernel,
+            dropout: self.keep.is_some(),
+            zoneout: self.zone.is_some(),
+        };
+        (wrapped, Tensor::cat(columns, 2))
+    }
+}
+
+/// A kernel with dropout and/or zoneout around its step. Its projected input is the inner
+/// one followed by the dropout multiplier and the zoneout share (`state_width` columns each,
+/// when on); its packed row is `[output | state | output | cell state | inner saved]`, so that
+/// the inner step's own row `[output | cell state | saved]` lies in it unchanged.
+#[derive(Debug, Clone)]
+pub struct Regularised<K> {
+    /// The cell's kernel.
+    pub inner: K,
+    /// Dropout columns present.
+    pub dropout: bool,
+    /// Zoneout columns present.
+    pub zoneout: bool,
+}
+
+impl<K: Recurrence> Regularised<K> {
+    fn widths(&self) -> (usize, usize, usize, usize) {
+        let k = &self.inner;
+        (
+            k.input_width(),
+            k.output_width(),
+            k.state_width(),
+            k.saved_width(),
+        )
+    }
+    /// First column of the dropout multiplier in the projected input.
+    fn keep_col(&self) -> Option<usize> {
+        self.dropout.then(|| self.inner.input_width())
+    }
+    /// First column of the zoneout share in the projected input.
+    fn zone_col(&self) -> Option<usize> {
+        let (i, _, s, _) = self.widths();
+        self.zoneout.then(|| i + if self.dropout { s } else { 0 })
+    }
+    fn noise_width(&self) -> usize {
+        self.inner.state_width() * (usize::from(self.dropout) + usize::from(self.zoneout))
+    }
+
+    /// The state the inner step reads: `prev ⊙ keep` (copied into `buffer`) or `prev`.
+    fn host_read<'a, F: HostFloat>(
+        &self,
+        xp: MatRef<'a, F>,
+        prev: MatRef<'a, F>,
+        buffer: &'a mut Vec<F>,
+    ) -> MatRef<'a, F> {
+        let Some(col) = self.keep_col() else {
+            return prev;
+        };
+        let (batch, width) = (prev.rows(), self.inner.state_width());
+        let keep = xp.cols(col, width);
+        *buffer = (0..batch)
+            .flat_map(|b| prev.row(b).iter().zip(keep.row(b)).map(|(&s, &m)| s * m))
+            .collect();
+        MatRef::new(buffer, batch, width)
+    }
+}
+
+impl<K: Recurrence> Recurrence for Regularised<K> {
+    fn input_width(&self) -> usize {
+        self.inner.input_width() + self.noise_width()
+    }
+    fn state_width(&self) -> usize {
+        self.inner.state_width()
+    }
+    fn output_width(&self) -> usize {
+        self.inner.output_width()
+    }
+    fn saved_width(&self) -> usize {
+        let (_, o, s, v) = self.widths();
+        o + s + v
+    }
+    fn param_shapes(&self) -> Vec<[usize; 2]> {
+        self.inner.param_shapes()
+    }
+
+    fn step<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        xp: Tensor<B, 2>,
+        state: Tensor<B, 2>,
+    ) -> StepOutput<B> {
+        let (i, _, s, _) = self.widths();
+        let read = match self.keep_col() {
+            Some(col) => state.clone() * xp.clone().narrow(1, col, s),
+            None => state.clone(),
+        };
+        let step = self.inner.step(params, xp.clone().narrow(1, 0, i), read);
+        let new_state = match self.zone_col() {
+            Some(col) => {
+                let zone = xp.narrow(1, col, s);
+                step.state.clone() + (state - step.state.clone()) * zone
+            }
+            None => step.state.clone(),
+        };
+        let mut saved = vec![step.output.clone(), step.state];
+        saved.extend(step.saved);
+        StepOutput {
+            output: step.output,
+            state: new_state,
+            saved: Some(Tensor::cat(saved, 1)),
+        }
+    }
+
+    fn step_backward<B: Backend>(
+        &self,
+        params: &[Tensor<B, 2>],
+        step: StepRecord<B>,
+        param_grads: &mut [Tensor<B, 2>],
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let (i, o, s, v) = self.widths();
+        let saved = step.saved.expect("the wrapper saves the cell's state");
+        let keep = self.keep_col().map(|col| step.xp.clone().narrow(1, col, s));
+        let zone = self.zone_col().map(|col| step.xp.clone().narrow(1, col, s));
+        let read = match &keep {
+            Some(keep) => step.prev_state * keep.clone(),
+            None => step.prev_state,
+        };
+        let grad_cell_state = match &zone {
+            Some(zone) => step.grad_state.clone() * (zone.clone().neg() + 1.0),
+            None => step.grad_state.clone(),
+        };
+        let inner = StepRecord {
+            xp: step.xp.clone().narrow(1, 0, i),
+            prev_state: read,
+            output: step.output,
+            state: saved.clone().narrow(1, o, s),
+            saved: (v > 0).then(|| saved.narrow(1, o + s, v)),
+            grad_output: step.grad_output,
+            grad_state: grad_cell_state,
+        };
+        let (grad_xp, grad_read) = self.inner.step_backward(params, inner, param_grads);
+        let mut grad_prev = match keep {
+            Some(keep) => grad_read * keep,
+            None => grad_read,
+        };
+        if let Some(zone) = zone {
+            grad_prev = grad_prev + step.grad_state * zone;
+        }
+        let [batch, _] = grad_xp.dims();
+        let noise = Tensor::zeros([batch, self.noise_width()], &grad_xp.device());
+        (Tensor::cat(vec![grad_xp, noise], 1), grad_prev)
+    }
+
+    fn host_step<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        xp: MatRef<F>,
+        prev: MatRef<F>,
+        mut out: MatMut<F>,
+    ) {
+        let (i, o, s, v) = self.widths();
+        let mut buffer = Vec::new();
+        let read = self.host_read(xp, prev, &mut buffer);
+        self.inner
+            .host_step(params, xp.cols(0, i), read, out.cols_mut(o + s, o + s + v));
+        let zone = self.zone_col().map(|col| xp.cols(col, s));
+        out.for_each_row(|b, row| {
+            let (visible, cell) = row.split_at_mut(o + s);
+            let (output, state) = visible.split_at_mut(o);
+            output.copy_from_slice(&cell[..o]);
+            let cell_state = &cell[o..o + s];
+            match zone {
+                Some(zone) => {
+                    for (((new, &c), &p), &z) in state
+                        .iter_mut()
+                        .zip(cell_state)
+                        .zip(prev.row(b))
+                        .zip(zone.row(b))
+                    {
+                        *new = c + (p - c) * z;
+                    }
+                }
+                None => state.copy_from_slice(cell_state),
+            }
+        });
+    }
+
+    fn host_step_backward<F: HostFloat>(
+        &self,
+        params: &[MatRef<F>],
+        step: HostStep<F>,
+        grads: HostStepGrads<F>,
+    ) {
+        let (i, o, s, v) = self.widths();
+        let batch = step.xp.rows();
+        let mut buffer = Vec::new();
+        let read = self.host_read(step.xp, step.prev, &mut buffer);
+        let zone = self.zone_col().map(|col| step.xp.cols(col, s));
+        let grad_cell_state: Vec<F> = (0..batch)
+            .flat_map(|b| {
+                let g = step.grad_state.row(b);
+                (0..s).map(move |j| match zone {
+                    Some(zone) => g[j] * (F::one() - zone.row(b)[j]),
+                    None => g[j],
+                })
+            })
+            .collect();
+
+        // Products over the state the inner step read: the wrapper writes that state, since
+        // with dropout it is not the packed previous state the driver would read.
+        let HostStepGrads {
+            mut xp,
+            mut prev,
+            params: param_grads,
+            products,
+        } = grads;
+        let inner_products = products
+            .into_iter()
+            .zip(self.host_weight_products())
+            .zip(self.inner.host_weight_products())
+            .map(|(((mut a, g), outer), inner)| {
+                if let (Operand::Written, Operand::PrevState(col)) = (outer.a, inner.a) {
+                    for b in 0..batch {
+                        a.row_mut(b)
+                            .copy_from_slice(&read.row(b)[col..col + inner.k]);
+                    }
+                    return (MatMut::new(&mut [], batch, 0), g);
+                }
+                (a, g)
+            })
+            .collect();
+        xp.cols_mut(i, self.noise_width())
+            .for_each_row(|_, row| row.fill(F::zero()));
+        let mut grad_read = vec![F::zero(); batch * s];
+        self.inner.host_step_backward(
+            params,
+            HostStep {
+                xp: step.xp.cols(0, i),
+                prev: read,
+                row: step.row.cols(o + s, o + s + v),
+                grad_output: step.grad_output,
+                grad_state: MatRef::new(&grad_cell_state, batch, s),
+                params_t: step.params_t,
+            },
+            HostStepGrads {
+                xp: xp.cols_mut(0, i),
+                prev: MatMut::new(&mut grad_read, batch, s),
+                params: param_grads,
+                products: inner_products,
+            },
+        );
+        let keep = self.keep_col().map(|col| step.xp.cols(col, s));
+        prev.for_each_row(|b, row| {
+            let read_grad = &grad_read[b * s..(b + 1) * s];
+            for (j, g) in row.iter_mut().enumerate() {
+                *g = read_grad[j] * keep.map_or(F::one(), |k| k.row(b)[j]);
+                if let Some(zone) = zone {
+                    *g += step.grad_state.row(b)[j] * zone.row(b)[j];
+                }
+            }
+        });
+    }
+
+    fn host_weight_products(&self) -> Vec<host::WeightProduct> {
+        self.inner
+            .host_weight_products()
+            .into_iter()
+            .map(|mut product| {
+                if self.dropout && matches!(product.a, Operand::PrevState(_)) {
+                    product.a = Operand::Written;
+                }
+                product
+            })
+            .collect()
+    }
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use burn::module::AutodiffModule;
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+    use crate::cell::AnyCellConfig;
+    use crate::check::{values, F64Autodiff, F64};
+    use crate::layer::{RnnLayerConfig, RnnState};
+    use crate::ops::RecurrencePath;
+
+    fn lstm_layer(dropout: f64, zoneout: f64) -> RnnLayerConfig<AnyCellConfig> {
+        RnnLayerConfig::new(AnyCellConfig::named("lstm", 3, 4).unwrap())
+            .with_recurrent_dropout(dropout)
+            .with_zoneout(zoneout)
+    }
+
+    /// An LSTM layer in training mode against the equations written out in f64: the gates
+    /// read `h ⊙ m`, then `c' = z_c c + (1 − z_c) c̃`, `h' = z_h h + (1 − z_h) o tanh(c̃)`, and
+    /// the output is `o tanh(c̃)`.
+    #[test]
+    fn lstm_with_dropout_and_zoneout_matches_the_equations() {
+        type B = F64Autodiff;
+        let device = Default::default();
+        let layer = lstm_layer(0.5, 0.4).init::<B>(&device);
+        let (batch, len, hidden) = (2, 6, 4);
+        let input = Tensor::<B, 3>::random([batch, len, 3], Distribution::Default, &device);
+        let state = layer.zero_state(batch, &device);
+        let state = RnnState {
+            components: state.components.into_iter().map(|s| s + 0.5).collect(),
+        };
+        let noise = layer.sample_noise(&input).expect("noise in training");
+        let (output, last) = layer.forward_with_noise(
+            input.clone(),
+            None,
+            Some(state),
+            Some(&noise),
+            RecurrencePath::Fused,
+        );
+
+        let weights: std::collections::HashMap<String, Vec<f64>> = layer
+            .state_dict()
+            .into_iter()
+            .map(|(name, data)| (name, values(&data)))
+            .collect();
+        let w = |name: &str| &weights[name];
+        let x = values(&input.into_data());
+        let keep = values(&noise[0].keep.clone().unwrap().into_data());
+        let zone = values(&noise[0].zone.clone().unwrap().into_data());
+        let (out, last_h, last_c) = (
+            values(&output.into_data()),
+            values(&last.components[0].clone().into_data()),
+            values(&last.components[1].clone().into_data()),
+        );
+        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let mut worst: f64 = 0.0;
+        for b in 0..batch {
+            let (mut h, mut c) = (vec![0.5; hidden], vec![0.5; hidden]);
+            for t in 0..len {
+                let read: Vec<f64> = (0..hidden)
+                    .map(|j| h[j] * keep[b * 2 * hidden + j])
+                    .collect();
+                let pre = |row: usize| {
+                    let mut v = w("bias_ih_l0")[row] + w("bias_hh_l0")[row];
+                    for k in 0..3 {
+                        v += w("weight_ih_l0")[row * 3 + k] * x[(b * len + t) * 3 + k];
+                    }
+                    for (k, r) in read.iter().enumerate() {
+                        v += w("weight_hh_l0")[row * hidden + k] * r;
+                    }
+                    v
+                };
+                let z = |j: usize| zone[(t * batch + b) * 2 * hidden + j];
+                for j in 0..hidden {
+                    let (i, f) = (sigmoid(pre(j)), sigmoid(pre(hidden + j)));
+                    let (g, o) = (pre(2 * hidden + j).tanh(), sigmoid(pre(3 * hidden + j)));
+                    let cell = f * c[j] + i * g;
+                    let shown = o * cell.tanh();
+                    worst = worst.max((out[(b * len + t) * hidden + j] - shown).abs());
+                    // The gates read `read`, a copy: updating `h` in place is safe.
+                    h[j] = z(j) * h[j] + (1.0 - z(j)) * shown;
+                    c[j] = z(hidden + j) * c[j] + (1.0 - z(hidden + j)) * cell;
+                }
+            }
+            for j in 0..hidden {
+                worst = worst.max((last_h[b * hidden + j] - h[j]).abs());
+                worst = worst.max((last_c[b * hidden + j] - c[j]).abs());
+            }
+        }
+        assert!(worst < 1e-12, "layer and equations differ by {worst:e}");
+    }
+
+    /// Dropout: one mask per sequence on `h` only, values 0 or 1/(1 − p), about p dropped;
+    /// zoneout: 0/1 per step and unit, about p kept; at evaluation no dropout and z = p.
+    #[test]
+    fn noise_has_the_rates_and_shapes_of_its_definition() {
+        let device = Default::default();
+        let (len, batch, hidden) = (50, 40, 16);
+        let noise = StateNoise::<F64>::sample(
+            &["h", "c"],
+            hidden,
+            [len, batch],
+            (0.25, 0.1),
+            true,
+            &device,
+        )
+        .unwrap();
+        let keep = values(&noise.keep.unwrap().into_data());
+        assert_eq!(keep.len(), batch * 2 * hidden);
+        let (h_part, c_part): (Vec<_>, Vec<_>) = keep
+            .chunks(hidden)
+            .enumerate()
+            .partition(|(k, _)| k % 2 == 0);
+        let h: Vec<f64> = h_part.into_iter().flat_map(|(_, v)| v.to_vec()).collect();
+        assert!(c_part.iter().all(|(_, v)| v.iter().all(|&m| m == 1.0)));
+        assert!(h
+            .iter()
+            .all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-12));
+        let dropped = h.iter().filter(|&&m| m == 0.0).count() as f64 / h.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.05, "dropped {dropped}");
+
+        let zone = values(&noise.zone.unwrap().into_data());
+        assert_eq!(zone.len(), len * batch * 2 * hidden);
+        assert!(zone.iter().all(|&z| z == 0.0 || z == 1.0));
+        let kept = zone.iter().sum::<f64>() / zone.len() as f64;
+        assert!((kept - 0.1).abs() < 0.01, "kept {kept}");
+
+        let eval =
+            StateNoise::<F64>::sample(&["h"], hidden, [len, batch], (0.25, 0.1), false, &device)
+                .unwrap();
+        assert!(eval.keep.is_none());
+        assert!(values(&eval.zone.unwrap().into_data())
+            .iter()
+            .all(|&z| z == 0.1));
+        let none =
+            StateNoise::<F64>::sample(&["h"], hidden, [len, batch], (0.25, 0.0), false, &device);
+        assert!(none.is_none(), "dropout alone is off at evaluation");
+    }
+
+    /// The evaluation copy of a trained layer is deterministic and uses zoneout's expectation:
+    /// with z = p it equals a training forward given the noise `keep = 1, zone = p`.
+    #[test]
+    fn evaluation_uses_the_expectation() {
+        let device = Default::default();
+        let layer = lstm_layer(0.3, 0.2).init::<F64Autodiff>(&device);
+        let input = Tensor::<F64Autodiff, 3>::random([2, 5, 3], Distribution::Default, &device);
+        let eval = layer.valid();
+        let first = eval.forward(input.clone().inner(), None).0.into_data();
+        let again = eval.forward(input.clone().inner(), None).0.into_data();
+        assert_eq!(first, again);
+        let expectation = StateNoise {
+            keep: Some(Tensor::ones([2, 8], &device)),
+            zone: Some(Tensor::full([5, 2, 8], 0.2, &device)),
+        };
+        let trained = layer
+            .forward_with_noise(
+                input,
+                None,
+                None,
+                Some(&[expectation]),
+                RecurrencePath::Fused,
+            )
+            .0
+            .into_data();
+        let diff = values(&first)
+            .iter()
+            .zip(values(&trained))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            diff < 1e-12,
+            "evaluation differs from the expectation by {diff:e}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "recurrent dropout masks the hidden state h")]
+    fn sru_refuses_recurrent_dropout() {
+        RnnLayerConfig::new(AnyCellConfig::named("sru", 3, 4).unwrap())
+            .with_recurrent_dropout(0.2)
+            .init::<F64>(&Default::default());
+    }
+}
