@@ -172,15 +172,23 @@ fn fused_lstm_op_matches_plain_path_and_cpu() {
 /// Through the layer: a bidirectional, masked layer of `cell` reaches its kernel through
 /// `AnyCell`; output, states, the input's and every parameter's gradient, within `tolerance`.
 fn fused_layer_matches_plain_path(cell: &str, hidden: usize, tolerance: f64) {
-    let device = Default::default();
     let config = RnnLayerConfig::new(AnyCellConfig::named(cell, 3, hidden).unwrap())
         .with_bidirectional(true);
+    layer_matches_plain_path(&config, tolerance);
+}
+
+/// [`fused_layer_matches_plain_path`] for any layer config; recurrent noise, if any, drawn once.
+fn layer_matches_plain_path(config: &RnnLayerConfig<AnyCellConfig>, tolerance: f64) {
+    let device = Default::default();
+    let cell = config.cell.name();
     let layer = config.init::<B>(&device);
     let input = tensor_on::<B, 3>([3, 6, 3], 5);
     let mask = Mask::from_lengths(&[6, 2, 4], 6, &device).unwrap();
+    let noise = layer.sample_noise(&input);
     let run = |path: RecurrencePath| {
         let x = input.clone().require_grad();
-        let (output, state) = layer.forward_with_path(x.clone(), Some(&mask), None, path);
+        let (output, state) =
+            layer.forward_with_noise(x.clone(), Some(&mask), None, noise.as_deref(), path);
         let mut loss = (output.clone() * output.clone()).sum();
         for c in &state.components {
             loss = loss + c.clone().sum();
@@ -220,4 +228,15 @@ fn fused_sru_layer_matches_plain_path() {
 fn fused_lstm_layer_matches_plain_path() {
     // The plain path's recurrent matmuls are TF32 on CUDA (measured 6.3e-4 on an H100).
     fused_layer_matches_plain_path("lstm", 5, MATMUL_TOLERANCE);
+}
+
+/// Recurrent dropout and zoneout wrap the cell's kernel, which then takes the GPU backend's
+/// plain-tensor op (the wrapper's hand-written tensor backward) instead of the fused kernel.
+#[test]
+fn regularised_layer_matches_plain_path() {
+    let config = RnnLayerConfig::new(AnyCellConfig::named("lstm", 3, 5).unwrap())
+        .with_bidirectional(true)
+        .with_recurrent_dropout(0.4)
+        .with_zoneout(0.3);
+    layer_matches_plain_path(&config, MATMUL_TOLERANCE);
 }
