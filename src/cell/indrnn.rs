@@ -12,7 +12,7 @@ use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 
 use super::{
     accumulate, batch_sum, flatten_params, load_param, param_data, project_sequence, torch_name,
-    Cell, CellConfig, Position,
+    Cell,
 };
 use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
 use crate::import::{ImportError, TensorSource};
@@ -59,34 +59,7 @@ impl IndRnnConfig {
     }
 }
 
-impl CellConfig for IndRnnConfig {
-    type Cell<B: Backend> = IndRnn<B>;
-
-    fn names() -> &'static [&'static str] {
-        &["indrnn"]
-    }
-    fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
-        (name == "indrnn").then(|| Self::new(input_size, hidden_size))
-    }
-    fn name(&self) -> &'static str {
-        "indrnn"
-    }
-    fn input_size(&self) -> usize {
-        self.input_size
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden_size
-    }
-    fn at_position(&self, position: Position) -> Self {
-        Self {
-            input_size: position.input_size,
-            ..self.clone()
-        }
-    }
-    fn init_cell<B: Backend>(&self, device: &B::Device) -> IndRnn<B> {
-        self.init(device)
-    }
-}
+super::single_name_config!(IndRnnConfig => IndRnn, "indrnn");
 
 /// The IndRNN step: elementwise, the bias folded into the projection; params `[u [1, H]]`.
 #[derive(Debug, Clone)]

@@ -20,7 +20,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::{
     accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence, sigmoid,
-    sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell, CellConfig, Position,
+    sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
@@ -93,34 +93,7 @@ impl LnLstmConfig {
     }
 }
 
-impl CellConfig for LnLstmConfig {
-    type Cell<B: Backend> = LnLstm<B>;
-
-    fn names() -> &'static [&'static str] {
-        &["ln-lstm"]
-    }
-    fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
-        (name == "ln-lstm").then(|| Self::new(input_size, hidden_size))
-    }
-    fn name(&self) -> &'static str {
-        "ln-lstm"
-    }
-    fn input_size(&self) -> usize {
-        self.input_size
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden_size
-    }
-    fn at_position(&self, position: Position) -> Self {
-        Self {
-            input_size: position.input_size,
-            ..self.clone()
-        }
-    }
-    fn init_cell<B: Backend>(&self, device: &B::Device) -> LnLstm<B> {
-        self.init(device)
-    }
-}
+super::single_name_config!(LnLstmConfig => LnLstm, "ln-lstm");
 
 /// Row-wise normalisation of `[batch, width]`: `(x̂, 1/√(var + ε))`, the latter `[batch, 1]`.
 fn normalize_rows<B: Backend>(x: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {

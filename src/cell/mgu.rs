@@ -11,7 +11,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::{
     accumulate, cols, flatten_params, load_torch_layer, project_sequence, save_torch_layer,
-    sigmoid, sigmoid_grad, tanh_grad, uniform_param, Cell, CellConfig, Position,
+    sigmoid, sigmoid_grad, tanh_grad, uniform_param, Cell,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
@@ -55,34 +55,7 @@ impl MguConfig {
     }
 }
 
-impl CellConfig for MguConfig {
-    type Cell<B: Backend> = Mgu<B>;
-
-    fn names() -> &'static [&'static str] {
-        &["mgu"]
-    }
-    fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
-        (name == "mgu").then(|| Self::new(input_size, hidden_size))
-    }
-    fn name(&self) -> &'static str {
-        "mgu"
-    }
-    fn input_size(&self) -> usize {
-        self.input_size
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden_size
-    }
-    fn at_position(&self, position: Position) -> Self {
-        Self {
-            input_size: position.input_size,
-            ..self.clone()
-        }
-    }
-    fn init_cell<B: Backend>(&self, device: &B::Device) -> Mgu<B> {
-        self.init(device)
-    }
-}
+super::single_name_config!(MguConfig => Mgu, "mgu");
 
 /// The MGU step: params `[W_hh^T [H, 2H]]` (biases folded into the projection), one matmul
 /// for the gate and one for the candidate; saved `[f, h̃]`.

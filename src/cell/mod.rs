@@ -360,6 +360,42 @@ pub(crate) fn save_torch_layer<B: Backend, C: TorchStyle<B>>(
         .collect()
 }
 
+/// Implements [`CellConfig`] for a one-name cell family whose config has `input_size` and
+/// `hidden_size` fields, `new(input_size, hidden_size)` and `init(device)`.
+macro_rules! single_name_config {
+    ($config:ident => $cell:ident, $name:literal) => {
+        impl super::CellConfig for $config {
+            type Cell<B: Backend> = $cell<B>;
+
+            fn names() -> &'static [&'static str] {
+                &[$name]
+            }
+            fn from_name(name: &str, input_size: usize, hidden_size: usize) -> Option<Self> {
+                (name == $name).then(|| Self::new(input_size, hidden_size))
+            }
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn input_size(&self) -> usize {
+                self.input_size
+            }
+            fn hidden_size(&self) -> usize {
+                self.hidden_size
+            }
+            fn at_position(&self, position: super::Position) -> Self {
+                Self {
+                    input_size: position.input_size,
+                    ..self.clone()
+                }
+            }
+            fn init_cell<B: Backend>(&self, device: &B::Device) -> $cell<B> {
+                self.init(device)
+            }
+        }
+    };
+}
+pub(crate) use single_name_config;
+
 /// A parameter's values, for export.
 pub(crate) fn param_data<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> TensorData {
     param.val().into_data()
