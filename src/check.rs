@@ -9,6 +9,7 @@ use crate::cell::{Cell, CellConfig};
 use crate::import::StateDict;
 use crate::layer::{Mask, RnnLayer, RnnLayerConfig, RnnState};
 use crate::ops::{RecurrencePath, RnnBackend};
+use crate::regularisation::StateNoise;
 
 /// The f64 CPU backend the checks run on.
 pub type F64 = NdArray<f64>;
@@ -34,6 +35,58 @@ impl<B: AutodiffBackend> ModuleMapper<B> for GradientsAsParams<'_, B> {
 /// so that the module's own naming (e.g. [`RnnLayer::state_dict`]) names the gradients.
 pub fn gradients_of<B: AutodiffBackend, M: Module<B>>(module: M, grads: &B::Gradients) -> M {
     module.map(&mut GradientsAsParams::<B> { grads })
+}
+
+/// Everything a training step reads from a layer run along `path` (for comparing two paths):
+/// the output, the final states, and the gradients of the loss `Σ output² + Σ states` with
+/// respect to the input, the initial states (when given) and every parameter.
+pub fn layer_results<B: AutodiffBackend + RnnBackend, C: Cell<B>>(
+    layer: &RnnLayer<B, C>,
+    input: Tensor<B, 3>,
+    mask: Option<&Mask<B>>,
+    state0: Option<RnnState<B>>,
+    noise: Option<&[StateNoise<B>]>,
+    path: RecurrencePath,
+) -> Vec<TensorData> {
+    let x = input.require_grad();
+    let s0: Option<Vec<Tensor<B, 3>>> =
+        state0.map(|s| s.components.into_iter().map(|c| c.require_grad()).collect());
+    let (output, state) = layer.forward_with_noise(
+        x.clone(),
+        mask,
+        s0.clone().map(|components| RnnState { components }),
+        noise,
+        path,
+    );
+    let mut loss = (output.clone() * output.clone()).sum();
+    for c in &state.components {
+        loss = loss + c.clone().sum();
+    }
+    let grads = loss.backward();
+    let mut tensors = vec![
+        output.into_data(),
+        x.grad(&grads).expect("input gradient").into_data(),
+    ];
+    tensors.extend(state.components.into_iter().map(|c| c.into_data()));
+    for s in s0.iter().flatten() {
+        tensors.push(s.grad(&grads).expect("state gradient").into_data());
+    }
+    tensors.extend(
+        gradients_of(layer.clone(), &grads)
+            .state_dict()
+            .into_iter()
+            .map(|(_, d)| d),
+    );
+    tensors
+}
+
+/// The largest [`max_abs_diff`] between two [`layer_results`].
+pub fn max_difference(what: &str, a: &[TensorData], b: &[TensorData]) -> f64 {
+    assert_eq!(a.len(), b.len(), "{what}: different result counts");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_abs_diff(what, x, y))
+        .fold(0.0, f64::max)
 }
 
 /// Largest absolute difference between two tensors' values; panics on a shape mismatch.

@@ -12,7 +12,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use rnn_zoo::cell::lstm::LstmKernel;
 use rnn_zoo::cell::sru::SruKernel;
-use rnn_zoo::check::{gradients_of, max_abs_diff};
+use rnn_zoo::check::{layer_results, max_abs_diff, max_difference};
 use rnn_zoo::ops::{self, Recurrence, RecurrencePath};
 use rnn_zoo::prelude::*;
 
@@ -186,31 +186,20 @@ fn layer_matches_plain_path(config: &RnnLayerConfig<AnyCellConfig>, tolerance: f
     let mask = Mask::from_lengths(&[6, 2, 4], 6, &device).unwrap();
     let noise = layer.sample_noise(&input);
     let run = |path: RecurrencePath| {
-        let x = input.clone().require_grad();
-        let (output, state) =
-            layer.forward_with_noise(x.clone(), Some(&mask), None, noise.as_deref(), path);
-        let mut loss = (output.clone() * output.clone()).sum();
-        for c in &state.components {
-            loss = loss + c.clone().sum();
-        }
-        let grads = loss.backward();
-        let mut tensors = vec![output.into_data(), x.grad(&grads).unwrap().into_data()];
-        tensors.extend(state.components.into_iter().map(|c| c.into_data()));
-        tensors.extend(
-            gradients_of(layer.clone(), &grads)
-                .state_dict()
-                .into_iter()
-                .map(|(_, d)| d),
-        );
-        tensors
+        layer_results(
+            &layer,
+            input.clone(),
+            Some(&mask),
+            None,
+            noise.as_deref(),
+            path,
+        )
     };
-    let (fused, plain) = (run(RecurrencePath::Fused), run(RecurrencePath::Plain));
-    assert_eq!(fused.len(), plain.len());
-    let worst = fused
-        .iter()
-        .zip(&plain)
-        .map(|(a, b)| max_abs_diff(cell, a, b))
-        .fold(0.0, f64::max);
+    let worst = max_difference(
+        cell,
+        &run(RecurrencePath::Fused),
+        &run(RecurrencePath::Plain),
+    );
     println!("{cell} layer: fused vs plain max abs difference {worst:.1e}");
     assert!(
         worst < tolerance,

@@ -4,7 +4,9 @@
 
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rnn_zoo::cell::cell_names;
-use rnn_zoo::check::{finite_differences, max_abs_diff, values, F64Autodiff, F64};
+use rnn_zoo::check::{
+    finite_differences, layer_results, max_abs_diff, max_difference, values, F64Autodiff, F64,
+};
 use rnn_zoo::layer::MaskError;
 use rnn_zoo::ops::{self, Recurrence, RecurrencePath};
 use rnn_zoo::prelude::*;
@@ -275,54 +277,33 @@ fn regularised(config: RnnLayerConfig<AnyCellConfig>) -> RnnLayerConfig<AnyCellC
 /// The largest difference between the fused and the plain path of a masked layer (f64, in
 /// training mode): outputs, final states and every gradient. Panics above 1e-5.
 fn fused_minus_plain(config: &RnnLayerConfig<AnyCellConfig>) -> f64 {
-    use rnn_zoo::check::gradients_of;
     type B = F64Autodiff;
     let device = Default::default();
     let layer = config.init::<B>(&device);
     let input = Tensor::<B, 3>::random([3, 5, 3], Distribution::Default, &device);
     let state0 = layer.zero_state(3, &device);
+    let state0 = RnnState {
+        components: state0.components.into_iter().map(|s| s + 0.3).collect(),
+    };
     let mask = Mask::from_lengths(&[5, 2, 4], 5, &device).unwrap();
     let noise = layer.sample_noise(&input);
     let run = |path: RecurrencePath| {
-        let x = input.clone().require_grad();
-        let s0: Vec<Tensor<B, 3>> = state0
-            .components
-            .iter()
-            .map(|s| (s.clone() + 0.3).require_grad())
-            .collect();
-        let (output, state) = layer.forward_with_noise(
-            x.clone(),
+        let state0 = Some(state0.clone());
+        layer_results(
+            &layer,
+            input.clone(),
             Some(&mask),
-            Some(RnnState {
-                components: s0.clone(),
-            }),
+            state0,
             noise.as_deref(),
             path,
-        );
-        let mut loss = (output.clone() * output.clone()).sum();
-        for c in &state.components {
-            loss = loss + c.clone().sum();
-        }
-        let grads = loss.backward();
-        let mut tensors = vec![output.into_data(), x.grad(&grads).unwrap().into_data()];
-        tensors.extend(state.components.into_iter().map(|c| c.into_data()));
-        tensors.extend(s0.iter().map(|s| s.grad(&grads).unwrap().into_data()));
-        tensors.extend(
-            gradients_of(layer.clone(), &grads)
-                .state_dict()
-                .into_iter()
-                .map(|(_, d)| d),
-        );
-        tensors
+        )
     };
-    let (fused, plain) = (run(RecurrencePath::Fused), run(RecurrencePath::Plain));
-    assert_eq!(fused.len(), plain.len());
     let name = config.cell.name();
-    let worst = fused
-        .iter()
-        .zip(&plain)
-        .map(|(a, b)| max_abs_diff(name, a, b))
-        .fold(0.0, f64::max);
+    let worst = max_difference(
+        name,
+        &run(RecurrencePath::Fused),
+        &run(RecurrencePath::Plain),
+    );
     assert!(
         worst < 1e-5,
         "{name}: fused and plain paths differ by {worst:e}"
