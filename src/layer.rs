@@ -49,8 +49,8 @@ pub struct RnnLayerConfig<C> {
     #[serde(default)]
     pub dropout: f64,
     /// Variational dropout of the hidden state each step reads, one mask per sequence
-    /// (training only; see [`crate::regularisation`]). Cells whose state has no `h` (SRU)
-    /// cannot use it.
+    /// (training only; see [`crate::regularisation`]). Only for cells whose step reads `h`
+    /// only through its recurrent product (not GRU, MGU, SRU).
     #[serde(default)]
     pub recurrent_dropout: f64,
     /// Zoneout probability of every state unit at every step (the expectation at evaluation;
@@ -149,10 +149,10 @@ impl<C: CellConfig> RnnLayerConfig<C> {
             _backend: PhantomData,
         };
         assert!(
-            self.recurrent_dropout == 0.0 || layer.state_names().contains(&"h"),
-            "recurrent dropout masks the hidden state h, but {}'s state is {:?} (use zoneout)",
-            self.cell.name(),
-            layer.state_names()
+            self.recurrent_dropout == 0.0 || self.cell.reads_h_only_through_product(),
+            "recurrent dropout masks the hidden state h where only the recurrent product reads \
+             it, which {} does not (use zoneout)",
+            self.cell.name()
         );
         layer
     }

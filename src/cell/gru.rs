@@ -98,6 +98,10 @@ impl CellConfig for GruConfig {
     fn init_cell<B: Backend>(&self, device: &B::Device) -> Gru<B> {
         self.init(device)
     }
+    // The interpolation `z ⊙ h` reads h too.
+    fn reads_h_only_through_product(&self) -> bool {
+        false
+    }
 }
 
 /// The GRU step. Reset-after: params `[W_hh^T [H, 3H], b_hh [1, 3H]]`, one matmul per step,

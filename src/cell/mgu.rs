@@ -55,7 +55,7 @@ impl MguConfig {
     }
 }
 
-super::single_name_config!(MguConfig => Mgu, "mgu");
+super::single_name_config!(MguConfig => Mgu, "mgu", reads_h_only_through_product: false);
 
 /// The MGU step: params `[W_hh^T [H, 2H]]` (biases folded into the projection), one matmul
 /// for the gate and one for the candidate; saved `[f, h̃]`.

@@ -134,6 +134,10 @@ impl CellConfig for SruConfig {
     fn init_cell<B: Backend>(&self, device: &B::Device) -> Sru<B> {
         self.init(device)
     }
+    // The recurrence reads only c.
+    fn reads_h_only_through_product(&self) -> bool {
+        false
+    }
 }
 
 /// The SRU step: elementwise only. Input per step `[U0 | U1 | U2 | x']`, state `c`, output

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cell::{cell_names, AnyCellConfig};
+use crate::cell::{cell_names, AnyCellConfig, CellConfig};
 use crate::task::{LengthKey, TaskKind};
 
 /// Optimiser, with PyTorch's defaults.
@@ -283,13 +283,16 @@ impl ExperimentConfig {
                 ));
             }
         }
-        // SRU's recurrence reads only its cell state c.
-        if config.recurrent_dropout > 0.0 && config.cell.iter().any(|c| c == "sru") {
-            return Err(
-                "recurrent-dropout masks the hidden state h, which sru's recurrence does not read \
-                 (use zoneout)"
-                    .into(),
-            );
+        if config.recurrent_dropout > 0.0 {
+            let unfit = config.cell.iter().find(|c| {
+                AnyCellConfig::named(c, 1, 1).is_ok_and(|c| !c.reads_h_only_through_product())
+            });
+            if let Some(cell) = unfit {
+                return Err(format!(
+                    "recurrent-dropout masks the hidden state h where only the recurrent product \
+                     reads it, which {cell} does not (use zoneout)"
+                ));
+            }
         }
         Ok(config)
     }
