@@ -281,7 +281,7 @@ fn a_corrupt_checkpoint_is_reported() {
         "--resume".into(),
         out.display().to_string(),
     ]);
-    assert_error(&output, 1, "corrupt or incompatible checkpoint");
+    assert_error(&output, 1, "delete the run's folder to start it again");
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&other);
 }

@@ -224,9 +224,12 @@ where
     let ckpt_path = checkpoint_path(&run_dir);
     if ckpt_path.exists() {
         let bytes = fs::read(&ckpt_path).map_err(|e| io_error(&ckpt_path, e))?;
+        // The detail is the decoder's own (often a panic message from burn's recorder): lead
+        // with what to do about it.
         let unusable = |e: String| {
             format!(
-                "corrupt or incompatible checkpoint {}: {e}",
+                "corrupt or incompatible checkpoint {} (another cell or config, or an older \
+                 rnn-zoo; delete the run's folder to start it again): {e}",
                 ckpt_path.display()
             )
         };
