@@ -395,6 +395,19 @@ pub fn compare_step<C: CellConfig>(
     batch: usize,
     reference: impl Fn(&reference::Weights, &[f64], &[Vec<f64>]) -> StepValues,
 ) -> f64 {
+    compare_step_reading(cell, batch, 0.0, |w, x, state, _| reference(w, x, state))
+}
+
+/// [`compare_step`] with recurrent dropout of rate `dropout` (a random mask, training mode):
+/// `reference(weights, x, state, read)` also gets each state component as the recurrent
+/// connections read it, multiplied by its part of the mask ([`StateNoise::sample`]; the
+/// state itself without dropout).
+pub fn compare_step_reading<C: CellConfig>(
+    cell: C,
+    batch: usize,
+    dropout: f64,
+    reference: impl Fn(&reference::Weights, &[f64], &[Vec<f64>], &[Vec<f64>]) -> StepValues,
+) -> f64 {
     type B = F64;
     let device = Default::default();
     <B as burn::tensor::backend::Backend>::seed(&device, 11);
@@ -419,12 +432,35 @@ pub fn compare_step<C: CellConfig>(
             )
         })
         .collect();
-    let (output, state) = layer.step(
-        x.clone(),
-        Some(RnnState {
-            components: state0.clone(),
-        }),
+    let start = Some(RnnState {
+        components: state0.clone(),
+    });
+    let noise = StateNoise::<B>::sample(
+        layer.state_names(),
+        hidden,
+        [1, batch],
+        (dropout, 0.0),
+        true,
+        &device,
     );
+    let (output, state, keep) = match noise {
+        None => {
+            let (output, state) = layer.step(x.clone(), start);
+            (output, state, None)
+        }
+        Some(noise) => {
+            let keep = noise.keep.clone();
+            let sequence = x.clone().unsqueeze_dim::<3>(1);
+            let (output, state) = layer.forward_with_noise(
+                sequence,
+                None,
+                start,
+                Some(&[noise]),
+                RecurrencePath::Fused,
+            );
+            (output.squeeze_dim::<2>(1), state, keep)
+        }
+    };
     let rows = |t: TensorData, width: usize| -> Vec<Vec<f64>> {
         values(&t).chunks(width).map(<[f64]>::to_vec).collect()
     };
@@ -440,10 +476,30 @@ pub fn compare_step<C: CellConfig>(
         .map(|s| rows(s.into_data(), hidden))
         .collect();
 
+    // `[batch, components · hidden]`: each component's multiplier side by side.
+    let keep = keep.map(|keep| rows(keep.into_data(), s0.len() * hidden));
+    if let Some(keep) = &keep {
+        assert!(
+            keep.iter().flatten().any(|&m| m == 0.0),
+            "the mask drops nothing"
+        );
+    }
     let mut worst: f64 = 0.0;
     for b in 0..batch {
         let state_b: Vec<Vec<f64>> = s0.iter().map(|s| s[b].clone()).collect();
-        let (ref_out, ref_state) = reference(&weights, &xs[b], &state_b);
+        let read: Vec<Vec<f64>> = state_b
+            .iter()
+            .enumerate()
+            .map(|(k, component)| match &keep {
+                Some(keep) => component
+                    .iter()
+                    .zip(&keep[b][k * hidden..])
+                    .map(|(s, m)| s * m)
+                    .collect(),
+                None => component.clone(),
+            })
+            .collect();
+        let (ref_out, ref_state) = reference(&weights, &xs[b], &state_b, &read);
         let mut diff = |a: &[f64], e: &[f64]| {
             assert_eq!(a.len(), e.len());
             for (x, y) in a.iter().zip(e) {

@@ -212,6 +212,10 @@ impl<'a, F: Copy> MatRef<'a, F> {
     pub fn rows(&self) -> usize {
         self.rows
     }
+    /// Number of columns.
+    pub fn width(&self) -> usize {
+        self.cols
+    }
     /// Columns `start..start + width`.
     pub fn cols(self, start: usize, width: usize) -> Self {
         assert!(start + width <= self.cols, "columns out of bounds");

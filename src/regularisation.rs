@@ -1,22 +1,23 @@
-//! Recurrent regularisation: zoneout (Krueger et al. 2017) for every cell, and variational
-//! dropout of the state a step reads (Gal & Ghahramani 2016) where it is well defined.
+//! Recurrent regularisation for every cell: zoneout (Krueger et al. 2017) and variational
+//! dropout of the recurrent connections (Gal & Ghahramani 2016).
 //!
-//! Both act between steps, so they wrap a cell's [`Recurrence`] kernel instead of touching
-//! it: the noise travels as extra columns of each step's projected input, and
-//! [`Regularised`] applies it around the inner step on every path (host, tensor, GPU
-//! fallback) with a hand-written backward, so training keeps its O(T) cost.
-//! - Dropout: the step reads `h ⊙ m` instead of `h`, with one mask `m ∈ {0, 1/(1−p)}` per
-//!   sequence and unit, the same at every step; other state components (an LSTM's `c`) are
-//!   read as they are. Off at evaluation. Only for cells whose step reads `h` only through its
-//!   recurrent product ([`CellConfig::reads_h_only_through_product`]), where this is exactly
-//!   dropout of that product's input: a GRU would also carry `z ⊙ (h ⊙ m)` to the next step,
-//!   and a GRU trained so reached MSE 0.008 in training but 0.14 at evaluation on the adding
-//!   problem (T = 50), where zoneout or no noise gave 0.002.
+//! Both act between steps, so they wrap a cell's [`Recurrence`] kernel: the noise travels as
+//! extra columns of each step's projected input, and [`Regularised`] applies it around the
+//! inner step on every path (host, tensor, GPU fallback) with a hand-written backward, so
+//! training keeps its O(T) cost.
+//! - Dropout: what the recurrent connections read is `s ⊙ m`, with one mask
+//!   `m ∈ {0, 1/(1−p)}` per sequence and unit, the same at every step, on the state component
+//!   the step's weights read: `h`, or a cell's only component (the SRU's `c`, read by its
+//!   gates as `v ⊙ c`). An LSTM's `c` is its memory and is not masked. Where a step reads the
+//!   state only through its weights (RNNs, LSTMs, IndRNN), the wrapper masks the state before
+//!   the step. Where it also carries the state itself (GRU's `z ⊙ h`, MGU's `(1 − f) ⊙ h`,
+//!   SRU's `f ⊙ c`), the kernel applies the mask to its weighted reads only
+//!   ([`Recurrence::with_product_dropout`]), as Keras' GRU does: masking the carried state as
+//!   well trained a GRU on the adding problem (T = 50) to MSE 0.008 in training but 0.14 at
+//!   evaluation, where zoneout or no noise gave 0.002. Off at evaluation.
 //! - Zoneout: each unit of every state component keeps its previous value with probability
 //!   `p` at each step: `s' = z ⊙ s + (1 − z) ⊙ cell(s)`, `z ~ Bernoulli(p)`; the step's
 //!   output is the cell's own (as the authors' code). At evaluation `z = p`, the expectation.
-//!
-//! [`CellConfig::reads_h_only_through_product`]: crate::cell::CellConfig::reads_h_only_through_product
 
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 
@@ -35,7 +36,8 @@ pub struct StateNoise<B: Backend> {
 
 impl<B: Backend> StateNoise<B> {
     /// Noise for a cell with state components `names` of `hidden` units each: a dropout mask
-    /// of rate `dropout` on the components named `h`, and zoneout of rate `zoneout` on all;
+    /// of rate `dropout` on the component named `h` (or the only one), and zoneout of rate
+    /// `zoneout` on all;
     /// random when `training`, else dropout off and zoneout at its expectation. `None` when
     /// neither applies.
     pub fn sample(
@@ -50,15 +52,15 @@ impl<B: Backend> StateNoise<B> {
         let keep = (training && dropout > 0.0).then(|| {
             let parts = names
                 .iter()
-                .map(|&name| match name {
-                    "h" => {
+                .map(|&name| match name == "h" || names.len() == 1 {
+                    true => {
                         Tensor::random(
                             [batch, hidden],
                             Distribution::Bernoulli(1.0 - dropout),
                             device,
                         ) / (1.0 - dropout)
                     }
-                    _ => Tensor::ones([batch, hidden], device),
+                    false => Tensor::ones([batch, hidden], device),
                 })
                 .collect();
             Tensor::cat(parts, 1)
@@ -92,13 +94,68 @@ impl<B: Backend> StateNoise<B> {
             );
         }
         columns.extend(self.zone.clone());
-        let wrapped = Regularised {
-            inner: kernel,
-            dropout: self.keep.is_some(),
-            zoneout: self.zone.is_some(),
-        };
+        let wrapped = Regularised::new(kernel, self.keep.is_some(), self.zone.is_some());
         (wrapped, Tensor::cat(columns, 2))
     }
+}
+
+/// `state ⊙ keep` (the state a recurrent product reads under dropout), or `state`.
+pub(crate) fn masked<B: Backend>(
+    state: &Tensor<B, 2>,
+    keep: Option<&Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    match keep {
+        Some(keep) => state.clone() * keep.clone(),
+        None => state.clone(),
+    }
+}
+
+/// A step's projected-input gradient from its parts, with zeros for the dropout multiplier
+/// when it is there (noise is not learnt).
+pub(crate) fn with_zero_noise_grad<B: Backend>(
+    mut parts: Vec<Tensor<B, 2>>,
+    keep: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    parts.extend(keep.map(|keep| keep.zeros_like()));
+    Tensor::cat(parts, 1)
+}
+
+/// [`masked`] on host memory: `state ⊙ keep` copied into `buffer`, or `state`.
+pub(crate) fn host_masked<'a, F: HostFloat>(
+    state: MatRef<'a, F>,
+    keep: Option<MatRef<'a, F>>,
+    buffer: &'a mut Vec<F>,
+) -> MatRef<'a, F> {
+    let Some(keep) = keep else {
+        return state;
+    };
+    let (rows, width) = (state.rows(), keep.width());
+    *buffer = (0..rows)
+        .flat_map(|b| state.row(b).iter().zip(keep.row(b)).map(|(&s, &m)| s * m))
+        .collect();
+    MatRef::new(buffer, rows, width)
+}
+
+/// `grad_prev += (a · b) ⊙ keep`: a gradient reaching the previous state through a product
+/// that read it masked (plain `+= a · b` without dropout).
+pub(crate) fn host_add_masked_product<F: HostFloat>(
+    grad_prev: &mut MatMut<F>,
+    a: MatRef<F>,
+    b: MatRef<F>,
+    keep: Option<MatRef<F>>,
+) {
+    let Some(keep) = keep else {
+        host::matmul(grad_prev, a, b, true);
+        return;
+    };
+    let (rows, width) = (keep.rows(), keep.width());
+    let mut product = vec![F::zero(); rows * width];
+    host::matmul(&mut MatMut::new(&mut product, rows, width), a, b, false);
+    grad_prev.for_each_row(|r, row| {
+        for ((g, &p), &m) in row.iter_mut().zip(&product[r * width..]).zip(keep.row(r)) {
+            *g += p * m;
+        }
+    });
 }
 
 /// A kernel with dropout and/or zoneout around its step. Its projected input is the inner
@@ -109,13 +166,30 @@ impl<B: Backend> StateNoise<B> {
 pub struct Regularised<K> {
     /// The cell's kernel.
     pub inner: K,
-    /// Dropout columns present.
+    /// Dropout columns present, applied by the wrapper (see [`Regularised::new`]).
     pub dropout: bool,
     /// Zoneout columns present.
     pub zoneout: bool,
 }
 
 impl<K: Recurrence> Regularised<K> {
+    /// `kernel` with the given noise columns; a kernel that does recurrent dropout itself
+    /// ([`Recurrence::with_product_dropout`]) takes the dropout columns as its own input.
+    pub fn new(kernel: K, dropout: bool, zoneout: bool) -> Self {
+        match dropout.then(|| kernel.with_product_dropout()).flatten() {
+            Some(inner) => Self {
+                inner,
+                dropout: false,
+                zoneout,
+            },
+            None => Self {
+                inner: kernel,
+                dropout,
+                zoneout,
+            },
+        }
+    }
+
     fn widths(&self) -> (usize, usize, usize, usize) {
         let k = &self.inner;
         (
@@ -145,15 +219,10 @@ impl<K: Recurrence> Regularised<K> {
         prev: MatRef<'a, F>,
         buffer: &'a mut Vec<F>,
     ) -> MatRef<'a, F> {
-        let Some(col) = self.keep_col() else {
-            return prev;
-        };
-        let (batch, width) = (prev.rows(), self.inner.state_width());
-        let keep = xp.cols(col, width);
-        *buffer = (0..batch)
-            .flat_map(|b| prev.row(b).iter().zip(keep.row(b)).map(|(&s, &m)| s * m))
-            .collect();
-        MatRef::new(buffer, batch, width)
+        let keep = self
+            .keep_col()
+            .map(|col| xp.cols(col, self.inner.state_width()));
+        host_masked(prev, keep, buffer)
     }
 }
 
@@ -501,6 +570,15 @@ mod tests {
         assert!(values(&eval.zone.unwrap().into_data())
             .iter()
             .all(|&z| z == 0.1));
+        // A cell with one state component (the SRU's `c`) has it masked.
+        let only =
+            StateNoise::<F64>::sample(&["c"], hidden, [len, batch], (0.25, 0.0), true, &device)
+                .unwrap();
+        let dropped = values(&only.keep.unwrap().into_data())
+            .iter()
+            .filter(|&&m| m == 0.0)
+            .count() as f64;
+        assert!((dropped / (batch * hidden) as f64 - 0.25).abs() < 0.05);
         let none =
             StateNoise::<F64>::sample(&["h"], hidden, [len, batch], (0.25, 0.0), false, &device);
         assert!(none.is_none(), "dropout alone is off at evaluation");
@@ -540,38 +618,5 @@ mod tests {
             diff < 1e-12,
             "evaluation differs from the expectation by {diff:e}"
         );
-    }
-
-    /// Recurrent dropout applies where the step reads `h` only through its recurrent product.
-    #[test]
-    fn recurrent_dropout_is_for_cells_that_read_h_only_through_the_product() {
-        use crate::cell::{cell_names, CellConfig};
-        let takes: Vec<&str> = cell_names()
-            .into_iter()
-            .filter(|name| {
-                AnyCellConfig::named(name, 1, 1)
-                    .unwrap()
-                    .reads_h_only_through_product()
-            })
-            .collect();
-        let expected = [
-            "rnn",
-            "rnn-relu",
-            "irnn",
-            "lstm",
-            "peephole-lstm",
-            "cifg-lstm",
-            "indrnn",
-            "ln-lstm",
-        ];
-        assert_eq!(takes, expected);
-    }
-
-    #[test]
-    #[should_panic(expected = "which gru does not (use zoneout)")]
-    fn gru_refuses_recurrent_dropout() {
-        RnnLayerConfig::new(AnyCellConfig::named("gru", 3, 4).unwrap())
-            .with_recurrent_dropout(0.2)
-            .init::<F64>(&Default::default());
     }
 }

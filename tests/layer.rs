@@ -242,7 +242,7 @@ fn fused_path_matches_plain_path_on_stacked_bidirectional_masked_layer() {
     }
 }
 
-/// With recurrent dropout (cells with an `h`) and zoneout, one noise draw for both paths.
+/// With recurrent dropout and zoneout, one noise draw for both paths.
 #[test]
 fn regularised_fused_path_matches_plain_path() {
     for name in cell_names() {
@@ -264,14 +264,9 @@ fn regularised_layer_matches_finite_differences() {
     }
 }
 
-/// Recurrent dropout 0.4 where the cell takes it, zoneout 0.3.
+/// Recurrent dropout 0.4, zoneout 0.3.
 fn regularised(config: RnnLayerConfig<AnyCellConfig>) -> RnnLayerConfig<AnyCellConfig> {
-    let dropout = if !config.cell.reads_h_only_through_product() {
-        0.0
-    } else {
-        0.4
-    };
-    config.with_recurrent_dropout(dropout).with_zoneout(0.3)
+    config.with_recurrent_dropout(0.4).with_zoneout(0.3)
 }
 
 /// The largest difference between the fused and the plain path of a masked layer (f64, in

@@ -108,6 +108,26 @@ fn a_restarted_suite_runs_only_what_is_not_finished() {
     ]);
     let log = String::from_utf8_lossy(&again.stderr);
     assert!(log.contains("7 already finished, 1 to run"), "{log}");
+    // One finished run named again on its own (a retried array task) is left as it is.
+    let finished = out.join("copy-task-T3");
+    let metrics = std::fs::read(finished.join("gru-s0/metrics.jsonl")).unwrap();
+    let single = run(&[
+        "suite-run",
+        "--experiment",
+        finished.to_str().unwrap(),
+        "--cell",
+        "gru",
+        "--seed",
+        "0",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&single.stderr).contains("finished already, skipped"),
+        "{single:?}"
+    );
+    assert_eq!(
+        std::fs::read(finished.join("gru-s0/metrics.jsonl")).unwrap(),
+        metrics
+    );
     let second = summaries(&out);
     assert_eq!(second.len(), 8);
     for (key, (summary, modified)) in &first {

@@ -331,6 +331,11 @@ fn suite_run(dir: &Path, cell: &str, seed: u64, threads: Option<usize>) -> Resul
     if let Some(threads) = threads {
         config.threads = threads;
     }
+    // A job list may name a finished run again (a rerun shard, a retried array task).
+    if config.run_dir(cell, seed).join("summary.json").exists() {
+        eprintln!("{cell} seed {seed}: finished already, skipped");
+        return Ok(());
+    }
     set_threads(config.threads);
     train_run::<TrainBackend>(&config, cell, seed, &default_device(), backend_name())
         .map_err(Failure::Run)?;

@@ -4,6 +4,9 @@
 //! - `gru-cho` (reset before it, Cho et al. 2014): `n = tanh(W_in x + b_in + W_hn (r⊙h) + b_hn)`;
 //!
 //! and in both `r = σ(..)`, `z = σ(..)`, `h' = (1 − z)⊙n + z⊙h`.
+//!
+//! Recurrent dropout (as Keras' GRU): the recurrent products read `h ⊙ m`, the interpolation
+//! reads `h`; the kernel does it itself ([`GruKernel::dropout`]).
 
 use burn::config::Config;
 use burn::module::{Module, Param};
@@ -18,6 +21,7 @@ use crate::host::{
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::regularisation::{host_add_masked_product, host_masked, masked, with_zero_noise_grad};
 
 /// Configuration of a [`Gru`] cell.
 #[derive(Config, Debug, PartialEq)]
@@ -98,10 +102,6 @@ impl CellConfig for GruConfig {
     fn init_cell<B: Backend>(&self, device: &B::Device) -> Gru<B> {
         self.init(device)
     }
-    // The interpolation `z ⊙ h` reads h too.
-    fn reads_h_only_through_product(&self) -> bool {
-        false
-    }
 }
 
 /// The GRU step. Reset-after: params `[W_hh^T [H, 3H], b_hh [1, 3H]]`, one matmul per step,
@@ -113,11 +113,25 @@ pub struct GruKernel {
     pub hidden: usize,
     /// Reset after the recurrent matmul.
     pub reset_after: bool,
+    /// Recurrent dropout: `H` more input columns, the multiplier of the `h` that the
+    /// recurrent products read (the interpolation reads `h` itself).
+    pub dropout: bool,
+}
+
+impl GruKernel {
+    /// The dropout multiplier in a step's projected input, when on.
+    fn keep<B: Backend>(&self, xp: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        self.dropout.then(|| cols(xp, 3 * self.hidden, self.hidden))
+    }
+    /// [`keep`](GruKernel::keep) on host memory.
+    fn host_keep<'a, F: HostFloat>(&self, xp: MatRef<'a, F>) -> Option<MatRef<'a, F>> {
+        self.dropout.then(|| xp.cols(3 * self.hidden, self.hidden))
+    }
 }
 
 impl Recurrence for GruKernel {
     fn input_width(&self) -> usize {
-        3 * self.hidden
+        (3 + usize::from(self.dropout)) * self.hidden
     }
     fn state_width(&self) -> usize {
         self.hidden
@@ -148,8 +162,9 @@ impl Recurrence for GruKernel {
         h: Tensor<B, 2>,
     ) -> StepOutput<B> {
         let hd = self.hidden;
+        let read = masked(&h, self.keep(&xp).as_ref());
         let (r, z, n, extra) = if self.reset_after {
-            let hz = h.clone().matmul(params[0].clone()) + params[1].clone();
+            let hz = read.matmul(params[0].clone()) + params[1].clone();
             let r = sigmoid(cols(&xp, 0, hd) + cols(&hz, 0, hd));
             let z = sigmoid(cols(&xp, hd, hd) + cols(&hz, hd, hd));
             let hn = cols(&hz, 2 * hd, hd);
@@ -157,11 +172,10 @@ impl Recurrence for GruKernel {
             (r, z, n, Some(hn))
         } else {
             let w = &params[0];
-            let hz = h.clone().matmul(cols(w, 0, 2 * hd));
+            let hz = read.clone().matmul(cols(w, 0, 2 * hd));
             let r = sigmoid(cols(&xp, 0, hd) + cols(&hz, 0, hd));
             let z = sigmoid(cols(&xp, hd, hd) + cols(&hz, hd, hd));
-            let n = (cols(&xp, 2 * hd, hd) + (r.clone() * h.clone()).matmul(cols(w, 2 * hd, hd)))
-                .tanh();
+            let n = (cols(&xp, 2 * hd, hd) + (r.clone() * read).matmul(cols(w, 2 * hd, hd))).tanh();
             (r, z, n, None)
         };
         let h_new = n.clone() + (h - n.clone()) * z.clone();
@@ -188,38 +202,40 @@ impl Recurrence for GruKernel {
             cols(&saved, 2 * hd, hd),
         );
         let h = step.prev_state;
+        let keep = self.keep(&step.xp);
+        let read = masked(&h, keep.as_ref());
         let grad_h = step.grad_output + step.grad_state;
 
         let dn = grad_h.clone() * (z.clone().neg() + 1.0) * tanh_grad(n.clone());
-        let dz = grad_h.clone() * (h.clone() - n) * sigmoid_grad(z.clone());
-        let mut grad_prev = grad_h * z;
+        let dz = grad_h.clone() * (h - n) * sigmoid_grad(z.clone());
         let w = &params[0];
-        if self.reset_after {
+        let (grad_xp, grad_read) = if self.reset_after {
             let hn = cols(&saved, 3 * hd, hd);
             let dr = dn.clone() * hn * sigmoid_grad(r.clone());
             let d_hz = Tensor::cat(vec![dr.clone(), dz.clone(), dn.clone() * r], 1);
-            accumulate(&mut param_grads[0], h.transpose().matmul(d_hz.clone()));
+            accumulate(&mut param_grads[0], read.transpose().matmul(d_hz.clone()));
             accumulate(&mut param_grads[1], batch_sum(d_hz.clone()));
-            grad_prev = grad_prev + d_hz.matmul(w.clone().transpose());
-            (Tensor::cat(vec![dr, dz, dn], 1), grad_prev)
+            let grad_read = d_hz.matmul(w.clone().transpose());
+            (vec![dr, dz, dn], grad_read)
         } else {
             let (w_rz, w_n) = (cols(w, 0, 2 * hd), cols(w, 2 * hd, hd));
-            let rh = r.clone() * h.clone();
-            let grad_rh = dn.clone().matmul(w_n.transpose());
-            let dr = grad_rh.clone() * h.clone() * sigmoid_grad(r.clone());
-            grad_prev = grad_prev + grad_rh * r;
+            let r_read = r.clone() * read.clone();
+            let grad_r_read = dn.clone().matmul(w_n.transpose());
+            let dr = grad_r_read.clone() * read.clone() * sigmoid_grad(r.clone());
             let d_rz = Tensor::cat(vec![dr.clone(), dz.clone()], 1);
-            grad_prev = grad_prev + d_rz.clone().matmul(w_rz.transpose());
+            let grad_read = grad_r_read * r + d_rz.clone().matmul(w_rz.transpose());
             let grad_w = Tensor::cat(
                 vec![
-                    h.transpose().matmul(d_rz),
-                    rh.transpose().matmul(dn.clone()),
+                    read.transpose().matmul(d_rz),
+                    r_read.transpose().matmul(dn.clone()),
                 ],
                 1,
             );
             accumulate(&mut param_grads[0], grad_w);
-            (Tensor::cat(vec![dr, dz, dn], 1), grad_prev)
-        }
+            (vec![dr, dz, dn], grad_read)
+        };
+        let grad_prev = grad_h * z + masked(&grad_read, keep.as_ref());
+        (with_zero_noise_grad(grad_xp, keep), grad_prev)
     }
 
     fn host_step<F: HostFloat>(
@@ -230,9 +246,11 @@ impl Recurrence for GruKernel {
         mut out: MatMut<F>,
     ) {
         let hd = self.hidden;
+        let mut buffer = Vec::new();
+        let read = host_masked(prev, self.host_keep(xp), &mut buffer);
         // Row layout: [h out | h | r, z, n (, W_hn h + b_hn)].
         if self.reset_after {
-            host::matmul(&mut out.cols_mut(2 * hd, 3 * hd), prev, params[0], false);
+            host::matmul(&mut out.cols_mut(2 * hd, 3 * hd), read, params[0], false);
             let bias = params[1].row(0);
             out.for_each_row(|b, row| {
                 let (x, h) = (xp.row(b), prev.row(b));
@@ -254,7 +272,7 @@ impl Recurrence for GruKernel {
             let w = params[0];
             host::matmul(
                 &mut out.cols_mut(2 * hd, 2 * hd),
-                prev,
+                read,
                 w.cols(0, 2 * hd),
                 false,
             );
@@ -264,7 +282,7 @@ impl Recurrence for GruKernel {
                 host::add_into(gates, &xp.row(b)[..2 * hd]);
                 F::sigmoid_in_place(gates);
                 // r ⊙ h goes into the output slot until the candidate's matmul has read it.
-                for ((o, r), h) in h_out.iter_mut().zip(&gates[..hd]).zip(prev.row(b)) {
+                for ((o, r), h) in h_out.iter_mut().zip(&gates[..hd]).zip(read.row(b)) {
                     *o = *r * *h;
                 }
             });
@@ -302,6 +320,18 @@ impl Recurrence for GruKernel {
         mut grads: HostStepGrads<F>,
     ) {
         let (hd, one) = (self.hidden, F::one());
+        let keep = self.host_keep(step.xp);
+        let mut buffer = Vec::new();
+        let read = host_masked(step.prev, keep, &mut buffer);
+        if keep.is_some() {
+            // The products' `a` is the masked state, which the driver cannot read.
+            let a = &mut grads.products[0].0;
+            a.for_each_row(|b, row| row.copy_from_slice(read.row(b)));
+            grads
+                .xp
+                .cols_mut(3 * hd, hd)
+                .for_each_row(|_, row| row.fill(F::zero()));
+        }
         // The operand this step writes: d(W_hh h + b_hh) (reset-after) or r ⊙ h (reset-before).
         let product = if self.reset_after { 0 } else { 1 };
         let (a, g) = &mut grads.products[product];
@@ -313,7 +343,7 @@ impl Recurrence for GruKernel {
             written,
             |b, dxp, grad_prev, operand| {
                 let saved = &step.row.row(b)[2 * hd..];
-                let h = step.prev.row(b);
+                let (h, h_read) = (step.prev.row(b), read.row(b));
                 let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
                 for j in 0..hd {
                     let (r, z, n) = (saved[j], saved[hd + j], saved[2 * hd + j]);
@@ -325,11 +355,11 @@ impl Recurrence for GruKernel {
                     if self.reset_after {
                         dxp[j] = dn * saved[3 * hd + j] * (r * (one - r));
                     } else {
-                        operand[j] = r * h[j];
+                        operand[j] = r * h_read[j];
                     }
                 }
                 if self.reset_after {
-                    operand.copy_from_slice(dxp);
+                    operand.copy_from_slice(&dxp[..3 * hd]);
                     for j in 0..hd {
                         operand[2 * hd + j] = dxp[2 * hd + j] * saved[j];
                     }
@@ -338,37 +368,50 @@ impl Recurrence for GruKernel {
         );
         if self.reset_after {
             let d_hz = grads.products[0].1.as_ref();
-            host::matmul(&mut grads.prev, d_hz, step.params_t[0], true);
+            host_add_masked_product(&mut grads.prev, d_hz, step.params_t[0], keep);
             return;
         }
         let batch = step.xp.rows();
-        let mut grad_rh = vec![F::zero(); batch * hd];
+        let mut grad_r_read = vec![F::zero(); batch * hd];
         host::matmul(
-            &mut MatMut::new(&mut grad_rh, batch, hd),
+            &mut MatMut::new(&mut grad_r_read, batch, hd),
             grads.xp.as_ref().cols(2 * hd, hd),
             step.params_t[0].rows_range(2 * hd, hd),
             false,
         );
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_prev| {
             let r = &step.row.row(b)[2 * hd..3 * hd];
-            let h = step.prev.row(b);
+            let h_read = read.row(b);
             for j in 0..hd {
-                let grad = grad_rh[b * hd + j];
-                dxp[j] = grad * h[j] * (r[j] * (one - r[j]));
-                grad_prev[j] += grad * r[j];
+                let grad = grad_r_read[b * hd + j];
+                dxp[j] = grad * h_read[j] * (r[j] * (one - r[j]));
+                grad_prev[j] += grad * r[j] * keep.map_or(one, |k| k.row(b)[j]);
             }
         });
         let d_rz = grads.xp.as_ref().cols(0, 2 * hd);
-        host::matmul(
+        host_add_masked_product(
             &mut grads.prev,
             d_rz,
             step.params_t[0].rows_range(0, 2 * hd),
-            true,
+            keep,
         );
+    }
+
+    fn with_product_dropout(&self) -> Option<Self> {
+        Some(Self {
+            dropout: true,
+            ..self.clone()
+        })
     }
 
     fn host_weight_products(&self) -> Vec<WeightProduct> {
         let hd = self.hidden;
+        // Under dropout the products read the masked state, which the step writes.
+        let state = if self.dropout {
+            Operand::Written
+        } else {
+            Operand::PrevState(0)
+        };
         if self.reset_after {
             vec![
                 WeightProduct {
@@ -376,7 +419,7 @@ impl Recurrence for GruKernel {
                     col: 0,
                     k: hd,
                     n: 3 * hd,
-                    a: Operand::PrevState(0),
+                    a: state,
                     g: Operand::Written,
                 },
                 // b_hh's gradient: the same g_t summed over the batch.
@@ -396,7 +439,7 @@ impl Recurrence for GruKernel {
                     col: 0,
                     k: hd,
                     n: 2 * hd,
-                    a: Operand::PrevState(0),
+                    a: state,
                     g: Operand::GradInput(0),
                 },
                 WeightProduct {
@@ -437,6 +480,7 @@ impl<B: Backend> Cell<B> for Gru<B> {
         GruKernel {
             hidden: self.hidden_size(),
             reset_after: self.reset_after,
+            dropout: false,
         }
     }
     fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
@@ -477,17 +521,19 @@ super::torch_style!(Gru);
 mod tests {
     use super::*;
     use crate::check::{
-        compare_step, finite_differences,
+        compare_step, compare_step_reading, finite_differences,
         reference::{self, *},
     };
     use crate::layer::RnnLayerConfig;
     use reference::sigmoid;
 
-    /// The GRU equations of design.md §3, one batch row, in plain f64.
+    /// The GRU equations of design.md §3, one batch row, in plain f64; the recurrent products
+    /// read `read` (`h`, or `h ⊙ m` under recurrent dropout).
     fn reference_step(
         w: &Weights,
         x: &[f64],
         state: &[Vec<f64>],
+        read: &[f64],
         reset_after: bool,
     ) -> (Vec<f64>, Vec<Vec<f64>>) {
         let h = &state[0];
@@ -495,18 +541,18 @@ mod tests {
         let gx = add(&w.mat("weight_ih_l0").matvec(x), &w.vec("bias_ih_l0"));
         let w_hh = w.mat("weight_hh_l0");
         let b_hh = w.vec("bias_hh_l0");
-        let gh_rz = add(&w_hh.rows(0, 2 * n).matvec(h), &part(&b_hh, 0, 2 * n));
+        let gh_rz = add(&w_hh.rows(0, 2 * n).matvec(read), &part(&b_hh, 0, 2 * n));
         let r: Vec<f64> = (0..n).map(|j| sigmoid(gx[j] + gh_rz[j])).collect();
         let z: Vec<f64> = (0..n).map(|j| sigmoid(gx[n + j] + gh_rz[n + j])).collect();
         let w_hn = w_hh.rows(2 * n, n);
         let b_hn = part(&b_hh, 2 * n, n);
         let cand: Vec<f64> = if reset_after {
-            let hn = add(&w_hn.matvec(h), &b_hn);
+            let hn = add(&w_hn.matvec(read), &b_hn);
             (0..n)
                 .map(|j| (gx[2 * n + j] + r[j] * hn[j]).tanh())
                 .collect()
         } else {
-            let rh: Vec<f64> = (0..n).map(|j| r[j] * h[j]).collect();
+            let rh: Vec<f64> = (0..n).map(|j| r[j] * read[j]).collect();
             let hn = add(&w_hn.matvec(&rh), &b_hn);
             (0..n).map(|j| (gx[2 * n + j] + hn[j]).tanh()).collect()
         };
@@ -520,7 +566,21 @@ mod tests {
     fn step_matches_f64_reference() {
         for reset_after in [true, false] {
             let config = GruConfig::new(3, 4).with_reset_after(reset_after);
-            let err = compare_step(config, 3, |w, x, s| reference_step(w, x, s, reset_after));
+            let err = compare_step(config, 3, |w, x, s| {
+                reference_step(w, x, s, &s[0], reset_after)
+            });
+            assert!(err < 1e-12, "reset_after={reset_after}: {err:e}");
+        }
+    }
+
+    /// Recurrent dropout masks the `h` of the recurrent products, not of the interpolation.
+    #[test]
+    fn recurrent_dropout_masks_only_what_the_products_read() {
+        for reset_after in [true, false] {
+            let config = GruConfig::new(3, 4).with_reset_after(reset_after);
+            let err = compare_step_reading(config, 3, 0.5, |w, x, s, read| {
+                reference_step(w, x, s, &read[0], reset_after)
+            });
             assert!(err < 1e-12, "reset_after={reset_after}: {err:e}");
         }
     }

@@ -59,7 +59,7 @@ impl IndRnnConfig {
     }
 }
 
-super::single_name_config!(IndRnnConfig => IndRnn, "indrnn", reads_h_only_through_product: true);
+super::single_name_config!(IndRnnConfig => IndRnn, "indrnn");
 
 /// The IndRNN step: elementwise, the bias folded into the projection; params `[u [1, H]]`.
 #[derive(Debug, Clone)]

@@ -93,7 +93,7 @@ impl LnLstmConfig {
     }
 }
 
-super::single_name_config!(LnLstmConfig => LnLstm, "ln-lstm", reads_h_only_through_product: true);
+super::single_name_config!(LnLstmConfig => LnLstm, "ln-lstm");
 
 /// Row-wise normalisation of `[batch, width]`: `(x̂, 1/√(var + ε))`, the latter `[batch, 1]`.
 fn normalize_rows<B: Backend>(x: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {

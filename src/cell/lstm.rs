@@ -137,9 +137,6 @@ impl CellConfig for LstmConfig {
     fn init_cell<B: Backend>(&self, device: &B::Device) -> Lstm<B> {
         self.init(device)
     }
-    fn reads_h_only_through_product(&self) -> bool {
-        true
-    }
 }
 
 /// The LSTM step for all three variants. Biases are folded into the projection. Saved per

@@ -1,6 +1,7 @@
 //! The minimal gated unit (Zhou et al. 2016): one forget gate does the work of the GRU's two,
 //! `f = σ(W_f x + U_f h + b_f)`, `h̃ = tanh(W_h x + U_h (f ⊙ h) + b_h)`,
-//! `h' = (1 − f) ⊙ h + f ⊙ h̃`.
+//! `h' = (1 − f) ⊙ h + f ⊙ h̃`. Recurrent dropout: both products read `h ⊙ m`, the
+//! interpolation reads `h` ([`MguKernel::dropout`]).
 //!
 //! Tensors in PyTorch's style: `weight_ih [2H, I]`, `weight_hh [2H, H]`, `bias_ih [2H]`,
 //! `bias_hh [2H]`, rows f then h̃.
@@ -18,6 +19,7 @@ use crate::host::{
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::regularisation::{host_add_masked_product, host_masked, masked, with_zero_noise_grad};
 
 /// Configuration of an [`Mgu`] cell.
 #[derive(Config, Debug, PartialEq)]
@@ -55,7 +57,7 @@ impl MguConfig {
     }
 }
 
-super::single_name_config!(MguConfig => Mgu, "mgu", reads_h_only_through_product: false);
+super::single_name_config!(MguConfig => Mgu, "mgu");
 
 /// The MGU step: params `[W_hh^T [H, 2H]]` (biases folded into the projection), one matmul
 /// for the gate and one for the candidate; saved `[f, h̃]`.
@@ -63,11 +65,25 @@ super::single_name_config!(MguConfig => Mgu, "mgu", reads_h_only_through_product
 pub struct MguKernel {
     /// Width of the hidden state.
     pub hidden: usize,
+    /// Recurrent dropout: `H` more input columns, the multiplier of the `h` that the
+    /// recurrent products read (the interpolation reads `h` itself).
+    pub dropout: bool,
+}
+
+impl MguKernel {
+    /// The dropout multiplier in a step's projected input, when on.
+    fn keep<B: Backend>(&self, xp: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        self.dropout.then(|| cols(xp, 2 * self.hidden, self.hidden))
+    }
+    /// [`keep`](MguKernel::keep) on host memory.
+    fn host_keep<'a, F: HostFloat>(&self, xp: MatRef<'a, F>) -> Option<MatRef<'a, F>> {
+        self.dropout.then(|| xp.cols(2 * self.hidden, self.hidden))
+    }
 }
 
 impl Recurrence for MguKernel {
     fn input_width(&self) -> usize {
-        2 * self.hidden
+        (2 + usize::from(self.dropout)) * self.hidden
     }
     fn state_width(&self) -> usize {
         self.hidden
@@ -90,8 +106,9 @@ impl Recurrence for MguKernel {
     ) -> StepOutput<B> {
         let hd = self.hidden;
         let w = &params[0];
-        let f = sigmoid(cols(&xp, 0, hd) + h.clone().matmul(cols(w, 0, hd)));
-        let n = (cols(&xp, hd, hd) + (f.clone() * h.clone()).matmul(cols(w, hd, hd))).tanh();
+        let read = masked(&h, self.keep(&xp).as_ref());
+        let f = sigmoid(cols(&xp, 0, hd) + read.clone().matmul(cols(w, 0, hd)));
+        let n = (cols(&xp, hd, hd) + (f.clone() * read).matmul(cols(w, hd, hd))).tanh();
         let h_new = h.clone() + (n.clone() - h) * f.clone();
         StepOutput {
             output: h_new.clone(),
@@ -110,25 +127,26 @@ impl Recurrence for MguKernel {
         let saved = step.saved.expect("the MGU saves its gate and candidate");
         let (f, n) = (cols(&saved, 0, hd), cols(&saved, hd, hd));
         let h = step.prev_state;
+        let keep = self.keep(&step.xp);
+        let read = masked(&h, keep.as_ref());
         let grad_h = step.grad_output + step.grad_state;
         let (w_f, w_n) = (cols(&params[0], 0, hd), cols(&params[0], hd, hd));
 
         let dn = grad_h.clone() * f.clone() * tanh_grad(n.clone());
-        let grad_fh = dn.clone().matmul(w_n.transpose());
-        let df = (grad_h.clone() * (n - h.clone()) + grad_fh.clone() * h.clone())
+        let grad_f_read = dn.clone().matmul(w_n.transpose());
+        let df = (grad_h.clone() * (n - h) + grad_f_read.clone() * read.clone())
             * sigmoid_grad(f.clone());
-        let grad_prev = grad_h * (f.clone().neg() + 1.0)
-            + grad_fh * f.clone()
-            + df.clone().matmul(w_f.transpose());
+        let grad_read = grad_f_read * f.clone() + df.clone().matmul(w_f.transpose());
+        let grad_prev = grad_h * (f.clone().neg() + 1.0) + masked(&grad_read, keep.as_ref());
         let grad_w = Tensor::cat(
             vec![
-                h.clone().transpose().matmul(df.clone()),
-                (f * h).transpose().matmul(dn.clone()),
+                read.clone().transpose().matmul(df.clone()),
+                (f * read).transpose().matmul(dn.clone()),
             ],
             1,
         );
         accumulate(&mut param_grads[0], grad_w);
-        (Tensor::cat(vec![df, dn], 1), grad_prev)
+        (with_zero_noise_grad(vec![df, dn], keep), grad_prev)
     }
 
     fn host_step<F: HostFloat>(
@@ -140,8 +158,10 @@ impl Recurrence for MguKernel {
     ) {
         let hd = self.hidden;
         let w = params[0];
+        let mut buffer = Vec::new();
+        let read = host_masked(prev, self.host_keep(xp), &mut buffer);
         // Row layout: [h out | h | f, h̃].
-        host::matmul(&mut out.cols_mut(2 * hd, hd), prev, w.cols(0, hd), false);
+        host::matmul(&mut out.cols_mut(2 * hd, hd), read, w.cols(0, hd), false);
         let batch = prev.rows();
         let mut fh = vec![F::zero(); batch * hd];
         out.for_each_row(|b, row| {
@@ -150,7 +170,7 @@ impl Recurrence for MguKernel {
             F::sigmoid_in_place(f);
         });
         for b in 0..batch {
-            let (f, h) = (&out.row_mut(b)[2 * hd..3 * hd], prev.row(b));
+            let (f, h) = (&out.row_mut(b)[2 * hd..3 * hd], read.row(b));
             for j in 0..hd {
                 fh[b * hd + j] = f[j] * h[j];
             }
@@ -185,6 +205,18 @@ impl Recurrence for MguKernel {
         mut grads: HostStepGrads<F>,
     ) {
         let (hd, one) = (self.hidden, F::one());
+        let keep = self.host_keep(step.xp);
+        let mut buffer = Vec::new();
+        let read = host_masked(step.prev, keep, &mut buffer);
+        if keep.is_some() {
+            // The gate product's `a` is the masked state, which the driver cannot read.
+            let a = &mut grads.products[0].0;
+            a.for_each_row(|b, row| row.copy_from_slice(read.row(b)));
+            grads
+                .xp
+                .cols_mut(2 * hd, hd)
+                .for_each_row(|_, row| row.fill(F::zero()));
+        }
         let (fh, _) = &mut grads.products[1];
         // First pass: dh̃, f ⊙ h, the direct part of the gate's gradient (kept in its slot)
         // and the direct part of the previous state's.
@@ -194,7 +226,7 @@ impl Recurrence for MguKernel {
             fh,
             |b, dxp, grad_prev, operand| {
                 let saved = &step.row.row(b)[2 * hd..];
-                let h = step.prev.row(b);
+                let (h, h_read) = (step.prev.row(b), read.row(b));
                 let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
                 for j in 0..hd {
                     let (f, n) = (saved[j], saved[hd + j]);
@@ -202,34 +234,41 @@ impl Recurrence for MguKernel {
                     dxp[hd + j] = grad_h * f * (one - n * n);
                     dxp[j] = grad_h * (n - h[j]);
                     grad_prev[j] = grad_h * (one - f);
-                    operand[j] = f * h[j];
+                    operand[j] = f * h_read[j];
                 }
             },
         );
         let batch = step.xp.rows();
-        let mut grad_fh = vec![F::zero(); batch * hd];
+        let mut grad_f_read = vec![F::zero(); batch * hd];
         host::matmul(
-            &mut MatMut::new(&mut grad_fh, batch, hd),
+            &mut MatMut::new(&mut grad_f_read, batch, hd),
             grads.xp.as_ref().cols(hd, hd),
             step.params_t[0].rows_range(hd, hd),
             false,
         );
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_prev| {
             let f = &step.row.row(b)[2 * hd..3 * hd];
-            let h = step.prev.row(b);
+            let h_read = read.row(b);
             for j in 0..hd {
-                let grad = grad_fh[b * hd + j];
-                dxp[j] = (dxp[j] + grad * h[j]) * (f[j] * (one - f[j]));
-                grad_prev[j] += grad * f[j];
+                let grad = grad_f_read[b * hd + j];
+                dxp[j] = (dxp[j] + grad * h_read[j]) * (f[j] * (one - f[j]));
+                grad_prev[j] += grad * f[j] * keep.map_or(one, |k| k.row(b)[j]);
             }
         });
         let df = grads.xp.as_ref().cols(0, hd);
-        host::matmul(
+        host_add_masked_product(
             &mut grads.prev,
             df,
             step.params_t[0].rows_range(0, hd),
-            true,
+            keep,
         );
+    }
+
+    fn with_product_dropout(&self) -> Option<Self> {
+        Some(Self {
+            dropout: true,
+            ..self.clone()
+        })
     }
 
     fn host_weight_products(&self) -> Vec<WeightProduct> {
@@ -240,7 +279,12 @@ impl Recurrence for MguKernel {
                 col: 0,
                 k: hd,
                 n: hd,
-                a: Operand::PrevState(0),
+                // Under dropout the gate reads the masked state, which the step writes.
+                a: if self.dropout {
+                    Operand::Written
+                } else {
+                    Operand::PrevState(0)
+                },
                 g: Operand::GradInput(0),
             },
             WeightProduct {
@@ -270,6 +314,7 @@ impl<B: Backend> Cell<B> for Mgu<B> {
     fn kernel(&self) -> MguKernel {
         MguKernel {
             hidden: self.hidden_size(),
+            dropout: false,
         }
     }
     fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
@@ -302,21 +347,27 @@ super::torch_style!(Mgu);
 mod tests {
     use super::*;
     use crate::check::{
-        compare_step, finite_differences,
+        compare_step, compare_step_reading, finite_differences,
         reference::{self, *},
     };
     use crate::layer::RnnLayerConfig;
     use reference::sigmoid;
 
-    /// The MGU equations, one batch row, in plain f64.
-    fn reference_step(w: &Weights, x: &[f64], state: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
+    /// The MGU equations, one batch row, in plain f64; the recurrent products read `read`
+    /// (`h`, or `h ⊙ m` under recurrent dropout).
+    fn reference_step(
+        w: &Weights,
+        x: &[f64],
+        state: &[Vec<f64>],
+        read: &[f64],
+    ) -> (Vec<f64>, Vec<Vec<f64>>) {
         let h = &state[0];
         let n = h.len();
         let gx = add(&w.mat("weight_ih_l0").matvec(x), &w.vec("bias_ih_l0"));
         let (w_hh, b_hh) = (w.mat("weight_hh_l0"), w.vec("bias_hh_l0"));
-        let gh_f = add(&w_hh.rows(0, n).matvec(h), &part(&b_hh, 0, n));
+        let gh_f = add(&w_hh.rows(0, n).matvec(read), &part(&b_hh, 0, n));
         let f: Vec<f64> = (0..n).map(|j| sigmoid(gx[j] + gh_f[j])).collect();
-        let fh: Vec<f64> = (0..n).map(|j| f[j] * h[j]).collect();
+        let fh: Vec<f64> = (0..n).map(|j| f[j] * read[j]).collect();
         let gh_n = add(&w_hh.rows(n, n).matvec(&fh), &part(&b_hh, n, n));
         let h_new: Vec<f64> = (0..n)
             .map(|j| (1.0 - f[j]) * h[j] + f[j] * (gx[n + j] + gh_n[j]).tanh())
@@ -326,7 +377,18 @@ mod tests {
 
     #[test]
     fn step_matches_f64_reference() {
-        let err = compare_step(MguConfig::new(3, 4), 3, reference_step);
+        let err = compare_step(MguConfig::new(3, 4), 3, |w, x, s| {
+            reference_step(w, x, s, &s[0])
+        });
+        assert!(err < 1e-12, "{err:e}");
+    }
+
+    /// Recurrent dropout masks the `h` of the recurrent products, not of the interpolation.
+    #[test]
+    fn recurrent_dropout_masks_only_what_the_products_read() {
+        let err = compare_step_reading(MguConfig::new(3, 4), 3, 0.5, |w, x, s, read| {
+            reference_step(w, x, s, &read[0])
+        });
         assert!(err < 1e-12, "{err:e}");
     }
 

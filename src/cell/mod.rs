@@ -139,11 +139,6 @@ pub trait CellConfig: Clone + core::fmt::Debug + Serialize + DeserializeOwned {
     fn at_position(&self, position: Position) -> Self;
     /// Builds the cell with freshly initialised parameters.
     fn init_cell<B: Backend>(&self, device: &B::Device) -> Self::Cell<B>;
-    /// Whether the step reads the hidden state `h` only through its recurrent product, so
-    /// that recurrent dropout, which masks the `h` the step reads, drops exactly that
-    /// product's input (Gal & Ghahramani). False for GRU and MGU (their interpolation reads
-    /// `h` too) and SRU (its recurrence reads only `c`).
-    fn reads_h_only_through_product(&self) -> bool;
 }
 
 /// Values drawn from `U(-bound, bound)`, PyTorch's default for recurrent weights.
@@ -368,7 +363,7 @@ pub(crate) fn save_torch_layer<B: Backend, C: TorchStyle<B>>(
 /// Implements [`CellConfig`] for a one-name cell family whose config has `input_size` and
 /// `hidden_size` fields, `new(input_size, hidden_size)` and `init(device)`.
 macro_rules! single_name_config {
-    ($config:ident => $cell:ident, $name:literal, reads_h_only_through_product: $reads:literal) => {
+    ($config:ident => $cell:ident, $name:literal) => {
         impl super::CellConfig for $config {
             type Cell<B: Backend> = $cell<B>;
 
@@ -395,9 +390,6 @@ macro_rules! single_name_config {
             }
             fn init_cell<B: Backend>(&self, device: &B::Device) -> $cell<B> {
                 self.init(device)
-            }
-            fn reads_h_only_through_product(&self) -> bool {
-                $reads
             }
         }
     };
@@ -494,6 +486,9 @@ macro_rules! register_cells {
             fn as_plain_lstm(&self) -> Option<usize> {
                 match self { $(Self::$variant(k) => k.as_plain_lstm()),* }
             }
+            fn with_product_dropout(&self) -> Option<Self> {
+                match self { $(Self::$variant(k) => k.with_product_dropout().map(Self::$variant)),* }
+            }
         }
 
         impl<B: Backend> Cell<B> for AnyCell<B> {
@@ -562,9 +557,6 @@ macro_rules! register_cells {
             }
             fn init_cell<B: Backend>(&self, device: &B::Device) -> AnyCell<B> {
                 match self { $(Self::$variant(c) => AnyCell::$variant(c.init_cell(device))),* }
-            }
-            fn reads_h_only_through_product(&self) -> bool {
-                match self { $(Self::$variant(c) => c.reads_h_only_through_product()),* }
             }
         }
     };

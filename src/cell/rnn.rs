@@ -116,9 +116,6 @@ impl CellConfig for RnnConfig {
     fn init_cell<B: Backend>(&self, device: &B::Device) -> Rnn<B> {
         self.init(device)
     }
-    fn reads_h_only_through_product(&self) -> bool {
-        true
-    }
 }
 
 /// The Elman step; biases are folded into the projection.

@@ -22,6 +22,7 @@ use crate::host::{
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::regularisation::{masked, with_zero_noise_grad};
 
 /// Configuration of an [`Sru`] cell (one direction of an official SRU layer).
 #[derive(Config, Debug, PartialEq)]
@@ -134,10 +135,6 @@ impl CellConfig for SruConfig {
     fn init_cell<B: Backend>(&self, device: &B::Device) -> Sru<B> {
         self.init(device)
     }
-    // The recurrence reads only c.
-    fn reads_h_only_through_product(&self) -> bool {
-        false
-    }
 }
 
 /// The SRU step: elementwise only. Input per step `[U0 | U1 | U2 | x']`, state `c`, output
@@ -148,9 +145,25 @@ pub struct SruKernel {
     pub hidden: usize,
     /// Use `tanh(c')` in the output.
     pub use_tanh: bool,
+    /// Recurrent dropout: `H` more input columns, the multiplier of the `c` that the gates
+    /// read (`v ⊙ c`, the cell's recurrent connections); the carry `f ⊙ c` reads `c` itself.
+    pub dropout: bool,
 }
 
 impl SruKernel {
+    /// The dropout multiplier in a step's projected input, when on.
+    fn keep<B: Backend>(&self, xp: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        self.dropout.then(|| cols(xp, 4 * self.hidden, self.hidden))
+    }
+    /// Unit `j`'s dropout multiplier in one row of the projected input (1 without dropout).
+    fn host_keep<F: HostFloat>(&self, x: &[F], j: usize) -> F {
+        if self.dropout {
+            x[4 * self.hidden + j]
+        } else {
+            F::one()
+        }
+    }
+
     fn activation<B: Backend>(&self, c: Tensor<B, 2>) -> Tensor<B, 2> {
         if self.use_tanh {
             c.tanh()
@@ -162,7 +175,7 @@ impl SruKernel {
 
 impl Recurrence for SruKernel {
     fn input_width(&self) -> usize {
-        4 * self.hidden
+        (4 + usize::from(self.dropout)) * self.hidden
     }
     fn state_width(&self) -> usize {
         self.hidden
@@ -185,8 +198,9 @@ impl Recurrence for SruKernel {
     ) -> StepOutput<B> {
         let hd = self.hidden;
         let (v, b) = (&params[0], &params[1]);
-        let f = sigmoid(cols(&xp, hd, hd) + cols(v, 0, hd) * c.clone() + cols(b, 0, hd));
-        let r = sigmoid(cols(&xp, 2 * hd, hd) + cols(v, hd, hd) * c.clone() + cols(b, hd, hd));
+        let read = masked(&c, self.keep(&xp).as_ref());
+        let f = sigmoid(cols(&xp, hd, hd) + cols(v, 0, hd) * read.clone() + cols(b, 0, hd));
+        let r = sigmoid(cols(&xp, 2 * hd, hd) + cols(v, hd, hd) * read + cols(b, hd, hd));
         let u0 = cols(&xp, 0, hd);
         let c_new = u0.clone() + (c - u0) * f.clone();
         let skip = cols(&xp, 3 * hd, hd);
@@ -224,12 +238,14 @@ impl Recurrence for SruKernel {
         let grad_u0 = grad_c.clone() * (f.clone().neg() + 1.0);
 
         let v = &params[0];
-        let grad_c_prev =
-            grad_c * f + dz_f.clone() * cols(v, 0, hd) + dz_r.clone() * cols(v, hd, hd);
+        let keep = self.keep(&step.xp);
+        let read = masked(&c_prev, keep.as_ref());
+        let grad_read = dz_f.clone() * cols(v, 0, hd) + dz_r.clone() * cols(v, hd, hd);
+        let grad_c_prev = grad_c * f + masked(&grad_read, keep.as_ref());
         let grad_v = Tensor::cat(
             vec![
-                batch_sum(dz_f.clone() * c_prev.clone()),
-                batch_sum(dz_r.clone() * c_prev),
+                batch_sum(dz_f.clone() * read.clone()),
+                batch_sum(dz_r.clone() * read),
             ],
             1,
         );
@@ -239,7 +255,7 @@ impl Recurrence for SruKernel {
             Tensor::cat(vec![batch_sum(dz_f.clone()), batch_sum(dz_r.clone())], 1),
         );
         (
-            Tensor::cat(vec![grad_u0, dz_f, dz_r, grad_skip], 1),
+            with_zero_noise_grad(vec![grad_u0, dz_f, dz_r, grad_skip], keep),
             grad_c_prev,
         )
     }
@@ -259,8 +275,9 @@ impl Recurrence for SruKernel {
             let (h, rest) = row.split_at_mut(hd);
             let (c_new, gates) = rest.split_at_mut(hd);
             for j in 0..hd {
-                gates[j] = x[hd + j] + v[j] * c[j] + bias[j];
-                gates[hd + j] = x[2 * hd + j] + v[hd + j] * c[j] + bias[hd + j];
+                let read = c[j] * self.host_keep(x, j);
+                gates[j] = x[hd + j] + v[j] * read + bias[j];
+                gates[hd + j] = x[2 * hd + j] + v[hd + j] * read + bias[hd + j];
             }
             F::sigmoid_in_place(gates);
             for j in 0..hd {
@@ -308,22 +325,40 @@ impl Recurrence for SruKernel {
                 dxp[hd + j] = dz_f;
                 dxp[2 * hd + j] = dz_r;
                 dxp[3 * hd + j] = go[j] * (one - r);
-                grad_c_prev[j] = grad_c * f + dz_f * v[j] + dz_r * v[hd + j];
+                let keep = self.host_keep(x, j);
+                grad_c_prev[j] = grad_c * f + (dz_f * v[j] + dz_r * v[hd + j]) * keep;
+                if self.dropout {
+                    dxp[4 * hd + j] = F::zero();
+                }
             }
         });
-        // v's gradient is a sum over the batch of dz ⊙ c_prev: rows in order, one accumulator.
+        // v's gradient is a sum over the batch of dz ⊙ (the c the gates read): rows in order,
+        // one accumulator.
         let grad_v = grads.params[0].row_mut(0);
         for b in 0..step.xp.rows() {
-            let (dz, c_prev) = (&grads.xp.as_ref().row(b)[hd..3 * hd], step.prev.row(b));
+            let (dz, c_prev, x) = (
+                &grads.xp.as_ref().row(b)[hd..3 * hd],
+                step.prev.row(b),
+                step.xp.row(b),
+            );
             for j in 0..hd {
-                grad_v[j] += dz[j] * c_prev[j];
-                grad_v[hd + j] += dz[hd + j] * c_prev[j];
+                let read = c_prev[j] * self.host_keep(x, j);
+                grad_v[j] += dz[j] * read;
+                grad_v[hd + j] += dz[hd + j] * read;
             }
         }
     }
 
     fn as_sru(&self) -> Option<&SruKernel> {
-        Some(self)
+        // The fused GPU kernels know nothing of dropout.
+        (!self.dropout).then_some(self)
+    }
+
+    fn with_product_dropout(&self) -> Option<Self> {
+        Some(Self {
+            dropout: true,
+            ..self.clone()
+        })
     }
 
     fn host_weight_products(&self) -> Vec<WeightProduct> {
@@ -361,6 +396,7 @@ impl<B: Backend> Cell<B> for Sru<B> {
         SruKernel {
             hidden: self.hidden,
             use_tanh: self.use_tanh,
+            dropout: false,
         }
     }
 
@@ -473,7 +509,7 @@ impl<B: Backend> Cell<B> for Sru<B> {
 mod tests {
     use super::*;
     use crate::check::{
-        compare_step, finite_differences,
+        compare_step, compare_step_reading, finite_differences,
         reference::{self, *},
     };
     use crate::layer::RnnLayerConfig;
@@ -481,10 +517,13 @@ mod tests {
 
     /// The SRU equations of design.md §3 (official layout: weight `[I, H·k]` interleaved per
     /// unit), one batch row, in plain f64.
+    /// The official SRU's equations, one batch row, in plain f64; the gates read `read` (`c`,
+    /// or `c ⊙ m` under recurrent dropout).
     fn reference_step(
         w: &Weights,
         x: &[f64],
         state: &[Vec<f64>],
+        read: &[f64],
         use_tanh: bool,
     ) -> (Vec<f64>, Vec<Vec<f64>>) {
         let c = &state[0];
@@ -498,8 +537,8 @@ mod tests {
         let mut c_new = vec![0.0; n];
         for j in 0..n {
             let block = |g: usize| u[j * k + g];
-            let f = sigmoid(block(1) + vc[j] * c[j] + bias[j]);
-            let r = sigmoid(block(2) + vc[n + j] * c[j] + bias[n + j]);
+            let f = sigmoid(block(1) + vc[j] * read[j] + bias[j]);
+            let r = sigmoid(block(2) + vc[n + j] * read[j] + bias[n + j]);
             c_new[j] = f * c[j] + (1.0 - f) * block(0);
             let skip = if k == 4 { block(3) } else { x[j] * scale };
             let act = if use_tanh { c_new[j].tanh() } else { c_new[j] };
@@ -515,9 +554,21 @@ mod tests {
                 .with_use_tanh(use_tanh)
                 .with_rescale(rescale)
                 .with_highway_bias(-1.0);
-            let err = compare_step(config, 3, |w, x, s| reference_step(w, x, s, use_tanh));
+            let err = compare_step(config, 3, |w, x, s| {
+                reference_step(w, x, s, &s[0], use_tanh)
+            });
             assert!(err < 1e-12, "input={input} use_tanh={use_tanh}: {err:e}");
         }
+    }
+
+    /// Recurrent dropout masks the `c` the gates read (`v ⊙ c`), not the carried one.
+    #[test]
+    fn recurrent_dropout_masks_only_what_the_gates_read() {
+        let config = SruConfig::new(4, 4).with_use_tanh(true);
+        let err = compare_step_reading(config, 3, 0.5, |w, x, s, read| {
+            reference_step(w, x, s, &read[0], true)
+        });
+        assert!(err < 1e-12, "{err:e}");
     }
 
     #[test]

@@ -524,11 +524,7 @@ mod tests {
             let kernel = config.init_cell::<F64>(&Default::default()).kernel();
             compare_host_and_tensor(name, &kernel);
             for (dropout, zoneout) in [(true, false), (false, true), (true, true)] {
-                let wrapped = Regularised {
-                    inner: kernel.clone(),
-                    dropout,
-                    zoneout,
-                };
+                let wrapped = Regularised::new(kernel.clone(), dropout, zoneout);
                 compare_host_and_tensor(
                     &format!("{name} dropout {dropout} zoneout {zoneout}"),
                     &wrapped,

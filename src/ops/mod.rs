@@ -89,6 +89,15 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
     fn host_weight_products(&self) -> Vec<WeightProduct> {
         Vec::new()
     }
+    /// This kernel doing recurrent dropout itself, for cells whose step reads the previous
+    /// state outside its recurrent products too (a GRU's interpolation `z ⊙ h`): it takes
+    /// `state_width` more input columns, the multiplier of the state its products read, and
+    /// reads the state unmasked elsewhere. `None` (the default): the kernel reads its state
+    /// only through its products, and [`Regularised`](crate::regularisation::Regularised)
+    /// masks the state before the step.
+    fn with_product_dropout(&self) -> Option<Self> {
+        None
+    }
     /// The SRU kernel, when this is one: the GPU backends have a fused kernel for it.
     fn as_sru(&self) -> Option<&SruKernel> {
         None

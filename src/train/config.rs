@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cell::{cell_names, AnyCellConfig, CellConfig};
+use crate::cell::{cell_names, AnyCellConfig};
 use crate::task::{LengthKey, TaskKind};
 
 /// Optimiser, with PyTorch's defaults.
@@ -280,17 +280,6 @@ impl ExperimentConfig {
             if let Some(cell) = config.cell.iter().find(|c| ungated.contains(&c.as_str())) {
                 return Err(format!(
                     "init = chrono needs gated cells; {cell} has no gates"
-                ));
-            }
-        }
-        if config.recurrent_dropout > 0.0 {
-            let unfit = config.cell.iter().find(|c| {
-                AnyCellConfig::named(c, 1, 1).is_ok_and(|c| !c.reads_h_only_through_product())
-            });
-            if let Some(cell) = unfit {
-                return Err(format!(
-                    "recurrent-dropout masks the hidden state h where only the recurrent product \
-                     reads it, which {cell} does not (use zoneout)"
                 ));
             }
         }
