@@ -57,3 +57,30 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
+
+/// Makes a panic print one line, `error: <message> (<file>:<line>)`, instead of a backtrace
+/// (still shown when `RUST_BACKTRACE` is set). The binaries call this first: a backend that
+/// cannot start (a CUDA build without the driver library, a wgpu build without a Vulkan
+/// driver) panics inside burn, and a user should read what is missing, not a trace.
+pub fn report_panics_in_one_line() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::env::var_os("RUST_BACKTRACE").is_some() {
+            return default(info);
+        }
+        let place = info
+            .location()
+            .map(|l| format!(" ({}:{})", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("error: {}{place}", panic_message(info.payload()));
+    }));
+}
+
+/// The text of a panic's payload (`"unreadable"` when it is not a string).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unreadable".into())
+}

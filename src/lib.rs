@@ -1,10 +1,12 @@
 #![warn(missing_docs)]
 //! # rnn-zoo
 //!
-//! Recurrent cells (Elman RNN, LSTM, peephole LSTM, CIFG LSTM, GRU in both reset placements,
-//! SRU) as backend-generic [Burn](https://burn.dev) modules, a sequence layer that runs any of
-//! them (stacked, bidirectional, masked, stateful), and weight import from PyTorch and the
-//! official SRU package.
+//! Recurrent cells (Elman RNN with tanh or relu, IRNN, LSTM, peephole LSTM, CIFG LSTM,
+//! LayerNorm LSTM, GRU in both reset placements, MGU, SRU, IndRNN) as backend-generic
+//! [Burn](https://burn.dev) modules, a sequence layer that runs any of them (stacked,
+//! bidirectional, masked, stateful, with recurrent dropout and zoneout), weight import from
+//! PyTorch and the official SRU package, long-dependency tasks and the experiment runner
+//! behind the `experiment` binary.
 //!
 //! ```
 //! use burn::backend::{Autodiff, NdArray};

@@ -280,6 +280,20 @@ fn a_corrupt_checkpoint_is_reported() {
     let _ = std::fs::remove_dir_all(&other);
 }
 
+/// A panic (here injected; in practice a GPU backend that cannot start) is one `error:` line.
+#[test]
+fn a_panic_is_reported_in_one_line() {
+    let out = scratch("panic");
+    let output = Command::new(BIN)
+        .args(tiny("adding-task", &out))
+        .env("RNN_ZOO_FAULT_PANIC_AT_STEP", "2")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert_error(&output, 101, "injected fault at step 2");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let out = scratch("nan");

@@ -146,6 +146,7 @@ fn fused_sru_op_matches_plain_path_and_cpu() {
         let kernel = SruKernel {
             hidden: 5,
             use_tanh,
+            dropout: false,
         };
         // No matmul inside the SRU recurrence, plain or fused.
         failed.extend(compare_paths(

@@ -40,6 +40,7 @@ struct Args {
 
 fn main() {
     rnn_zoo::backend::keep_freed_memory();
+    rnn_zoo::backend::report_panics_in_one_line();
     let args = Args::parse();
     if let Err(message) = run(args) {
         eprintln!("error: {message}");

@@ -502,6 +502,7 @@ fn train(command: &TaskCommand) -> Result<(), Failure> {
 
 fn main() -> ExitCode {
     rnn_zoo::backend::keep_freed_memory();
+    rnn_zoo::backend::report_panics_in_one_line();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

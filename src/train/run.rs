@@ -152,9 +152,10 @@ fn progress_bar(steps: usize, start: usize, label: &str) -> Option<ProgressBar> 
     Some(bar)
 }
 
-/// Test hook: `RNN_ZOO_FAULT_NAN_AT_STEP=N` makes step N's loss NaN (to test the NaN stop).
-fn injected_nan(step: usize) -> bool {
-    std::env::var("RNN_ZOO_FAULT_NAN_AT_STEP")
+/// Test hooks: `RNN_ZOO_FAULT_NAN_AT_STEP=N` makes step N's loss NaN (to test the NaN stop),
+/// `RNN_ZOO_FAULT_PANIC_AT_STEP=N` panics at step N (to test how a panic is reported).
+fn injected(fault: &str, step: usize) -> bool {
+    std::env::var(format!("RNN_ZOO_FAULT_{fault}_AT_STEP"))
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         == Some(step)
@@ -167,13 +168,7 @@ fn without_panics<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
-    result.map_err(|panic| {
-        panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unreadable".into())
-    })
+    result.map_err(|panic| crate::backend::panic_message(panic.as_ref()))
 }
 
 /// Trains `cell` with `seed` under `config` in its run folder, resuming from its checkpoint if
@@ -271,9 +266,10 @@ where
         let losses = task.losses(model.forward(batch.input_tensor(device)), &batch);
         let mut loss_value = host_mean(losses.clone());
         let loss = losses.mean();
-        if injected_nan(step) {
+        if injected("NAN", step) {
             loss_value = f64::NAN;
         }
+        assert!(!injected("PANIC", step), "injected fault at step {step}");
         if !loss_value.is_finite() {
             if let Some(bar) = &bar {
                 bar.abandon();
