@@ -99,6 +99,27 @@ impl<B: Backend> StateNoise<B> {
     }
 }
 
+/// The dropout multiplier of a kernel that applies dropout itself
+/// ([`Recurrence::with_product_dropout`]): the last `width` columns of its projected input,
+/// when `on`.
+pub(crate) fn product_keep<B: Backend>(
+    xp: &Tensor<B, 2>,
+    on: bool,
+    width: usize,
+) -> Option<Tensor<B, 2>> {
+    let columns = xp.dims()[1];
+    on.then(|| xp.clone().narrow(1, columns - width, width))
+}
+
+/// [`product_keep`] on host memory.
+pub(crate) fn host_product_keep<F: HostFloat>(
+    xp: MatRef<'_, F>,
+    on: bool,
+    width: usize,
+) -> Option<MatRef<'_, F>> {
+    on.then(|| xp.cols(xp.width() - width, width))
+}
+
 /// `state ⊙ keep` (the state a recurrent product reads under dropout), or `state`.
 pub(crate) fn masked<B: Backend>(
     state: &Tensor<B, 2>,

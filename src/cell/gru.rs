@@ -21,7 +21,10 @@ use crate::host::{
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
-use crate::regularisation::{host_add_masked_product, host_masked, masked, with_zero_noise_grad};
+use crate::regularisation::{
+    host_add_masked_product, host_masked, host_product_keep, masked, product_keep,
+    with_zero_noise_grad,
+};
 
 /// Configuration of a [`Gru`] cell.
 #[derive(Config, Debug, PartialEq)]
@@ -118,17 +121,6 @@ pub struct GruKernel {
     pub dropout: bool,
 }
 
-impl GruKernel {
-    /// The dropout multiplier in a step's projected input, when on.
-    fn keep<B: Backend>(&self, xp: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-        self.dropout.then(|| cols(xp, 3 * self.hidden, self.hidden))
-    }
-    /// [`keep`](GruKernel::keep) on host memory.
-    fn host_keep<'a, F: HostFloat>(&self, xp: MatRef<'a, F>) -> Option<MatRef<'a, F>> {
-        self.dropout.then(|| xp.cols(3 * self.hidden, self.hidden))
-    }
-}
-
 impl Recurrence for GruKernel {
     fn input_width(&self) -> usize {
         (3 + usize::from(self.dropout)) * self.hidden
@@ -162,7 +154,7 @@ impl Recurrence for GruKernel {
         h: Tensor<B, 2>,
     ) -> StepOutput<B> {
         let hd = self.hidden;
-        let read = masked(&h, self.keep(&xp).as_ref());
+        let read = masked(&h, product_keep(&xp, self.dropout, hd).as_ref());
         let (r, z, n, extra) = if self.reset_after {
             let hz = read.matmul(params[0].clone()) + params[1].clone();
             let r = sigmoid(cols(&xp, 0, hd) + cols(&hz, 0, hd));
@@ -202,7 +194,7 @@ impl Recurrence for GruKernel {
             cols(&saved, 2 * hd, hd),
         );
         let h = step.prev_state;
-        let keep = self.keep(&step.xp);
+        let keep = product_keep(&step.xp, self.dropout, hd);
         let read = masked(&h, keep.as_ref());
         let grad_h = step.grad_output + step.grad_state;
 
@@ -247,7 +239,7 @@ impl Recurrence for GruKernel {
     ) {
         let hd = self.hidden;
         let mut buffer = Vec::new();
-        let read = host_masked(prev, self.host_keep(xp), &mut buffer);
+        let read = host_masked(prev, host_product_keep(xp, self.dropout, hd), &mut buffer);
         // Row layout: [h out | h | r, z, n (, W_hn h + b_hn)].
         if self.reset_after {
             host::matmul(&mut out.cols_mut(2 * hd, 3 * hd), read, params[0], false);
@@ -320,7 +312,7 @@ impl Recurrence for GruKernel {
         mut grads: HostStepGrads<F>,
     ) {
         let (hd, one) = (self.hidden, F::one());
-        let keep = self.host_keep(step.xp);
+        let keep = host_product_keep(step.xp, self.dropout, hd);
         let mut buffer = Vec::new();
         let read = host_masked(step.prev, keep, &mut buffer);
         if keep.is_some() {

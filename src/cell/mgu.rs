@@ -19,7 +19,10 @@ use crate::host::{
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
-use crate::regularisation::{host_add_masked_product, host_masked, masked, with_zero_noise_grad};
+use crate::regularisation::{
+    host_add_masked_product, host_masked, host_product_keep, masked, product_keep,
+    with_zero_noise_grad,
+};
 
 /// Configuration of an [`Mgu`] cell.
 #[derive(Config, Debug, PartialEq)]
@@ -70,17 +73,6 @@ pub struct MguKernel {
     pub dropout: bool,
 }
 
-impl MguKernel {
-    /// The dropout multiplier in a step's projected input, when on.
-    fn keep<B: Backend>(&self, xp: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-        self.dropout.then(|| cols(xp, 2 * self.hidden, self.hidden))
-    }
-    /// [`keep`](MguKernel::keep) on host memory.
-    fn host_keep<'a, F: HostFloat>(&self, xp: MatRef<'a, F>) -> Option<MatRef<'a, F>> {
-        self.dropout.then(|| xp.cols(2 * self.hidden, self.hidden))
-    }
-}
-
 impl Recurrence for MguKernel {
     fn input_width(&self) -> usize {
         (2 + usize::from(self.dropout)) * self.hidden
@@ -106,7 +98,7 @@ impl Recurrence for MguKernel {
     ) -> StepOutput<B> {
         let hd = self.hidden;
         let w = &params[0];
-        let read = masked(&h, self.keep(&xp).as_ref());
+        let read = masked(&h, product_keep(&xp, self.dropout, hd).as_ref());
         let f = sigmoid(cols(&xp, 0, hd) + read.clone().matmul(cols(w, 0, hd)));
         let n = (cols(&xp, hd, hd) + (f.clone() * read).matmul(cols(w, hd, hd))).tanh();
         let h_new = h.clone() + (n.clone() - h) * f.clone();
@@ -127,7 +119,7 @@ impl Recurrence for MguKernel {
         let saved = step.saved.expect("the MGU saves its gate and candidate");
         let (f, n) = (cols(&saved, 0, hd), cols(&saved, hd, hd));
         let h = step.prev_state;
-        let keep = self.keep(&step.xp);
+        let keep = product_keep(&step.xp, self.dropout, hd);
         let read = masked(&h, keep.as_ref());
         let grad_h = step.grad_output + step.grad_state;
         let (w_f, w_n) = (cols(&params[0], 0, hd), cols(&params[0], hd, hd));
@@ -159,7 +151,7 @@ impl Recurrence for MguKernel {
         let hd = self.hidden;
         let w = params[0];
         let mut buffer = Vec::new();
-        let read = host_masked(prev, self.host_keep(xp), &mut buffer);
+        let read = host_masked(prev, host_product_keep(xp, self.dropout, hd), &mut buffer);
         // Row layout: [h out | h | f, h̃].
         host::matmul(&mut out.cols_mut(2 * hd, hd), read, w.cols(0, hd), false);
         let batch = prev.rows();
@@ -205,7 +197,7 @@ impl Recurrence for MguKernel {
         mut grads: HostStepGrads<F>,
     ) {
         let (hd, one) = (self.hidden, F::one());
-        let keep = self.host_keep(step.xp);
+        let keep = host_product_keep(step.xp, self.dropout, hd);
         let mut buffer = Vec::new();
         let read = host_masked(step.prev, keep, &mut buffer);
         if keep.is_some() {

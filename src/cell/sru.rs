@@ -22,7 +22,7 @@ use crate::host::{
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
-use crate::regularisation::{masked, with_zero_noise_grad};
+use crate::regularisation::{masked, product_keep, with_zero_noise_grad};
 
 /// Configuration of an [`Sru`] cell (one direction of an official SRU layer).
 #[derive(Config, Debug, PartialEq)]
@@ -151,10 +151,6 @@ pub struct SruKernel {
 }
 
 impl SruKernel {
-    /// The dropout multiplier in a step's projected input, when on.
-    fn keep<B: Backend>(&self, xp: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-        self.dropout.then(|| cols(xp, 4 * self.hidden, self.hidden))
-    }
     /// Unit `j`'s dropout multiplier in one row of the projected input (1 without dropout).
     fn host_keep<F: HostFloat>(&self, x: &[F], j: usize) -> F {
         if self.dropout {
@@ -198,7 +194,7 @@ impl Recurrence for SruKernel {
     ) -> StepOutput<B> {
         let hd = self.hidden;
         let (v, b) = (&params[0], &params[1]);
-        let read = masked(&c, self.keep(&xp).as_ref());
+        let read = masked(&c, product_keep(&xp, self.dropout, hd).as_ref());
         let f = sigmoid(cols(&xp, hd, hd) + cols(v, 0, hd) * read.clone() + cols(b, 0, hd));
         let r = sigmoid(cols(&xp, 2 * hd, hd) + cols(v, hd, hd) * read + cols(b, hd, hd));
         let u0 = cols(&xp, 0, hd);
@@ -238,7 +234,7 @@ impl Recurrence for SruKernel {
         let grad_u0 = grad_c.clone() * (f.clone().neg() + 1.0);
 
         let v = &params[0];
-        let keep = self.keep(&step.xp);
+        let keep = product_keep(&step.xp, self.dropout, hd);
         let read = masked(&c_prev, keep.as_ref());
         let grad_read = dz_f.clone() * cols(v, 0, hd) + dz_r.clone() * cols(v, hd, hd);
         let grad_c_prev = grad_c * f + masked(&grad_read, keep.as_ref());
