@@ -120,6 +120,32 @@ pub(crate) fn host_product_keep<F: HostFloat>(
     on.then(|| xp.cols(xp.width() - width, width))
 }
 
+/// What the host backward of a kernel that applies dropout itself reads first: the dropout
+/// multiplier (when `on`) and the state its products read (`prev ⊙ keep`, in `buffer`, or
+/// `prev`). Under dropout it also writes that state as the `a` of the first weight product (the
+/// driver cannot read it) and zeroes the multiplier's gradient (noise is not learnt).
+pub(crate) fn host_backward_reads<'a, F: HostFloat>(
+    step: &HostStep<'a, F>,
+    grads: &mut HostStepGrads<F>,
+    on: bool,
+    width: usize,
+    buffer: &'a mut Vec<F>,
+) -> (Option<MatRef<'a, F>>, MatRef<'a, F>) {
+    let keep = host_product_keep(step.xp, on, width);
+    let read = host_masked(step.prev, keep, buffer);
+    if keep.is_some() {
+        grads.products[0]
+            .0
+            .for_each_row(|b, row| row.copy_from_slice(read.row(b)));
+        let columns = grads.xp.as_ref().width();
+        grads
+            .xp
+            .cols_mut(columns - width, width)
+            .for_each_row(|_, row| row.fill(F::zero()));
+    }
+    (keep, read)
+}
+
 /// `state ⊙ keep` (the state a recurrent product reads under dropout), or `state`.
 pub(crate) fn masked<B: Backend>(
     state: &Tensor<B, 2>,

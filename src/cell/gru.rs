@@ -22,8 +22,8 @@ use crate::host::{
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
 use crate::regularisation::{
-    host_add_masked_product, host_masked, host_product_keep, masked, product_keep,
-    with_zero_noise_grad,
+    host_add_masked_product, host_backward_reads, host_masked, host_product_keep, masked,
+    product_keep, with_zero_noise_grad,
 };
 
 /// Configuration of a [`Gru`] cell.
@@ -312,18 +312,8 @@ impl Recurrence for GruKernel {
         mut grads: HostStepGrads<F>,
     ) {
         let (hd, one) = (self.hidden, F::one());
-        let keep = host_product_keep(step.xp, self.dropout, hd);
         let mut buffer = Vec::new();
-        let read = host_masked(step.prev, keep, &mut buffer);
-        if keep.is_some() {
-            // The products' `a` is the masked state, which the driver cannot read.
-            let a = &mut grads.products[0].0;
-            a.for_each_row(|b, row| row.copy_from_slice(read.row(b)));
-            grads
-                .xp
-                .cols_mut(3 * hd, hd)
-                .for_each_row(|_, row| row.fill(F::zero()));
-        }
+        let (keep, read) = host_backward_reads(&step, &mut grads, self.dropout, hd, &mut buffer);
         // The operand this step writes: d(W_hh h + b_hh) (reset-after) or r ⊙ h (reset-before).
         let product = if self.reset_after { 0 } else { 1 };
         let (a, g) = &mut grads.products[product];
