@@ -22,7 +22,7 @@ use crate::host::{
 };
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
-use crate::regularisation::{masked, product_keep, with_zero_noise_grad};
+use crate::regularisation::{host_product_keep, masked, product_keep, with_zero_noise_grad};
 
 /// Configuration of an [`Sru`] cell (one direction of an official SRU layer).
 #[derive(Config, Debug, PartialEq)]
@@ -151,15 +151,6 @@ pub struct SruKernel {
 }
 
 impl SruKernel {
-    /// Unit `j`'s dropout multiplier in one row of the projected input (1 without dropout).
-    fn host_keep<F: HostFloat>(&self, x: &[F], j: usize) -> F {
-        if self.dropout {
-            x[4 * self.hidden + j]
-        } else {
-            F::one()
-        }
-    }
-
     fn activation<B: Backend>(&self, c: Tensor<B, 2>) -> Tensor<B, 2> {
         if self.use_tanh {
             c.tanh()
@@ -266,12 +257,13 @@ impl Recurrence for SruKernel {
         let hd = self.hidden;
         let (v, bias) = (params[0].row(0), params[1].row(0));
         // Row layout: [h | c | f, r].
+        let keep = host_product_keep(xp, self.dropout, hd);
         out.for_each_row(|b, row| {
-            let (x, c) = (xp.row(b), prev.row(b));
+            let (x, c, m) = (xp.row(b), prev.row(b), keep.map(|k| k.row(b)));
             let (h, rest) = row.split_at_mut(hd);
             let (c_new, gates) = rest.split_at_mut(hd);
             for j in 0..hd {
-                let read = c[j] * self.host_keep(x, j);
+                let read = m.map_or(c[j], |m| c[j] * m[j]);
                 gates[j] = x[hd + j] + v[j] * read + bias[j];
                 gates[hd + j] = x[2 * hd + j] + v[hd + j] * read + bias[hd + j];
             }
@@ -299,10 +291,11 @@ impl Recurrence for SruKernel {
     ) {
         let (hd, one) = (self.hidden, F::one());
         let v = params[0].row(0);
+        let keep = host_product_keep(step.xp, self.dropout, hd);
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_c_prev| {
             let row = step.row.row(b);
             let (c_new, gates) = (&row[hd..2 * hd], &row[2 * hd..]);
-            let (x, c_prev) = (step.xp.row(b), step.prev.row(b));
+            let (x, c_prev, m) = (step.xp.row(b), step.prev.row(b), keep.map(|k| k.row(b)));
             let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
             // act(c') waits in the c_prev gradient's slot until element j is written.
             grad_c_prev.copy_from_slice(c_new);
@@ -321,8 +314,8 @@ impl Recurrence for SruKernel {
                 dxp[hd + j] = dz_f;
                 dxp[2 * hd + j] = dz_r;
                 dxp[3 * hd + j] = go[j] * (one - r);
-                let keep = self.host_keep(x, j);
-                grad_c_prev[j] = grad_c * f + (dz_f * v[j] + dz_r * v[hd + j]) * keep;
+                let grad_read = dz_f * v[j] + dz_r * v[hd + j];
+                grad_c_prev[j] = grad_c * f + m.map_or(grad_read, |m| grad_read * m[j]);
                 if self.dropout {
                     dxp[4 * hd + j] = F::zero();
                 }
@@ -332,13 +325,13 @@ impl Recurrence for SruKernel {
         // one accumulator.
         let grad_v = grads.params[0].row_mut(0);
         for b in 0..step.xp.rows() {
-            let (dz, c_prev, x) = (
+            let (dz, c_prev, m) = (
                 &grads.xp.as_ref().row(b)[hd..3 * hd],
                 step.prev.row(b),
-                step.xp.row(b),
+                keep.map(|k| k.row(b)),
             );
             for j in 0..hd {
-                let read = c_prev[j] * self.host_keep(x, j);
+                let read = m.map_or(c_prev[j], |m| c_prev[j] * m[j]);
                 grad_v[j] += dz[j] * read;
                 grad_v[hd + j] += dz[hd + j] * read;
             }
@@ -512,9 +505,8 @@ mod tests {
     use reference::sigmoid;
 
     /// The SRU equations of design.md §3 (official layout: weight `[I, H·k]` interleaved per
-    /// unit), one batch row, in plain f64.
-    /// The official SRU's equations, one batch row, in plain f64; the gates read `read` (`c`,
-    /// or `c ⊙ m` under recurrent dropout).
+    /// unit), one batch row, in plain f64; the gates read `read` (`c`, or `c ⊙ m` under
+    /// recurrent dropout).
     fn reference_step(
         w: &Weights,
         x: &[f64],
