@@ -374,32 +374,56 @@ pub fn for_each_row_triple<F: Copy + Send + Sync>(
 
 /// `dst ← a · b`, or `dst ← dst + a · b` when `accumulate`.
 pub fn matmul<F: HostFloat>(dst: &mut MatMut<F>, a: MatRef<F>, b: MatRef<F>, accumulate: bool) {
-    let (m, n, k) = (dst.rows, dst.cols, a.cols);
-    assert_eq!((a.rows, b.rows, b.cols), (m, k, n), "matmul shapes");
-    if m == 0 || n == 0 {
-        return;
+    assert_eq!((dst.rows, dst.cols), (a.rows, b.cols), "matmul shapes");
+    // SAFETY: `dst` is a bounds-checked view of that shape, borrowed mutably (so it cannot
+    // alias `a` or `b`) and initialised.
+    unsafe { gemm_raw(dst.data.as_mut_ptr(), dst.row_stride, a, b, accumulate) }
+}
+
+/// `a · b` in a new row-major buffer, which the GEMM writes without it being zeroed first.
+pub fn product<F: HostFloat>(a: MatRef<F>, b: MatRef<F>) -> Vec<F> {
+    let (m, n) = (a.rows, b.cols);
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: the buffer holds `m × n` elements; `gemm_raw` without `accumulate` writes every
+    // one of them and reads none, so all are initialised before `set_len`.
+    unsafe {
+        gemm_raw(out.as_mut_ptr(), n, a, b, false);
+        out.set_len(m * n);
     }
-    if k == 0 {
-        if !accumulate {
-            dst.for_each_row(|_, row| row.fill(F::zero()));
-        }
-        return;
-    }
+    out
+}
+
+/// `dst ← a · b` (or `dst + a · b`) for a row-major `dst` of `a.rows × b.cols` elements whose
+/// rows start `row_stride` apart.
+///
+/// # Safety
+/// `dst` must be valid for writes of that extent, not overlap `a` or `b`, and be initialised
+/// when `accumulate`.
+unsafe fn gemm_raw<F: HostFloat>(
+    dst: *mut F,
+    row_stride: usize,
+    a: MatRef<F>,
+    b: MatRef<F>,
+    accumulate: bool,
+) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert_eq!(b.rows, k, "matmul shapes");
     let parallelism = if m * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the views were bounds-checked on construction, `dst` is borrowed mutably so it
-    // cannot alias `a` or `b`, and `gemm` supports `f32` and `f64` (all `HostFloat`s).
+    // SAFETY: the caller's contract for `dst`; `a` and `b` were bounds-checked on construction;
+    // `gemm` supports `f32` and `f64` (all `HostFloat`s), and without `read_dst` it writes
+    // every element of `dst` (zeros when `k` is 0) and reads none.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.data.as_mut_ptr(),
+            dst,
             1,
-            dst.row_stride as isize,
+            row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -689,7 +713,15 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         .collect();
     let mut grad_state = vec![F::zero(); batch * state_w];
     let mut grad_prev = vec![F::zero(); batch * state_w];
-    let mut grad_output = vec![F::zero(); batch * out_w];
+    // The output gradient of a masked step (the mask zeroes its padded rows).
+    let mut masked_output = vec![
+        F::zero();
+        if input.mask.is_some() {
+            batch * out_w
+        } else {
+            0
+        }
+    ];
     let mut carried = vec![F::zero(); batch * state_w];
 
     let steps = order(len, input.reverse);
@@ -704,7 +736,6 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         let grad_row = &grad[t * batch * grad_w..(t + 1) * batch * grad_w];
         for b in 0..batch {
             let g = &grad_row[b * grad_w..(b + 1) * grad_w];
-            grad_output[b * out_w..(b + 1) * out_w].copy_from_slice(&g[..out_w]);
             let gs = &mut grad_state[b * state_w..(b + 1) * state_w];
             add_into(gs, &g[out_w..]);
             if let Some(mask) = input.mask {
@@ -714,11 +745,16 @@ pub fn backward<F: HostFloat, K: Recurrence>(
                     *c = *s * (F::one() - keep);
                     *s *= keep;
                 }
-                grad_output[b * out_w..(b + 1) * out_w]
-                    .iter_mut()
-                    .for_each(|o| *o *= keep);
+                for (o, &g) in masked_output[b * out_w..(b + 1) * out_w].iter_mut().zip(g) {
+                    *o = g * keep;
+                }
             }
         }
+        // Unmasked, the step reads its output gradient where it lies in `grad`.
+        let grad_output = match input.mask {
+            Some(_) => MatRef::new(&masked_output, batch, out_w),
+            None => MatRef::strided(grad_row, batch, out_w, grad_w),
+        };
         let step = HostStep {
             xp: MatRef::new(
                 &input.xp[t * batch * in_w..(t + 1) * batch * in_w],
@@ -727,7 +763,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
             ),
             prev,
             row: MatRef::new(&packed[t * row_len..(t + 1) * row_len], batch, width),
-            grad_output: MatRef::new(&grad_output, batch, out_w),
+            grad_output,
             grad_state: MatRef::new(&grad_state, batch, state_w),
             params_t: &params_t,
         };

@@ -169,6 +169,86 @@ struct Gates<B: Backend> {
     o: Tensor<B, 2>,
 }
 
+/// What one batch row of the LSTM's host backward reads.
+struct LstmRowGrads<'a, F> {
+    c_new: &'a [F],
+    /// The activated gates, `[i | f | g | o]` (`[i | g | o]` when coupled).
+    saved: &'a [F],
+    c_prev: &'a [F],
+    /// `[h | c]`.
+    grad_state: &'a [F],
+    grad_output: &'a [F],
+    /// `[i | f | o]` peephole weights (zeros for a cell without them).
+    peephole: &'a [F],
+}
+
+/// One batch row of the LSTM backward: writes `dz` (the gate pre-activation gradients, also
+/// the gradient of the projected input) and the gradient of `c_prev`. Every slice is cut to
+/// `hd` and `COUPLED` is a constant, so the loop has no bounds checks or branches and
+/// vectorises.
+#[inline(always)]
+fn lstm_row_backward<F: HostFloat, const COUPLED: bool>(
+    hd: usize,
+    r: LstmRowGrads<'_, F>,
+    dz: &mut [F],
+    grad_c_prev: &mut [F],
+) {
+    let one = F::one();
+    let (i, f, g, o) = if COUPLED {
+        let i = &r.saved[..hd];
+        (i, i, &r.saved[hd..2 * hd], &r.saved[2 * hd..3 * hd])
+    } else {
+        (
+            &r.saved[..hd],
+            &r.saved[hd..2 * hd],
+            &r.saved[2 * hd..3 * hd],
+            &r.saved[3 * hd..4 * hd],
+        )
+    };
+    let (gs_h, gs_c) = (&r.grad_state[..hd], &r.grad_state[hd..2 * hd]);
+    let (go, c_prev, grad_c_prev) = (
+        &r.grad_output[..hd],
+        &r.c_prev[..hd],
+        &mut grad_c_prev[..hd],
+    );
+    let (p_i, p_f, p_o) = (
+        &r.peephole[..hd],
+        &r.peephole[hd..2 * hd],
+        &r.peephole[2 * hd..3 * hd],
+    );
+    let (dz_0, rest) = dz.split_at_mut(hd);
+    let (dz_1, rest) = rest.split_at_mut(hd);
+    let (dz_2, rest) = rest.split_at_mut(hd);
+    let dz_3 = &mut rest[..if COUPLED { 0 } else { hd }];
+    // tanh(c') waits in dz_0: element j is read before dz_0[j] is written.
+    dz_0.copy_from_slice(&r.c_new[..hd]);
+    F::tanh_in_place(dz_0);
+    for j in 0..hd {
+        let tanh_c = dz_0[j];
+        let (ij, gate, oj) = (i[j], g[j], o[j]);
+        let fj = if COUPLED { one - ij } else { f[j] };
+        let grad_h = go[j] + gs_h[j];
+        let dz_o = grad_h * tanh_c * (oj * (one - oj));
+        let grad_c = gs_c[j] + grad_h * oj * (one - tanh_c * tanh_c) + dz_o * p_o[j];
+        let d_i = grad_c * gate;
+        let dz_g = grad_c * ij * (one - gate * gate);
+        let d_f = grad_c * c_prev[j];
+        if COUPLED {
+            grad_c_prev[j] = grad_c * fj;
+            dz_0[j] = (d_i - d_f) * (ij * (one - ij));
+            dz_1[j] = dz_g;
+            dz_2[j] = dz_o;
+        } else {
+            let (dz_i, dz_f) = (d_i * (ij * (one - ij)), d_f * (fj * (one - fj)));
+            grad_c_prev[j] = grad_c * fj + (dz_i * p_i[j] + dz_f * p_f[j]);
+            dz_0[j] = dz_i;
+            dz_1[j] = dz_f;
+            dz_2[j] = dz_g;
+            dz_3[j] = dz_o;
+        }
+    }
+}
+
 impl Recurrence for LstmKernel {
     fn input_width(&self) -> usize {
         self.gates() * self.hidden
@@ -338,31 +418,45 @@ impl Recurrence for LstmKernel {
                 (None, 2 * hd)
             } else {
                 if let Some(p) = peephole {
+                    let (p_i, p_f, c_prev) = (&p[..hd], &p[hd..2 * hd], &c_prev[..hd]);
+                    let (z_i, z_f) = z[..2 * hd].split_at_mut(hd);
                     for j in 0..hd {
-                        z[j] += p[j] * c_prev[j];
-                        z[hd + j] += p[hd + j] * c_prev[j];
+                        z_i[j] += p_i[j] * c_prev[j];
+                        z_f[j] += p_f[j] * c_prev[j];
                     }
                 }
                 F::sigmoid_in_place(&mut z[..2 * hd]);
                 F::tanh_in_place(&mut z[2 * hd..3 * hd]);
                 (Some(hd), 3 * hd)
             };
-            let g_slot = o_slot - hd;
-            for j in 0..hd {
-                let i = z[j];
-                let f = f_slot.map_or(F::one() - i, |slot| z[slot + j]);
-                c_new[j] = f * c_prev[j] + i * z[g_slot + j];
+            let c_prev = &c_prev[..hd];
+            let (i, g) = (&z[..hd], &z[o_slot - hd..o_slot]);
+            // Slices cut to `hd`, no branch inside: the loops vectorise.
+            match f_slot {
+                Some(slot) => {
+                    let f = &z[slot..slot + hd];
+                    for j in 0..hd {
+                        c_new[j] = f[j] * c_prev[j] + i[j] * g[j];
+                    }
+                }
+                None => {
+                    for j in 0..hd {
+                        c_new[j] = (F::one() - i[j]) * c_prev[j] + i[j] * g[j];
+                    }
+                }
             }
             if let Some(p) = peephole {
+                let (p_o, o) = (&p[2 * hd..3 * hd], &mut z[o_slot..o_slot + hd]);
                 for j in 0..hd {
-                    z[o_slot + j] += p[2 * hd + j] * c_new[j];
+                    o[j] += p_o[j] * c_new[j];
                 }
             }
             F::sigmoid_in_place(&mut z[o_slot..o_slot + hd]);
             h_new.copy_from_slice(c_new);
             F::tanh_in_place(h_new);
+            let o = &z[o_slot..o_slot + hd];
             for j in 0..hd {
-                h_new[j] = z[o_slot + j] * h_new[j];
+                h_new[j] *= o[j];
             }
             h_out.copy_from_slice(h_new);
         });
@@ -374,55 +468,31 @@ impl Recurrence for LstmKernel {
         step: HostStep<F>,
         mut grads: HostStepGrads<F>,
     ) {
-        let (hd, one) = (self.hidden, F::one());
-        let peephole = self.peephole.then(|| params[1].row(0));
+        let hd = self.hidden;
+        // Without peepholes the loop reads zero weights: one loop, no branch inside.
+        let no_peephole = vec![F::zero(); if self.peephole { 0 } else { 3 * hd }];
+        let peephole = if self.peephole {
+            &params[1].row(0)[..3 * hd]
+        } else {
+            &no_peephole[..]
+        };
         // One batch row: writes dz (the gate pre-activation gradients, also the gradient of
-        // the projected input) and the gradient of c_prev; adds to the peephole gradient.
+        // the projected input) and the gradient of c_prev.
         let row_backward = |b: usize, dz: &mut [F], grad_prev: &mut [F]| {
             let row = step.row.row(b);
-            let (c_new, saved) = (&row[2 * hd..3 * hd], &row[3 * hd..]);
-            let c_prev = &step.prev.row(b)[hd..];
-            let (gs, go) = (step.grad_state.row(b), step.grad_output.row(b));
-            let grad_c_prev = &mut grad_prev[hd..];
-            // tanh(c') waits in dz[..H]: element j is read before dz[j] is written.
-            dz[..hd].copy_from_slice(c_new);
-            F::tanh_in_place(&mut dz[..hd]);
-            for j in 0..hd {
-                let tanh_c = dz[j];
-                let (i, f, gate, o) = if self.coupled {
-                    (saved[j], one - saved[j], saved[hd + j], saved[2 * hd + j])
-                } else {
-                    (
-                        saved[j],
-                        saved[hd + j],
-                        saved[2 * hd + j],
-                        saved[3 * hd + j],
-                    )
-                };
-                let grad_h = go[j] + gs[j];
-                let dz_o = grad_h * tanh_c * (o * (one - o));
-                let mut grad_c = gs[hd + j] + grad_h * o * (one - tanh_c * tanh_c);
-                if let Some(p) = peephole {
-                    grad_c += dz_o * p[2 * hd + j];
-                }
-                let d_i = grad_c * gate;
-                let dz_g = grad_c * i * (one - gate * gate);
-                let d_f = grad_c * c_prev[j];
-                grad_c_prev[j] = grad_c * f;
-                if self.coupled {
-                    dz[j] = (d_i - d_f) * (i * (one - i));
-                    dz[hd + j] = dz_g;
-                    dz[2 * hd + j] = dz_o;
-                } else {
-                    let (dz_i, dz_f) = (d_i * (i * (one - i)), d_f * (f * (one - f)));
-                    if let Some(p) = peephole {
-                        grad_c_prev[j] += dz_i * p[j] + dz_f * p[hd + j];
-                    }
-                    dz[j] = dz_i;
-                    dz[hd + j] = dz_f;
-                    dz[2 * hd + j] = dz_g;
-                    dz[3 * hd + j] = dz_o;
-                }
+            let rows = LstmRowGrads {
+                c_new: &row[2 * hd..3 * hd],
+                saved: &row[3 * hd..],
+                c_prev: &step.prev.row(b)[hd..2 * hd],
+                grad_state: step.grad_state.row(b),
+                grad_output: step.grad_output.row(b),
+                peephole,
+            };
+            let grad_c_prev = &mut grad_prev[hd..2 * hd];
+            if self.coupled {
+                lstm_row_backward::<F, true>(hd, rows, dz, grad_c_prev);
+            } else {
+                lstm_row_backward::<F, false>(hd, rows, dz, grad_c_prev);
             }
         };
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, row_backward);

@@ -160,6 +160,16 @@ impl SruKernel {
     }
 }
 
+/// The four `hd`-wide parts of an SRU step's projected input: `[x̃ | x_f | x_r | skip]`.
+fn sru_input_parts<F>(x: &[F], hd: usize) -> (&[F], &[F], &[F], &[F]) {
+    (
+        &x[..hd],
+        &x[hd..2 * hd],
+        &x[2 * hd..3 * hd],
+        &x[3 * hd..4 * hd],
+    )
+}
+
 impl Recurrence for SruKernel {
     fn input_width(&self) -> usize {
         (4 + usize::from(self.dropout)) * self.hidden
@@ -256,29 +266,43 @@ impl Recurrence for SruKernel {
     ) {
         let hd = self.hidden;
         let (v, bias) = (params[0].row(0), params[1].row(0));
-        // Row layout: [h | c | f, r].
+        let ((v_f, v_r), (b_f, b_r)) = (v[..2 * hd].split_at(hd), bias[..2 * hd].split_at(hd));
         let keep = host_product_keep(xp, self.dropout, hd);
+        // Row layout: [h | c | f, r]. Every slice below is cut to `hd` so that the loops
+        // compile without bounds checks, and vectorise.
         out.for_each_row(|b, row| {
-            let (x, c, m) = (xp.row(b), prev.row(b), keep.map(|k| k.row(b)));
+            let (u0, x_f, x_r, skip) = sru_input_parts(xp.row(b), hd);
+            let c = &prev.row(b)[..hd];
             let (h, rest) = row.split_at_mut(hd);
             let (c_new, gates) = rest.split_at_mut(hd);
+            let (f, r) = gates[..2 * hd].split_at_mut(hd);
+            // The gates read `c ⊙ keep` under dropout: `h` holds it until `h` is computed.
+            let read: &[F] = match keep {
+                Some(keep) => {
+                    for ((h, &c), &k) in h.iter_mut().zip(c).zip(&keep.row(b)[..hd]) {
+                        *h = c * k;
+                    }
+                    h
+                }
+                None => c,
+            };
+            let read = &read[..hd];
             for j in 0..hd {
-                let read = m.map_or(c[j], |m| c[j] * m[j]);
-                gates[j] = x[hd + j] + v[j] * read + bias[j];
-                gates[hd + j] = x[2 * hd + j] + v[hd + j] * read + bias[hd + j];
+                f[j] = x_f[j] + v_f[j] * read[j] + b_f[j];
+                r[j] = x_r[j] + v_r[j] * read[j] + b_r[j];
             }
-            F::sigmoid_in_place(gates);
+            F::sigmoid_in_place(&mut gates[..2 * hd]);
+            let f = &gates[..hd];
             for j in 0..hd {
-                let u0 = x[j];
-                c_new[j] = u0 + (c[j] - u0) * gates[j];
-                h[j] = c_new[j];
+                c_new[j] = u0[j] + (c[j] - u0[j]) * f[j];
             }
+            h.copy_from_slice(c_new);
             if self.use_tanh {
                 F::tanh_in_place(h);
             }
+            let r = &gates[hd..2 * hd];
             for j in 0..hd {
-                let skip = x[3 * hd + j];
-                h[j] = skip + (h[j] - skip) * gates[hd + j];
+                h[j] = skip[j] + (h[j] - skip[j]) * r[j];
             }
         });
     }
@@ -290,13 +314,24 @@ impl Recurrence for SruKernel {
         mut grads: HostStepGrads<F>,
     ) {
         let (hd, one) = (self.hidden, F::one());
-        let v = params[0].row(0);
+        let (v_f, v_r) = params[0].row(0)[..2 * hd].split_at(hd);
+        // tanh'(c') = 1 − act², or 1 without the tanh: no branch inside the loop.
+        let tanh_on = if self.use_tanh { one } else { F::zero() };
         let keep = host_product_keep(step.xp, self.dropout, hd);
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_c_prev| {
             let row = step.row.row(b);
-            let (c_new, gates) = (&row[hd..2 * hd], &row[2 * hd..]);
-            let (x, c_prev, m) = (step.xp.row(b), step.prev.row(b), keep.map(|k| k.row(b)));
-            let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
+            let (c_new, f, r) = (&row[hd..2 * hd], &row[2 * hd..3 * hd], &row[3 * hd..4 * hd]);
+            let (u0, _, _, skip) = sru_input_parts(step.xp.row(b), hd);
+            let c_prev = &step.prev.row(b)[..hd];
+            let (go, gs) = (
+                &step.grad_output.row(b)[..hd],
+                &step.grad_state.row(b)[..hd],
+            );
+            let (dx_u0, rest) = dxp.split_at_mut(hd);
+            let (dz_f, rest) = rest.split_at_mut(hd);
+            let (dz_r, rest) = rest.split_at_mut(hd);
+            let (dx_skip, dx_keep) = rest.split_at_mut(hd);
+            let grad_c_prev = &mut grad_c_prev[..hd];
             // act(c') waits in the c_prev gradient's slot until element j is written.
             grad_c_prev.copy_from_slice(c_new);
             if self.use_tanh {
@@ -304,36 +339,44 @@ impl Recurrence for SruKernel {
             }
             for j in 0..hd {
                 let act = grad_c_prev[j];
-                let (f, r) = (gates[j], gates[hd + j]);
-                let (u0, skip) = (x[j], x[3 * hd + j]);
-                let slope = if self.use_tanh { one - act * act } else { one };
-                let dz_r = go[j] * (act - skip) * (r * (one - r));
-                let grad_c = gs[j] + go[j] * r * slope;
-                let dz_f = grad_c * (c_prev[j] - u0) * (f * (one - f));
-                dxp[j] = grad_c * (one - f);
-                dxp[hd + j] = dz_f;
-                dxp[2 * hd + j] = dz_r;
-                dxp[3 * hd + j] = go[j] * (one - r);
-                let grad_read = dz_f * v[j] + dz_r * v[hd + j];
-                grad_c_prev[j] = grad_c * f + m.map_or(grad_read, |m| grad_read * m[j]);
-                if self.dropout {
-                    dxp[4 * hd + j] = F::zero();
+                let (fj, rj) = (f[j], r[j]);
+                let slope = one - tanh_on * act * act;
+                dz_r[j] = go[j] * (act - skip[j]) * (rj * (one - rj));
+                let grad_c = gs[j] + go[j] * rj * slope;
+                dz_f[j] = grad_c * (c_prev[j] - u0[j]) * (fj * (one - fj));
+                dx_u0[j] = grad_c * (one - fj);
+                dx_skip[j] = go[j] * (one - rj);
+                // The carry's part; the gates' part (through `v`) is added below.
+                grad_c_prev[j] = grad_c * fj;
+            }
+            let through_v = (0..hd).map(|j| dz_f[j] * v_f[j] + dz_r[j] * v_r[j]);
+            match keep {
+                Some(keep) => {
+                    let keep = &keep.row(b)[..hd];
+                    for ((g, read), &k) in grad_c_prev.iter_mut().zip(through_v).zip(keep) {
+                        *g += read * k;
+                    }
+                    // Noise is not learnt.
+                    dx_keep.fill(F::zero());
                 }
+                None => grad_c_prev
+                    .iter_mut()
+                    .zip(through_v)
+                    .for_each(|(g, read)| *g += read),
             }
         });
         // v's gradient is a sum over the batch of dz ⊙ (the c the gates read): rows in order,
         // one accumulator.
-        let grad_v = grads.params[0].row_mut(0);
+        let (grad_v_f, grad_v_r) = grads.params[0].row_mut(0)[..2 * hd].split_at_mut(hd);
         for b in 0..step.xp.rows() {
-            let (dz, c_prev, m) = (
-                &grads.xp.as_ref().row(b)[hd..3 * hd],
-                step.prev.row(b),
-                keep.map(|k| k.row(b)),
-            );
+            let dz = grads.xp.as_ref().row(b);
+            let (dz_f, dz_r) = (&dz[hd..2 * hd], &dz[2 * hd..3 * hd]);
+            let c_prev = &step.prev.row(b)[..hd];
+            let keep = keep.map(|k| &k.row(b)[..hd]);
             for j in 0..hd {
-                let read = m.map_or(c_prev[j], |m| c_prev[j] * m[j]);
-                grad_v[j] += dz[j] * read;
-                grad_v[hd + j] += dz[hd + j] * read;
+                let read = keep.map_or(c_prev[j], |k| c_prev[j] * k[j]);
+                grad_v_f[j] += dz_f[j] * read;
+                grad_v_r[j] += dz_r[j] * read;
             }
         }
     }

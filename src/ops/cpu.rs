@@ -85,19 +85,20 @@ where
     }
 }
 
-/// [`RnnBackend::rnn_outputs`] on host memory: one row copy per step and sequence.
+/// [`RnnBackend::rnn_outputs`] on host memory: one row copy per step and sequence, read where
+/// the recurrence wrote it.
 pub fn host_outputs<B: HostTensors>(
     visible: FloatTensor<B>,
     output_width: usize,
 ) -> FloatTensor<B> {
     fn run<B: HostTensors, F: HostFloat>(visible: FloatTensor<B>, out_w: usize) -> FloatTensor<B> {
-        let [len, batch, width] = float::<B, 3>(visible.clone()).dims();
-        let values = B::host_slice::<F, 3>(&visible);
-        let mut outputs = vec![F::zero(); batch * len * out_w];
-        for (b, sequence) in outputs.chunks_mut((len * out_w).max(1)).enumerate() {
-            for (t, row) in sequence.chunks_mut(out_w.max(1)).enumerate() {
-                let start = (t * batch + b) * width;
-                row.copy_from_slice(&values[start..start + out_w]);
+        let [len, batch, _] = dims3::<B>(&visible);
+        let rows = B::host_rows::<F, 3>(&visible);
+        let rows = rows.mat();
+        let mut outputs = Vec::with_capacity(batch * len * out_w);
+        for b in 0..batch {
+            for t in 0..len {
+                outputs.extend_from_slice(&rows.row(t * batch + b)[..out_w]);
             }
         }
         from_host::<B, F, 3>(outputs, [batch, len, out_w], &B::float_device(&visible))
@@ -110,13 +111,14 @@ pub fn host_outputs<B: HostTensors>(
 /// [`RnnBackend::rnn_outputs_backward`] on host memory.
 pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
     fn run<B: HostTensors, F: HostFloat>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
-        let [batch, len, out_w] = float::<B, 3>(grad.clone()).dims();
+        let [batch, len, out_w] = dims3::<B>(&grad);
         let values = B::host_slice::<F, 3>(&grad);
-        let mut full = vec![F::zero(); len * batch * width];
-        for (b, sequence) in values.chunks((len * out_w).max(1)).enumerate() {
-            for (t, row) in sequence.chunks(out_w.max(1)).enumerate() {
-                let start = (t * batch + b) * width;
-                full[start..start + out_w].copy_from_slice(row);
+        let mut full = Vec::with_capacity(len * batch * width);
+        for t in 0..len {
+            for b in 0..batch {
+                let start = (b * len + t) * out_w;
+                full.extend_from_slice(&values[start..start + out_w]);
+                full.resize(full.len() + width - out_w, F::zero());
             }
         }
         from_host::<B, F, 3>(full, [len, batch, width], &B::float_device(&grad))
@@ -127,7 +129,7 @@ pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize)
 }
 
 /// How a backend lends its tensors to the host path: by default a copy through `into_data`;
-/// burn-ndarray lends its contiguous buffers without copying.
+/// burn-ndarray lends its buffers without copying.
 pub trait HostTensors: Backend {
     /// The elements of `tensor` in row-major order as `F`.
     fn host_slice<F: HostFloat, const D: usize>(tensor: &FloatTensor<Self>) -> Cow<'_, [F]> {
@@ -139,22 +141,109 @@ pub trait HostTensors: Backend {
                 .expect("converted to the host float type"),
         )
     }
+
+    /// `tensor` as the rows of its last axis, read where they lie when the backend can.
+    fn host_rows<F: HostFloat, const D: usize>(tensor: &FloatTensor<Self>) -> HostRows<'_, F> {
+        HostRows::copied::<Self, D>(tensor)
+    }
+
+    /// The first `cols` entries of the last axis of `tensor` (a copy by default; burn-ndarray
+    /// returns a view of the same buffer).
+    fn leading_columns<const D: usize>(
+        tensor: FloatTensor<Self>,
+        cols: usize,
+    ) -> FloatTensor<Self> {
+        primitive(float::<Self, D>(tensor).narrow(D - 1, 0, cols))
+    }
 }
 
-/// The elements of an ndarray view in row-major order (a macro: burn-ndarray does not export
-/// ndarray's types, but their methods can be called).
-macro_rules! lanes_to_vec {
-    ($view:expr) => {{
-        let view = $view;
-        let mut values = Vec::with_capacity(view.len());
-        for lane in view.rows() {
-            match lane.as_slice() {
-                Some(run) => values.extend_from_slice(run),
-                None => values.extend(lane.iter().copied()),
-            }
+/// A tensor read as the rows of its last axis: `rows` rows of `cols` values, each row
+/// `row_stride` after the one before (a narrowed view of a wider tensor reads in place).
+pub struct HostRows<'a, F: Clone> {
+    values: Cow<'a, [F]>,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a, F: HostFloat> HostRows<'a, F> {
+    /// The rows of `tensor` through [`HostTensors::host_slice`].
+    fn copied<B: HostTensors, const D: usize>(tensor: &'a FloatTensor<B>) -> Self {
+        let cols = float::<B, D>(tensor.clone()).dims()[D - 1];
+        let values = B::host_slice::<F, D>(tensor);
+        Self {
+            rows: values.len().checked_div(cols).unwrap_or(0),
+            values,
+            cols,
+            row_stride: cols,
         }
-        values
-    }};
+    }
+
+    /// The rows as a matrix view.
+    pub fn mat(&self) -> MatRef<'_, F> {
+        MatRef::strided(&self.values, self.rows, self.cols, self.row_stride)
+    }
+}
+
+/// The rows of an ndarray view's last axis in place, when they are contiguous and one stride
+/// apart (a slice of the last axis, or a contiguous array); `None` otherwise.
+fn rows_in_place<'a, E: 'static, F: HostFloat>(
+    view: ndarray::ArrayViewD<'a, E>,
+) -> Option<HostRows<'a, F>> {
+    let (shape, strides) = (view.shape(), view.strides());
+    let (&cols, outer) = shape.split_last()?;
+    let rows: usize = outer.iter().product();
+    if rows == 0 || cols == 0 || (cols > 1 && strides[outer.len()] != 1) {
+        return None;
+    }
+    // Walking the leading axes from the innermost out must step through rows at one stride.
+    let (mut row_stride, mut next) = (None, None);
+    for (axis, &n) in outer.iter().enumerate().rev().filter(|&(_, &n)| n > 1) {
+        let stride = usize::try_from(strides[axis]).ok()?;
+        if next.is_some_and(|expected| expected != stride) {
+            return None;
+        }
+        row_stride.get_or_insert(stride);
+        next = Some(stride * n);
+    }
+    let row_stride = row_stride.unwrap_or(cols);
+    if row_stride < cols {
+        return None;
+    }
+    let extent = (rows - 1) * row_stride + cols;
+    // SAFETY: the view's first element is at `as_ptr()` and its last `extent - 1` elements
+    // further on; with positive strides everything between lies in the same initialised buffer
+    // (the gaps between rows are the other columns of the array the view was cut from).
+    let all = unsafe { core::slice::from_raw_parts(view.as_ptr(), extent) };
+    Some(HostRows {
+        values: Cow::Borrowed(same_type(all)?),
+        rows,
+        cols,
+        row_stride,
+    })
+}
+
+/// The elements of an ndarray view in row-major order, each lane along the last axis one
+/// memcpy when contiguous (burn's own copy goes element by element).
+fn lanes_to_vec<E: Copy>(view: ndarray::ArrayViewD<'_, E>) -> Vec<E> {
+    let mut values = Vec::with_capacity(view.len());
+    for lane in view.rows() {
+        match lane.as_slice() {
+            Some(run) => values.extend_from_slice(run),
+            None => values.extend(lane.iter().copied()),
+        }
+    }
+    values
+}
+
+/// `array` narrowed to the first `cols` entries of its last axis, sharing its buffer.
+fn narrow_last<E>(
+    mut array: ndarray::ArcArray<E, ndarray::IxDyn>,
+    cols: usize,
+) -> ndarray::ArcArray<E, ndarray::IxDyn> {
+    let last = ndarray::Axis(array.ndim() - 1);
+    array.slice_axis_inplace(last, ndarray::Slice::from(..cols));
+    array
 }
 
 impl<E, I, Q> HostTensors for burn::backend::NdArray<E, I, Q>
@@ -175,11 +264,10 @@ where
         if let Some(slice) = borrowed {
             return Cow::Borrowed(slice);
         }
-        // A strided view (a transpose, a slice): copy it lane by lane, each lane along the last
-        // axis one memcpy when contiguous (burn's own copy goes element by element).
+        // A strided view (a transpose, a slice): copy it lane by lane.
         let copied: Option<Vec<F>> = match tensor {
-            NdArrayTensor::F32(storage) => same_type_vec(lanes_to_vec!(storage.view())),
-            NdArrayTensor::F64(storage) => same_type_vec(lanes_to_vec!(storage.view())),
+            NdArrayTensor::F32(storage) => same_type_vec(lanes_to_vec(storage.view())),
+            NdArrayTensor::F64(storage) => same_type_vec(lanes_to_vec(storage.view())),
             _ => None,
         };
         Cow::Owned(copied.unwrap_or_else(|| {
@@ -189,6 +277,28 @@ where
                 .into_vec::<F>()
                 .expect("converted to the host float type")
         }))
+    }
+
+    fn host_rows<F: HostFloat, const D: usize>(tensor: &FloatTensor<Self>) -> HostRows<'_, F> {
+        use burn::backend::ndarray::NdArrayTensor;
+        let in_place = match tensor {
+            NdArrayTensor::F32(storage) => rows_in_place(storage.view()),
+            NdArrayTensor::F64(storage) => rows_in_place(storage.view()),
+            _ => None,
+        };
+        in_place.unwrap_or_else(|| HostRows::copied::<Self, D>(tensor))
+    }
+
+    fn leading_columns<const D: usize>(
+        tensor: FloatTensor<Self>,
+        cols: usize,
+    ) -> FloatTensor<Self> {
+        use burn::backend::ndarray::NdArrayTensor;
+        match tensor {
+            NdArrayTensor::F32(storage) => narrow_last(storage.into_shared(), cols).into(),
+            NdArrayTensor::F64(storage) => narrow_last(storage.into_shared(), cols).into(),
+            other => primitive(float::<Self, D>(other).narrow(D - 1, 0, cols)),
+        }
     }
 }
 
@@ -264,18 +374,14 @@ pub fn host_recurrence_forward<B: HostTensors, K: Recurrence>(
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let device = B::float_device(&input.xp);
         let view = HostView::<F>::read(&input);
-        let packed = host::forward(kernel, view.view());
         let [len, batch, _] = view.dims;
         let shown = kernel.output_width() + kernel.state_width();
         let width = shown + kernel.saved_width();
-        let mut output = Vec::with_capacity(len * batch * shown);
-        for row in packed.chunks(width.max(1)) {
-            output.extend_from_slice(&row[..shown]);
-        }
-        (
-            from_host::<B, F, 3>(packed, [len, batch, width], &device),
-            from_host::<B, F, 3>(output, [len, batch, shown], &device),
-        )
+        let packed = host::forward(kernel, view.view());
+        let packed = from_host::<B, F, 3>(packed, [len, batch, width], &device);
+        // The op's output is the packed sequence less its saved columns: a view, not a copy.
+        let output = B::leading_columns::<3>(packed.clone(), shown);
+        (packed, output)
     }
     by_float_type!(&input.xp,
     F => run::<B, F, K>(kernel, input),
@@ -335,21 +441,20 @@ pub fn host_linear<B: HostTensors>(
         weight: FloatTensor<B>,
         bias: Option<FloatTensor<B>>,
     ) -> FloatTensor<B> {
-        let ([len, batch, inner], [out, _]) = (dims3::<B>(&x), dims::<B>(&weight));
+        let ([len, batch, _], [out, inner]) = (dims3::<B>(&x), dims::<B>(&weight));
         let rows = len * batch;
-        let (xs, ws) = (B::host_slice::<F, 3>(&x), B::host_slice::<F, 2>(&weight));
-        let mut y = vec![F::zero(); rows * out];
-        if let Some(bias) = &bias {
-            let bias = B::host_slice::<F, 1>(bias);
-            y.chunks_mut(out.max(1))
-                .for_each(|row| row.copy_from_slice(&bias));
-        }
-        host::matmul(
-            &mut MatMut::new(&mut y, rows, out),
-            MatRef::new(&xs, rows, inner),
-            MatRef::new(&ws, out, inner).t(),
-            bias.is_some(),
-        );
+        let (xs, ws) = (B::host_rows::<F, 3>(&x), B::host_slice::<F, 2>(&weight));
+        let (xs, ws) = (xs.mat(), MatRef::new(&ws, out, inner).t());
+        let y = match &bias {
+            Some(bias) => {
+                let bias = B::host_slice::<F, 1>(bias);
+                let mut y = Vec::with_capacity(rows * out);
+                (0..rows).for_each(|_| y.extend_from_slice(&bias));
+                host::matmul(&mut MatMut::new(&mut y, rows, out), xs, ws, true);
+                y
+            }
+            None => host::product(xs, ws),
+        };
         from_host::<B, F, 3>(y, [len, batch, out], &B::float_device(&x))
     }
     by_float_type!(&x,
@@ -369,13 +474,7 @@ pub fn host_linear_grad_input<B: HostTensors>(
         let ([len, batch, out], [_, inner]) = (dims3::<B>(&grad), dims::<B>(&weight));
         let rows = len * batch;
         let (gs, ws) = (B::host_slice::<F, 3>(&grad), B::host_slice::<F, 2>(&weight));
-        let mut dx = vec![F::zero(); rows * inner];
-        host::matmul(
-            &mut MatMut::new(&mut dx, rows, inner),
-            MatRef::new(&gs, rows, out),
-            MatRef::new(&ws, out, inner),
-            false,
-        );
+        let dx = host::product(MatRef::new(&gs, rows, out), MatRef::new(&ws, out, inner));
         from_host::<B, F, 3>(dx, [len, batch, inner], &B::float_device(&grad))
     }
     by_float_type!(&grad,
@@ -394,24 +493,12 @@ pub fn host_linear_grad_params<B: HostTensors>(
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let ([len, batch, out], [_, _, inner]) = (dims3::<B>(&grad), dims3::<B>(&x));
         let rows = len * batch;
-        let (gs, xs) = (B::host_slice::<F, 3>(&grad), B::host_slice::<F, 3>(&x));
+        let (gs, xs) = (B::host_slice::<F, 3>(&grad), B::host_rows::<F, 3>(&x));
         let grads = MatRef::new(&gs, rows, out);
-        let mut dw = vec![F::zero(); out * inner];
-        host::matmul(
-            &mut MatMut::new(&mut dw, out, inner),
-            grads.t(),
-            MatRef::new(&xs, rows, inner),
-            false,
-        );
+        let dw = host::product(grads.t(), xs.mat());
         // Column sums as a product with a row of ones: parallel, in a fixed order.
         let ones = vec![F::one(); rows];
-        let mut db = vec![F::zero(); out];
-        host::matmul(
-            &mut MatMut::new(&mut db, 1, out),
-            MatRef::new(&ones, 1, rows),
-            grads,
-            false,
-        );
+        let db = host::product(MatRef::new(&ones, 1, rows), grads);
         let device = B::float_device(&grad);
         (
             from_host::<B, F, 2>(dw, [out, inner], &device),
@@ -485,7 +572,8 @@ mod tests {
                 ))
             },
         ];
-        let visible = random([4, 3, 7]);
+        // The recurrence hands over its output as a view of the wider packed sequence.
+        let visible = F64::leading_columns::<3>(random([4, 3, 9]), 7);
         let outputs = host_outputs::<F64>(visible.clone(), 2);
         let expected = float::<F64, 3>(visible).narrow(2, 0, 2).swap_dims(0, 1);
         let grad = random([3, 4, 2]);
@@ -511,6 +599,37 @@ mod tests {
                 &expected_back.into_data(),
             ));
         assert!(worst < 1e-12, "host and tensor ops differ by {worst:e}");
+    }
+
+    /// Rows are read in place exactly when they lie one stride apart with a contiguous last
+    /// axis, and then hold the tensor's values.
+    #[test]
+    fn rows_are_read_in_place_only_when_one_stride_apart() {
+        let whole = random([4, 3, 9]);
+        let narrowed = F64::leading_columns::<3>(whole.clone(), 7);
+        let single_step = F64::leading_columns::<3>(random([1, 3, 9]), 7);
+        let swapped = primitive(float::<F64, 3>(whole.clone()).swap_dims(0, 1));
+        let transposed = primitive(float::<F64, 3>(whole.clone()).swap_dims(1, 2));
+        for (name, tensor, in_place, stride) in [
+            ("whole", &whole, true, 9),
+            ("narrowed", &narrowed, true, 9),
+            ("narrowed, one step", &single_step, true, 9),
+            ("batch and time swapped", &swapped, false, 9),
+            ("last two axes swapped", &transposed, false, 3),
+        ] {
+            let rows = F64::host_rows::<f64, 3>(tensor);
+            assert_eq!(
+                matches!(rows.values, Cow::Borrowed(_)),
+                in_place,
+                "{name}: in place"
+            );
+            assert_eq!(rows.row_stride, stride, "{name}: row stride");
+            let expected = data::<3>(tensor.clone()).to_vec::<f64>().unwrap();
+            let read: Vec<f64> = (0..rows.rows)
+                .flat_map(|r| rows.mat().row(r).to_vec())
+                .collect();
+            assert_eq!(read, expected, "{name}: values");
+        }
     }
 
     /// The host path (what burn-ndarray runs) against the plain-tensor default bodies (what
