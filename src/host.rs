@@ -9,6 +9,8 @@
 //! Each cell's kernel writes its host step next to its tensor step (see
 //! [`Recurrence::host_step`]); this module owns time, masks, buffers and the final products.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::ops::Recurrence;
@@ -313,7 +315,85 @@ impl<'a, F: Copy + Send + Sync> MatMut<'a, F> {
 
 /// Whether row-parallel work of this size pays for rayon's dispatch.
 fn worth_parallel(rows: usize, cols: usize) -> bool {
-    rows > 1 && rows * cols >= 32_768 && rayon::current_num_threads() > 1
+    rows > 1 && rows * cols >= 32_768 && parallel_inside()
+}
+
+thread_local! {
+    /// Set while this thread runs one block of batch rows and the blocks already occupy
+    /// every thread: the block's loops and GEMMs then stay on this thread.
+    static SERIAL: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Whether the work at hand may be split over rayon's threads.
+fn parallel_inside() -> bool {
+    rayon::current_num_threads() > 1 && !SERIAL.with(|serial| serial.get())
+}
+
+/// Batch rows never interact in the recurrence, so it runs each block of rows through the
+/// whole sequence on its own, blocks in parallel: no synchronisation at every step. The blocks
+/// depend on the batch size only (at least 64 rows each, so that a step's GEMM stays
+/// efficient), which keeps the results independent of the thread count.
+fn batch_blocks(batch: usize) -> Vec<Range<usize>> {
+    const MIN_ROWS: usize = 64;
+    let count = (batch / MIN_ROWS).max(1);
+    (0..count)
+        .map(|i| i * batch / count..(i + 1) * batch / count)
+        .collect()
+}
+
+/// Runs `f` on every block, in parallel; inside a block the kernels' loops and GEMMs stay on
+/// one thread when the blocks already occupy every thread.
+fn for_each_block<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + Send + Sync) -> Vec<R> {
+    let serial = blocks.len() >= rayon::current_num_threads();
+    blocks
+        .into_par_iter()
+        .map(|block| {
+            let outer = SERIAL.with(|flag| flag.replace(serial));
+            let result = f(block);
+            SERIAL.with(|flag| flag.set(outer));
+            result
+        })
+        .collect()
+}
+
+/// Cuts a time-major `[T, batch, width]` buffer into each block's rows at every step
+/// (`[block][t]`); an empty buffer gives empty rows.
+fn block_rows<'a, F>(
+    buffer: &'a mut [F],
+    blocks: &[Range<usize>],
+    steps: usize,
+    width: usize,
+) -> Vec<Vec<&'a mut [F]>> {
+    let mut rows: Vec<Vec<&'a mut [F]>> = blocks.iter().map(|_| Vec::new()).collect();
+    if buffer.is_empty() {
+        rows.iter_mut()
+            .for_each(|block| block.resize_with(steps, Default::default));
+        return rows;
+    }
+    let batch = blocks.last().map_or(0, |block| block.end);
+    for mut step in buffer.chunks_mut((batch * width).max(1)).take(steps) {
+        for (block, rows) in blocks.iter().zip(rows.iter_mut()) {
+            let (head, tail) = std::mem::take(&mut step).split_at_mut(block.len() * width);
+            rows.push(head);
+            step = tail;
+        }
+    }
+    rows
+}
+
+/// Row `read` for reading and row `write` for writing, out of one block's rows.
+fn read_and_write<'a, F>(
+    rows: &'a mut [&mut [F]],
+    read: usize,
+    write: usize,
+) -> (&'a [F], &'a mut [F]) {
+    if read < write {
+        let (before, after) = rows.split_at_mut(write);
+        (&*before[read], &mut *after[0])
+    } else {
+        let (before, after) = rows.split_at_mut(read);
+        (&*after[0], &mut *before[write])
+    }
 }
 
 fn rows_of<'a, F: Copy + Send + Sync>(m: &'a mut MatMut<'_, F>) -> Vec<&'a mut [F]> {
@@ -408,7 +488,7 @@ unsafe fn gemm_raw<F: HostFloat>(
 ) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert_eq!(b.rows, k, "matmul shapes");
-    let parallelism = if m * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
+    let parallelism = if m * n * k >= 1 << 18 && parallel_inside() {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
@@ -561,71 +641,90 @@ fn param_views_mut<'a, F: Copy + Send + Sync>(
         .collect()
 }
 
-/// Splits the packed sequence so that step `t` is writable while step `prev` (`t ± 1`) is read.
-fn split_rows<F>(packed: &mut [F], row_len: usize, t: usize, prev: usize) -> (&[F], &mut [F]) {
-    if prev < t {
-        let (before, after) = packed.split_at_mut(t * row_len);
-        (
-            &before[prev * row_len..(prev + 1) * row_len],
-            &mut after[..row_len],
-        )
-    } else {
-        let (before, after) = packed.split_at_mut(prev * row_len);
-        (
-            &after[..row_len],
-            &mut before[t * row_len..(t + 1) * row_len],
-        )
+/// The widths of the recurrence's tensors.
+#[derive(Debug, Clone, Copy)]
+struct Widths {
+    output: usize,
+    state: usize,
+    input: usize,
+    /// A packed row: output, state and saved values.
+    packed: usize,
+}
+
+impl Widths {
+    fn of<K: Recurrence>(kernel: &K) -> Self {
+        let (output, state) = (kernel.output_width(), kernel.state_width());
+        Self {
+            output,
+            state,
+            input: kernel.input_width(),
+            packed: output + state + kernel.saved_width(),
+        }
     }
+}
+
+/// Rows `rows` of `[batch, width]` step `t` of a time-major buffer.
+fn step_rows<'a, F: Copy>(
+    values: &'a [F],
+    t: usize,
+    batch: usize,
+    rows: &Range<usize>,
+    width: usize,
+) -> MatRef<'a, F> {
+    let start = (t * batch + rows.start) * width;
+    MatRef::new(
+        &values[start..start + rows.len() * width],
+        rows.len(),
+        width,
+    )
 }
 
 /// The forward of the recurrence op: the packed `[T, batch, O + S + V]` sequence.
 pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> Vec<F> {
-    let (out_w, state_w, in_w) = (
-        kernel.output_width(),
-        kernel.state_width(),
-        kernel.input_width(),
-    );
-    let width = out_w + state_w + kernel.saved_width();
+    let w = Widths::of(kernel);
     let (len, batch) = (input.len, input.batch);
     let shapes = kernel.param_shapes();
     let params = param_views(&shapes, input.params);
-    let row_len = batch * width;
-    let mut packed = vec![F::zero(); len * row_len];
     let steps = order(len, input.reverse);
-    for (position, &t) in steps.iter().enumerate() {
-        let xp = MatRef::new(
-            &input.xp[t * batch * in_w..(t + 1) * batch * in_w],
-            batch,
-            in_w,
-        );
-        let (prev, out) = match position {
-            0 => (
-                MatRef::new(input.state0, batch, state_w),
-                &mut packed[t * row_len..(t + 1) * row_len],
-            ),
-            _ => {
-                let (prev_row, out) = split_rows(&mut packed, row_len, t, steps[position - 1]);
-                (
-                    MatRef::strided(&prev_row[out_w..], batch, state_w, width),
-                    out,
-                )
-            }
-        };
-        let mut out = MatMut::new(out, batch, width);
-        kernel.host_step(&params, xp, prev, out.reborrow());
-        if let Some(mask) = input.mask {
-            let keep = &mask[t * batch..(t + 1) * batch];
-            out.for_each_row(|b, row| {
-                if keep[b] != F::one() {
-                    let (output, rest) = row.split_at_mut(out_w);
-                    output.iter_mut().for_each(|o| *o *= keep[b]);
-                    for (s, &p) in rest[..state_w].iter_mut().zip(prev.row(b)) {
-                        *s = p + (*s - p) * keep[b];
+    let blocks = batch_blocks(batch);
+    let mut packed = vec![F::zero(); len * batch * w.packed];
+    let block_outputs = block_rows(&mut packed, &blocks, len, w.packed);
+    for_each_block(
+        blocks.into_iter().zip(block_outputs).collect(),
+        |(rows, mut outputs)| {
+            let n = rows.len();
+            for (position, &t) in steps.iter().enumerate() {
+                let xp = step_rows(input.xp, t, batch, &rows, w.input);
+                let (prev, out) = match position {
+                    0 => (
+                        step_rows(input.state0, 0, batch, &rows, w.state),
+                        &mut *outputs[t],
+                    ),
+                    _ => {
+                        let (prev_row, out) = read_and_write(&mut outputs, steps[position - 1], t);
+                        (
+                            MatRef::strided(&prev_row[w.output..], n, w.state, w.packed),
+                            out,
+                        )
                     }
+                };
+                let mut out = MatMut::new(out, n, w.packed);
+                kernel.host_step(&params, xp, prev, out.reborrow());
+                if let Some(mask) = input.mask {
+                    let keep = &mask[t * batch + rows.start..t * batch + rows.end];
+                    out.for_each_row(|b, row| {
+                        if keep[b] != F::one() {
+                            let (output, rest) = row.split_at_mut(w.output);
+                            output.iter_mut().for_each(|o| *o *= keep[b]);
+                            for (s, &p) in rest[..w.state].iter_mut().zip(prev.row(b)) {
+                                *s = p + (*s - p) * keep[b];
+                            }
+                        }
+                    });
                 }
-            });
-        }
-    }
+            }
+        },
+    );
     packed
 }
 
@@ -656,21 +755,121 @@ fn operand_buffer<F: HostFloat>(operand: Operand, steps: usize, width: usize) ->
     }
 }
 
-fn operand_view<F: HostFloat>(
-    buffer: &mut [F],
-    t: usize,
-    batch: usize,
-    width: usize,
-) -> MatMut<'_, F> {
-    if buffer.is_empty() {
-        MatMut::new(&mut [], batch, 0)
-    } else {
-        MatMut::new(
-            &mut buffer[t * batch * width..(t + 1) * batch * width],
-            batch,
-            width,
-        )
+/// What every block of the backward reads.
+struct BackwardShared<'a, F, K> {
+    kernel: &'a K,
+    input: HostInput<'a, F>,
+    params: &'a [MatRef<'a, F>],
+    params_t: &'a [MatRef<'a, F>],
+    shapes: &'a [[usize; 2]],
+    products: &'a [WeightProduct],
+    packed: &'a [F],
+    grad: &'a [F],
+    steps: &'a [usize],
+    w: Widths,
+}
+
+/// Where one block of the backward writes, step by step (`[t]`).
+struct BlockGrads<'a, F> {
+    xp: Vec<&'a mut [F]>,
+    /// The `(a_t, g_t)` rows of each weight product.
+    products: Vec<(Vec<&'a mut [F]>, Vec<&'a mut [F]>)>,
+}
+
+/// The backward walk over one block of batch rows: writes its rows of the projected-input
+/// gradient and of the written product operands; returns its rows of the initial state's
+/// gradient and its sum of the parameter gradients that are not weight products.
+fn backward_block<F: HostFloat, K: Recurrence>(
+    shared: &BackwardShared<'_, F, K>,
+    rows: Range<usize>,
+    mut out: BlockGrads<'_, F>,
+) -> (Vec<F>, Vec<F>) {
+    let BackwardShared {
+        kernel, input, w, ..
+    } = *shared;
+    let (n, batch) = (rows.len(), input.batch);
+    let grad_w = w.output + w.state;
+    let mut grad_params = vec![F::zero(); input.params.len()];
+    let mut grad_state = vec![F::zero(); n * w.state];
+    let mut grad_prev = vec![F::zero(); n * w.state];
+    // The output gradient of a masked step (the mask zeroes its padded rows).
+    let mut masked_output = vec![
+        F::zero();
+        if input.mask.is_some() {
+            n * w.output
+        } else {
+            0
+        }
+    ];
+    let mut carried = vec![F::zero(); n * w.state];
+    let steps = shared.steps;
+    for (position, &t) in steps.iter().enumerate().rev() {
+        let prev = match position {
+            0 => step_rows(input.state0, 0, batch, &rows, w.state),
+            _ => {
+                let start = (steps[position - 1] * batch + rows.start) * w.packed + w.output;
+                MatRef::strided(&shared.packed[start..], n, w.state, w.packed)
+            }
+        };
+        let grad_rows = step_rows(shared.grad, t, batch, &rows, grad_w);
+        for b in 0..n {
+            let g = grad_rows.row(b);
+            let gs = &mut grad_state[b * w.state..(b + 1) * w.state];
+            add_into(gs, &g[w.output..]);
+            if let Some(mask) = input.mask {
+                let keep = mask[t * batch + rows.start + b];
+                let carry = &mut carried[b * w.state..(b + 1) * w.state];
+                for (c, s) in carry.iter_mut().zip(gs.iter_mut()) {
+                    *c = *s * (F::one() - keep);
+                    *s *= keep;
+                }
+                let masked = &mut masked_output[b * w.output..(b + 1) * w.output];
+                for (o, &g) in masked.iter_mut().zip(g) {
+                    *o = g * keep;
+                }
+            }
+        }
+        // Unmasked, the step reads its output gradient where it lies in `grad`.
+        let grad_output = match input.mask {
+            Some(_) => MatRef::new(&masked_output, n, w.output),
+            None => grad_rows.cols(0, w.output),
+        };
+        let step = HostStep {
+            xp: step_rows(input.xp, t, batch, &rows, w.input),
+            prev,
+            row: step_rows(shared.packed, t, batch, &rows, w.packed),
+            grad_output,
+            grad_state: MatRef::new(&grad_state, n, w.state),
+            params_t: shared.params_t,
+        };
+        let grads = HostStepGrads {
+            xp: MatMut::new(out.xp[t], n, w.input),
+            prev: MatMut::new(&mut grad_prev, n, w.state),
+            params: param_views_mut(shared.shapes, &mut grad_params),
+            products: shared
+                .products
+                .iter()
+                .zip(out.products.iter_mut())
+                .map(|(p, (a, g))| (operand_rows(a[t], n, p.k), operand_rows(g[t], n, p.n)))
+                .collect(),
+        };
+        kernel.host_step_backward(shared.params, step, grads);
+        std::mem::swap(&mut grad_state, &mut grad_prev);
+        if input.mask.is_some() {
+            add_into(&mut grad_state, &carried);
+        }
     }
+    (grad_state, grad_params)
+}
+
+/// One step's rows of a written operand (an empty view when the operand is not written).
+fn operand_rows<'a, F: Copy + Send + Sync>(
+    rows: &'a mut [F],
+    n: usize,
+    width: usize,
+) -> MatMut<'a, F> {
+    let width = if rows.is_empty() { 0 } else { width };
+    MatMut::new(rows, n, width)
 }
 
 /// The backward of the recurrence op, from its inputs, the full packed sequence and the
@@ -681,13 +880,8 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     packed: &[F],
     grad: &[F],
 ) -> HostGrads<F> {
-    let (out_w, state_w, in_w) = (
-        kernel.output_width(),
-        kernel.state_width(),
-        kernel.input_width(),
-    );
-    let width = out_w + state_w + kernel.saved_width();
-    let grad_w = out_w + state_w;
+    let w = Widths::of(kernel);
+    let (out_w, state_w, in_w, width) = (w.output, w.state, w.input, w.packed);
     let (len, batch) = (input.len, input.batch);
     let shapes = kernel.param_shapes();
     let params = param_views(&shapes, input.params);
@@ -698,10 +892,9 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         .map(|(values, &[rows, cols])| MatRef::new(values, cols, rows))
         .collect();
     let products = kernel.host_weight_products();
-    let row_len = batch * width;
+    let steps = order(len, input.reverse);
 
     let mut grad_xp = vec![F::zero(); len * batch * in_w];
-    let mut grad_params = vec![F::zero(); input.params.len()];
     let mut written: Vec<(Vec<F>, Vec<F>)> = products
         .iter()
         .map(|p| {
@@ -711,86 +904,53 @@ pub fn backward<F: HostFloat, K: Recurrence>(
             )
         })
         .collect();
-    let mut grad_state = vec![F::zero(); batch * state_w];
-    let mut grad_prev = vec![F::zero(); batch * state_w];
-    // The output gradient of a masked step (the mask zeroes its padded rows).
-    let mut masked_output = vec![
-        F::zero();
-        if input.mask.is_some() {
-            batch * out_w
-        } else {
-            0
-        }
-    ];
-    let mut carried = vec![F::zero(); batch * state_w];
-
-    let steps = order(len, input.reverse);
-    for (position, &t) in steps.iter().enumerate().rev() {
-        let prev = match position {
-            0 => MatRef::new(input.state0, batch, state_w),
-            _ => {
-                let p = steps[position - 1];
-                MatRef::strided(&packed[p * row_len + out_w..], batch, state_w, width)
-            }
-        };
-        let grad_row = &grad[t * batch * grad_w..(t + 1) * batch * grad_w];
-        for b in 0..batch {
-            let g = &grad_row[b * grad_w..(b + 1) * grad_w];
-            let gs = &mut grad_state[b * state_w..(b + 1) * state_w];
-            add_into(gs, &g[out_w..]);
-            if let Some(mask) = input.mask {
-                let keep = mask[t * batch + b];
-                let carry = &mut carried[b * state_w..(b + 1) * state_w];
-                for (c, s) in carry.iter_mut().zip(gs.iter_mut()) {
-                    *c = *s * (F::one() - keep);
-                    *s *= keep;
-                }
-                for (o, &g) in masked_output[b * out_w..(b + 1) * out_w].iter_mut().zip(g) {
-                    *o = g * keep;
-                }
-            }
-        }
-        // Unmasked, the step reads its output gradient where it lies in `grad`.
-        let grad_output = match input.mask {
-            Some(_) => MatRef::new(&masked_output, batch, out_w),
-            None => MatRef::strided(grad_row, batch, out_w, grad_w),
-        };
-        let step = HostStep {
-            xp: MatRef::new(
-                &input.xp[t * batch * in_w..(t + 1) * batch * in_w],
-                batch,
-                in_w,
-            ),
-            prev,
-            row: MatRef::new(&packed[t * row_len..(t + 1) * row_len], batch, width),
-            grad_output,
-            grad_state: MatRef::new(&grad_state, batch, state_w),
-            params_t: &params_t,
-        };
-        let grads = HostStepGrads {
-            xp: MatMut::new(
-                &mut grad_xp[t * batch * in_w..(t + 1) * batch * in_w],
-                batch,
-                in_w,
-            ),
-            prev: MatMut::new(&mut grad_prev, batch, state_w),
-            params: param_views_mut(&shapes, &mut grad_params),
-            products: products
-                .iter()
-                .zip(written.iter_mut())
-                .map(|(p, (a, g))| {
-                    (
-                        operand_view(a, t, batch, p.k),
-                        operand_view(g, t, batch, p.n),
-                    )
-                })
-                .collect(),
-        };
-        kernel.host_step_backward(&params, step, grads);
-        std::mem::swap(&mut grad_state, &mut grad_prev);
-        if input.mask.is_some() {
-            add_into(&mut grad_state, &carried);
-        }
+    let blocks = batch_blocks(batch);
+    let mut block_xp = block_rows(&mut grad_xp, &blocks, len, in_w).into_iter();
+    let mut block_products: Vec<_> = written
+        .iter_mut()
+        .zip(&products)
+        .map(|((a, g), p)| {
+            let a = block_rows(a, &blocks, len, p.k).into_iter();
+            (a, block_rows(g, &blocks, len, p.n).into_iter())
+        })
+        .collect();
+    let work: Vec<(Range<usize>, BlockGrads<F>)> = blocks
+        .iter()
+        .map(|rows| {
+            let grads = BlockGrads {
+                xp: block_xp.next().expect("one per block"),
+                products: block_products
+                    .iter_mut()
+                    .map(|(a, g)| {
+                        (
+                            a.next().expect("one per block"),
+                            g.next().expect("one per block"),
+                        )
+                    })
+                    .collect(),
+            };
+            (rows.clone(), grads)
+        })
+        .collect();
+    let shared = BackwardShared {
+        kernel,
+        input,
+        params: &params,
+        params_t: &params_t,
+        shapes: &shapes,
+        products: &products,
+        packed,
+        grad,
+        steps: &steps,
+        w,
+    };
+    let results = for_each_block(work, |(rows, grads)| backward_block(&shared, rows, grads));
+    // Blocks are summed in order: the same result for any thread count.
+    let mut grad_state = Vec::with_capacity(batch * state_w);
+    let mut grad_params = vec![F::zero(); input.params.len()];
+    for (state, params) in results {
+        grad_state.extend_from_slice(&state);
+        add_into(&mut grad_params, &params);
     }
 
     let sources = ProductSources {

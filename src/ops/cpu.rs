@@ -652,16 +652,33 @@ mod tests {
         }
     }
 
+    /// A batch large enough that the host path splits it into blocks of rows, each run through
+    /// the sequence on its own (in parallel when there are threads).
+    #[test]
+    fn host_path_in_blocks_matches_tensor_path() {
+        for name in ["lstm", "sru", "peephole-lstm", "gru"] {
+            let config = AnyCellConfig::named(name, 3, 4).unwrap();
+            let kernel = config.init_cell::<F64>(&Default::default()).kernel();
+            compare_host_and_tensor_batch(name, &kernel, 131);
+            compare_host_and_tensor_batch(
+                &format!("{name} with dropout"),
+                &Regularised::new(kernel.clone(), true, false),
+                131,
+            );
+        }
+    }
+
     fn compare_host_and_tensor<K: Recurrence>(name: &str, kernel: &K) {
-        let (len, batch) = (5, 3);
-        let keep = [
-            [1.0, 1.0, 1.0],
-            [1.0, 1.0, 1.0],
-            [1.0, 0.0, 1.0],
-            [1.0, 0.0, 1.0],
-        ];
-        let mut mask: Vec<f64> = keep.iter().flatten().copied().collect();
-        mask.extend([1.0, 0.0, 0.0]);
+        compare_host_and_tensor_batch(name, kernel, 3)
+    }
+
+    /// Sequence `b` of the batch ends after step `4 - b % 3` of 5 (a full sequence, then
+    /// shorter ones).
+    fn compare_host_and_tensor_batch<K: Recurrence>(name: &str, kernel: &K, batch: usize) {
+        let len = 5;
+        let mask: Vec<f64> = (0..len)
+            .flat_map(|t| (0..batch).map(move |b| if t <= 4 - b % 3 { 1.0 } else { 0.0 }))
+            .collect();
         let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
         for reverse in [false, true] {
             let input = RecurrenceInput::<F64> {
