@@ -769,11 +769,14 @@ struct BackwardShared<'a, F, K> {
     w: Widths,
 }
 
-/// Where one block of the backward writes, step by step (`[t]`).
+/// One block's rows of a time-major buffer, step by step (`[t]`).
+type StepRows<'a, F> = Vec<&'a mut [F]>;
+
+/// Where one block of the backward writes.
 struct BlockGrads<'a, F> {
-    xp: Vec<&'a mut [F]>,
+    xp: StepRows<'a, F>,
     /// The `(a_t, g_t)` rows of each weight product.
-    products: Vec<(Vec<&'a mut [F]>, Vec<&'a mut [F]>)>,
+    products: Vec<(StepRows<'a, F>, StepRows<'a, F>)>,
 }
 
 /// The backward walk over one block of batch rows: writes its rows of the projected-input
