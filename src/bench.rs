@@ -1,5 +1,6 @@
 //! The speed harness behind `bench`: one training step (layer, a `Linear(H, 10)` head on every
-//! step's output, mean as loss, backward; no optimiser step) and one forward pass, timed after
+//! step's output through [`linear_per_step`], as the runner's model applies it, mean as loss,
+//! backward; no optimiser step) and one forward pass, timed after
 //! warm-up as the median and spread of several repeats.
 
 use std::time::Instant;
@@ -10,6 +11,7 @@ use burn::tensor::{backend::AutodiffBackend, Distribution, Tensor};
 use serde::Serialize;
 
 use crate::cell::{AnyCellConfig, CellConfig};
+use crate::layer::linear_per_step;
 use crate::layer::RnnLayerConfig;
 use crate::ops::RnnBackend;
 
@@ -104,7 +106,7 @@ fn time_ms(settings: BenchSettings, mut run: impl FnMut()) -> (f64, f64, (f64, f
 
 /// Times any sequence model given as forward closures `[B, T, I] -> [B, T, H]`: `forward`
 /// for training (autodiff), `infer` for the forward pass (the inner backend, no graph).
-fn bench_model<B: AutodiffBackend>(
+fn bench_model<B: AutodiffBackend + RnnBackend>(
     cell: &str,
     shape: BenchShape,
     settings: BenchSettings,
@@ -120,7 +122,7 @@ fn bench_model<B: AutodiffBackend>(
         &device,
     );
     let (first_train, train, range) = time_ms(settings, || {
-        let loss = head.forward(forward(input.clone())).mean();
+        let loss = linear_per_step(head, forward(input.clone())).mean();
         let grads = loss.backward();
         // Reading a value waits for asynchronous backends to finish the step.
         let _ = head
@@ -180,7 +182,7 @@ where
 }
 
 /// Benchmarks burn's own `nn::Lstm` (`burn-lstm`) or `nn::Gru` (`burn-gru`), one layer.
-pub fn bench_burn_baseline<B: AutodiffBackend>(
+pub fn bench_burn_baseline<B: AutodiffBackend + RnnBackend>(
     which: &str,
     shape: BenchShape,
     settings: BenchSettings,

@@ -25,11 +25,11 @@ use std::marker::PhantomData;
 use std::path::Path;
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig};
+use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::cell::{Cell, CellConfig, Position};
+use crate::cell::{project_sequence, Cell, CellConfig, Position};
 use crate::import::{to_safetensors_bytes, write_atomically, ImportError, StateDict, TensorSource};
 use crate::ops::{self, RecurrencePath, RnnBackend};
 use crate::regularisation::StateNoise;
@@ -568,6 +568,15 @@ impl<B: Backend, C: Cell<B>> RnnLayer<B, C> {
         let bytes = to_safetensors_bytes(&self.state_dict(), prefix, None)?;
         write_atomically(path.as_ref(), &bytes)
     }
+}
+
+/// burn's `nn::Linear` on every step of a `[batch, T, H]` sequence (a per-step output head),
+/// computed as `linear.forward(x)` is, through the layer's projection op: one GEMM each way on
+/// the CPU path instead of burn-ndarray's batched matmul and the copies around it.
+pub fn linear_per_step<B: RnnBackend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    // burn stores the weight as `[in, out]`; the op reads `[out, in]`.
+    let weight = linear.weight.val().transpose();
+    project_sequence(x, weight, linear.bias.as_ref().map(|bias| bias.val()))
 }
 
 /// Builds the layer `config` describes and loads its parameters from a safetensors state dict,

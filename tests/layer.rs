@@ -305,3 +305,54 @@ fn fused_minus_plain(config: &RnnLayerConfig<AnyCellConfig>) -> f64 {
     );
     worst
 }
+
+/// The per-step head through the projection op gives what burn's `Linear::forward` gives:
+/// output and the gradients of the input, weight and bias.
+#[test]
+fn linear_per_step_matches_burn_linear() {
+    type B = F64Autodiff;
+    let device = Default::default();
+    let linear = burn::nn::LinearConfig::new(5, 3).init::<B>(&device);
+    let x = Tensor::<B, 3>::random([4, 6, 5], Distribution::Default, &device).require_grad();
+    let ours = rnn_zoo::layer::linear_per_step(&linear, x.clone());
+    let burns = linear.forward(x.clone());
+    let weights = Tensor::<B, 3>::random([4, 6, 3], Distribution::Default, &device);
+    let grads_ours = (ours.clone() * weights.clone()).sum().backward();
+    let grads_burn = (burns.clone() * weights).sum().backward();
+    let pairs = [
+        (ours.into_data(), burns.into_data()),
+        (
+            x.grad(&grads_ours).unwrap().into_data(),
+            x.grad(&grads_burn).unwrap().into_data(),
+        ),
+        (
+            linear.weight.val().grad(&grads_ours).unwrap().into_data(),
+            linear.weight.val().grad(&grads_burn).unwrap().into_data(),
+        ),
+        (
+            linear
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .grad(&grads_ours)
+                .unwrap()
+                .into_data(),
+            linear
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .grad(&grads_burn)
+                .unwrap()
+                .into_data(),
+        ),
+    ];
+    for (name, (a, b)) in ["output", "input grad", "weight grad", "bias grad"]
+        .iter()
+        .zip(pairs)
+    {
+        let diff = max_abs_diff(name, &a, &b);
+        assert!(diff < 1e-12, "{name}: {diff:e}");
+    }
+}

@@ -159,8 +159,8 @@ pub(crate) fn uniform_param<B: Backend, const D: usize>(
     Param::from_tensor(uniform(shape, bound, device))
 }
 
-/// `x W^T + b` over a time-major sequence: `[T, batch, in]` with `weight [out, in]` gives
-/// `[T, batch, out]`, in one matmul.
+/// `x W^T + b` over a sequence: `[T, batch, in]` (or `[batch, T, in]`) with `weight [out, in]`
+/// gives `[T, batch, out]` (`[batch, T, out]`), in one matmul.
 pub(crate) fn project_sequence<B: RnnBackend>(
     input: Tensor<B, 3>,
     weight: Tensor<B, 2>,

@@ -13,7 +13,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use super::config::OptimizerKind;
 use crate::cell::{AnyCell, AnyCellConfig};
 use crate::import::StateDict;
-use crate::layer::{RnnLayer, RnnLayerConfig};
+use crate::layer::{linear_per_step, RnnLayer, RnnLayerConfig};
 use crate::ops::RnnBackend;
 
 /// A recurrent layer and a linear head applied to every step's output.
@@ -40,7 +40,7 @@ impl<B: RnnBackend> SequenceModel<B> {
     /// `[batch, T, input]` to `[batch, T, outputs]`.
     pub fn forward(&self, input: Tensor<B, 3>) -> Tensor<B, 3> {
         let (output, _) = self.rnn.forward(input, None);
-        self.head.forward(output)
+        linear_per_step(&self.head, output)
     }
 }
 
