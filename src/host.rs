@@ -965,15 +965,20 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         widths: (out_w, state_w, in_w, width),
         reverse: input.reverse,
     };
-    let ones = vec![F::one(); len * batch];
     let mut grad_views = param_views_mut(&shapes, &mut grad_params);
     for (p, (a, g)) in products.iter().zip(&written) {
         let target = &mut grad_views[p.param];
         let mut dst = target.cols_mut(p.col, p.n);
         for block in [Block::First, Block::Rest] {
-            let a_block = sources.block(p.a, &written, a, &ones, p.k, block);
-            let g_block = sources.block(p.g, &written, g, &ones, p.n, block);
-            matmul(&mut dst, a_block.t(), g_block, true);
+            let g_block = sources.block(p.g, &written, g, p.n, block);
+            match p.a {
+                // A bias broadcast over the batch: the column sums of `g`.
+                Operand::Ones => add_column_sums(dst.row_mut(0), g_block),
+                _ => {
+                    let a_block = sources.block(p.a, &written, a, p.k, block);
+                    matmul(&mut dst, a_block.t(), g_block, true);
+                }
+            }
         }
     }
     HostGrads {
@@ -1010,7 +1015,6 @@ impl<'a, F: HostFloat> ProductSources<'a, F> {
         operand: Operand,
         written: &'a [(Vec<F>, Vec<F>)],
         own: &'a [F],
-        ones: &'a [F],
         width: usize,
         block: Block,
     ) -> MatRef<'a, F> {
@@ -1032,7 +1036,7 @@ impl<'a, F: HostFloat> ProductSources<'a, F> {
             Operand::GradOf(product) => {
                 MatRef::new(&written[product].1[t0 * batch * width..], rows, width)
             }
-            Operand::Ones => MatRef::new(&ones[..rows], rows, 1),
+            Operand::Ones => unreachable!("a column of ones is summed over, not read"),
             Operand::GradInput(col) => {
                 MatRef::strided(&self.grad_xp[t0 * batch * in_w + col..], rows, width, in_w)
             }
@@ -1046,6 +1050,26 @@ impl<'a, F: HostFloat> ProductSources<'a, F> {
                 }
             },
         }
+    }
+}
+
+/// `acc[j] += Σ_r m[r][j]`: every column summed over the rows in order (the same sums for any
+/// thread count), columns split between threads when large. (A GEMM with a row of ones packs
+/// all of `m` first, and takes longer than the sums.)
+pub fn add_column_sums<F: HostFloat>(acc: &mut [F], m: MatRef<F>) {
+    assert_eq!(acc.len(), m.cols, "one sum per column");
+    const COLUMNS_PER_TASK: usize = 64;
+    let sum_columns = |first: usize, acc: &mut [F]| {
+        for r in 0..m.rows {
+            add_into(acc, &m.row(r)[first..first + acc.len()]);
+        }
+    };
+    if m.cols > COLUMNS_PER_TASK && worth_parallel(m.rows, m.cols) {
+        acc.par_chunks_mut(COLUMNS_PER_TASK)
+            .enumerate()
+            .for_each(|(i, acc)| sum_columns(i * COLUMNS_PER_TASK, acc));
+    } else {
+        sum_columns(0, acc);
     }
 }
 

@@ -496,9 +496,8 @@ pub fn host_linear_grad_params<B: HostTensors>(
         let (gs, xs) = (B::host_slice::<F, 3>(&grad), B::host_rows::<F, 3>(&x));
         let grads = MatRef::new(&gs, rows, out);
         let dw = host::product(grads.t(), xs.mat());
-        // Column sums as a product with a row of ones: parallel, in a fixed order.
-        let ones = vec![F::one(); rows];
-        let db = host::product(MatRef::new(&ones, 1, rows), grads);
+        let mut db = vec![F::zero(); out];
+        host::add_column_sums(&mut db, grads);
         let device = B::float_device(&grad);
         (
             from_host::<B, F, 2>(dw, [out, inner], &device),
