@@ -884,7 +884,6 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     grad: &[F],
 ) -> HostGrads<F> {
     let w = Widths::of(kernel);
-    let (out_w, state_w, in_w, width) = (w.output, w.state, w.input, w.packed);
     let (len, batch) = (input.len, input.batch);
     let shapes = kernel.param_shapes();
     let params = param_views(&shapes, input.params);
@@ -897,7 +896,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     let products = kernel.host_weight_products();
     let steps = order(len, input.reverse);
 
-    let mut grad_xp = vec![F::zero(); len * batch * in_w];
+    let mut grad_xp = vec![F::zero(); len * batch * w.input];
     let mut written: Vec<(Vec<F>, Vec<F>)> = products
         .iter()
         .map(|p| {
@@ -908,7 +907,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         })
         .collect();
     let blocks = batch_blocks(batch);
-    let mut block_xp = block_rows(&mut grad_xp, &blocks, len, in_w).into_iter();
+    let mut block_xp = block_rows(&mut grad_xp, &blocks, len, w.input).into_iter();
     let mut block_products: Vec<_> = written
         .iter_mut()
         .zip(&products)
@@ -949,7 +948,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     };
     let results = for_each_block(work, |(rows, grads)| backward_block(&shared, rows, grads));
     // Blocks are summed in order: the same result for any thread count.
-    let mut grad_state = Vec::with_capacity(batch * state_w);
+    let mut grad_state = Vec::with_capacity(batch * w.state);
     let mut grad_params = vec![F::zero(); input.params.len()];
     for (state, params) in results {
         grad_state.extend_from_slice(&state);
@@ -962,7 +961,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         grad_xp: &grad_xp,
         len,
         batch,
-        widths: (out_w, state_w, in_w, width),
+        widths: w,
         reverse: input.reverse,
     };
     let mut grad_views = param_views_mut(&shapes, &mut grad_params);
@@ -1003,8 +1002,7 @@ struct ProductSources<'a, F> {
     grad_xp: &'a [F],
     len: usize,
     batch: usize,
-    /// Output, state, input and packed widths.
-    widths: (usize, usize, usize, usize),
+    widths: Widths,
     reverse: bool,
 }
 
@@ -1018,7 +1016,7 @@ impl<'a, F: HostFloat> ProductSources<'a, F> {
         width: usize,
         block: Block,
     ) -> MatRef<'a, F> {
-        let (out_w, state_w, in_w, packed_w) = self.widths;
+        let w = self.widths;
         let (len, batch) = (self.len, self.batch);
         // First step and count of the block, in time order.
         let (t0, steps) = match (block, self.reverse) {
@@ -1037,16 +1035,19 @@ impl<'a, F: HostFloat> ProductSources<'a, F> {
                 MatRef::new(&written[product].1[t0 * batch * width..], rows, width)
             }
             Operand::Ones => unreachable!("a column of ones is summed over, not read"),
-            Operand::GradInput(col) => {
-                MatRef::strided(&self.grad_xp[t0 * batch * in_w + col..], rows, width, in_w)
-            }
+            Operand::GradInput(col) => MatRef::strided(
+                &self.grad_xp[t0 * batch * w.input + col..],
+                rows,
+                width,
+                w.input,
+            ),
             Operand::PrevState(col) => match block {
-                Block::First => MatRef::strided(&self.state0[col..], rows, width, state_w),
+                Block::First => MatRef::strided(&self.state0[col..], rows, width, w.state),
                 Block::Rest => {
                     // The previous state of step t lies in packed row t − 1 (t + 1 in reverse).
                     let prev0 = if self.reverse { t0 + 1 } else { t0 - 1 };
-                    let start = prev0 * batch * packed_w + out_w + col;
-                    MatRef::strided(&self.packed[start..], rows, width, packed_w)
+                    let start = prev0 * batch * w.packed + w.output + col;
+                    MatRef::strided(&self.packed[start..], rows, width, w.packed)
                 }
             },
         }

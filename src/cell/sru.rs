@@ -372,11 +372,14 @@ impl Recurrence for SruKernel {
             let dz = grads.xp.as_ref().row(b);
             let (dz_f, dz_r) = (&dz[hd..2 * hd], &dz[2 * hd..3 * hd]);
             let c_prev = &step.prev.row(b)[..hd];
-            let keep = keep.map(|k| &k.row(b)[..hd]);
-            for j in 0..hd {
-                let read = keep.map_or(c_prev[j], |k| c_prev[j] * k[j]);
+            let mut add = |j: usize, read: F| {
                 grad_v_f[j] += dz_f[j] * read;
                 grad_v_r[j] += dz_r[j] * read;
+            };
+            // The dropout choice is made once per row, not per element.
+            match keep.map(|k| &k.row(b)[..hd]) {
+                Some(k) => (0..hd).for_each(|j| add(j, c_prev[j] * k[j])),
+                None => (0..hd).for_each(|j| add(j, c_prev[j])),
             }
         }
     }
