@@ -178,22 +178,22 @@ struct LstmRowGrads<'a, F> {
     /// `[h | c]`.
     grad_state: &'a [F],
     grad_output: &'a [F],
-    /// `[i | f | o]` peephole weights (zeros for a cell without them).
+    /// `[i | f | o]` peephole weights (empty for a cell without them).
     peephole: &'a [F],
 }
 
 /// One batch row of the LSTM backward: writes `dz` (the gate pre-activation gradients, also
 /// the gradient of the projected input) and the gradient of `c_prev`. Every slice is cut to
-/// `hd` and `COUPLED` is a constant, so the loop has no bounds checks or branches and
-/// vectorises.
+/// `hd` and `COUPLED` and `PEEPHOLE` are constants, so the loop has no bounds checks or
+/// branches and vectorises.
 #[inline(always)]
-fn lstm_row_backward<F: HostFloat, const COUPLED: bool>(
+fn lstm_row_backward<F: HostFloat, const COUPLED: bool, const PEEPHOLE: bool>(
     hd: usize,
     r: LstmRowGrads<'_, F>,
     dz: &mut [F],
     grad_c_prev: &mut [F],
 ) {
-    let one = F::one();
+    let (zero, one) = (F::zero(), F::one());
     let (i, f, g, o) = if COUPLED {
         let i = &r.saved[..hd];
         (i, i, &r.saved[hd..2 * hd], &r.saved[2 * hd..3 * hd])
@@ -211,11 +211,17 @@ fn lstm_row_backward<F: HostFloat, const COUPLED: bool>(
         &r.c_prev[..hd],
         &mut grad_c_prev[..hd],
     );
-    let (p_i, p_f, p_o) = (
-        &r.peephole[..hd],
-        &r.peephole[hd..2 * hd],
-        &r.peephole[2 * hd..3 * hd],
-    );
+    let (p_i, p_f, p_o) = if PEEPHOLE {
+        (
+            &r.peephole[..hd],
+            &r.peephole[hd..2 * hd],
+            &r.peephole[2 * hd..3 * hd],
+        )
+    } else {
+        (&[][..], &[][..], &[][..])
+    };
+    // A peephole weight, or nothing to add without peepholes (decided at compile time).
+    let peep = |p: &[F], j: usize| if PEEPHOLE { p[j] } else { zero };
     let (dz_0, rest) = dz.split_at_mut(hd);
     let (dz_1, rest) = rest.split_at_mut(hd);
     let (dz_2, rest) = rest.split_at_mut(hd);
@@ -229,7 +235,7 @@ fn lstm_row_backward<F: HostFloat, const COUPLED: bool>(
         let fj = if COUPLED { one - ij } else { f[j] };
         let grad_h = go[j] + gs_h[j];
         let dz_o = grad_h * tanh_c * (oj * (one - oj));
-        let grad_c = gs_c[j] + grad_h * oj * (one - tanh_c * tanh_c) + dz_o * p_o[j];
+        let grad_c = gs_c[j] + grad_h * oj * (one - tanh_c * tanh_c) + dz_o * peep(p_o, j);
         let d_i = grad_c * gate;
         let dz_g = grad_c * ij * (one - gate * gate);
         let d_f = grad_c * c_prev[j];
@@ -240,7 +246,7 @@ fn lstm_row_backward<F: HostFloat, const COUPLED: bool>(
             dz_2[j] = dz_o;
         } else {
             let (dz_i, dz_f) = (d_i * (ij * (one - ij)), d_f * (fj * (one - fj)));
-            grad_c_prev[j] = grad_c * fj + (dz_i * p_i[j] + dz_f * p_f[j]);
+            grad_c_prev[j] = grad_c * fj + (dz_i * peep(p_i, j) + dz_f * peep(p_f, j));
             dz_0[j] = dz_i;
             dz_1[j] = dz_f;
             dz_2[j] = dz_g;
@@ -469,12 +475,10 @@ impl Recurrence for LstmKernel {
         mut grads: HostStepGrads<F>,
     ) {
         let hd = self.hidden;
-        // Without peepholes the loop reads zero weights: one loop, no branch inside.
-        let no_peephole = vec![F::zero(); if self.peephole { 0 } else { 3 * hd }];
         let peephole = if self.peephole {
             &params[1].row(0)[..3 * hd]
         } else {
-            &no_peephole[..]
+            &[][..]
         };
         // One batch row: writes dz (the gate pre-activation gradients, also the gradient of
         // the projected input) and the gradient of c_prev.
@@ -489,10 +493,11 @@ impl Recurrence for LstmKernel {
                 peephole,
             };
             let grad_c_prev = &mut grad_prev[hd..2 * hd];
-            if self.coupled {
-                lstm_row_backward::<F, true>(hd, rows, dz, grad_c_prev);
-            } else {
-                lstm_row_backward::<F, false>(hd, rows, dz, grad_c_prev);
+            match (self.coupled, self.peephole) {
+                (true, false) => lstm_row_backward::<F, true, false>(hd, rows, dz, grad_c_prev),
+                (false, false) => lstm_row_backward::<F, false, false>(hd, rows, dz, grad_c_prev),
+                (false, true) => lstm_row_backward::<F, false, true>(hd, rows, dz, grad_c_prev),
+                (true, true) => lstm_row_backward::<F, true, true>(hd, rows, dz, grad_c_prev),
             }
         };
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, row_backward);

@@ -292,17 +292,21 @@ impl Recurrence for SruKernel {
                 r[j] = x_r[j] + v_r[j] * read[j] + b_r[j];
             }
             F::sigmoid_in_place(&mut gates[..2 * hd]);
-            let f = &gates[..hd];
+            let (f, r) = gates[..2 * hd].split_at(hd);
             for j in 0..hd {
                 c_new[j] = u0[j] + (c[j] - u0[j]) * f[j];
             }
-            h.copy_from_slice(c_new);
             if self.use_tanh {
+                h.copy_from_slice(c_new);
                 F::tanh_in_place(h);
-            }
-            let r = &gates[hd..2 * hd];
-            for j in 0..hd {
-                h[j] = skip[j] + (h[j] - skip[j]) * r[j];
+                for j in 0..hd {
+                    h[j] = skip[j] + (h[j] - skip[j]) * r[j];
+                }
+            } else {
+                // act(c') is c' itself: read where it lies, not copied into `h` first.
+                for j in 0..hd {
+                    h[j] = skip[j] + (c_new[j] - skip[j]) * r[j];
+                }
             }
         });
     }
