@@ -658,7 +658,7 @@ impl Widths {
             output,
             state,
             input: kernel.input_width(),
-            packed: output + state + kernel.saved_width(),
+            packed: output + state + kernel.host_saved_width(),
         }
     }
 }

@@ -287,6 +287,10 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
         let (_, o, s, v) = self.widths();
         o + s + v
     }
+    fn host_saved_width(&self) -> usize {
+        let (_, o, s, _) = self.widths();
+        o + s + self.inner.host_saved_width()
+    }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         self.inner.param_shapes()
     }
@@ -366,7 +370,8 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
         prev: MatRef<F>,
         mut out: MatMut<F>,
     ) {
-        let (i, o, s, v) = self.widths();
+        let (i, o, s, _) = self.widths();
+        let v = self.inner.host_saved_width();
         let mut buffer = Vec::new();
         let read = self.host_read(xp, prev, &mut buffer);
         self.inner
@@ -399,7 +404,8 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
         step: HostStep<F>,
         grads: HostStepGrads<F>,
     ) {
-        let (i, o, s, v) = self.widths();
+        let (i, o, s, _) = self.widths();
+        let v = self.inner.host_saved_width();
         let batch = step.xp.rows();
         let mut buffer = Vec::new();
         let read = self.host_read(step.xp, step.prev, &mut buffer);

@@ -183,6 +183,11 @@ impl Recurrence for SruKernel {
     fn saved_width(&self) -> usize {
         2 * self.hidden
     }
+    fn host_saved_width(&self) -> usize {
+        // The host backward recomputes f and r from the input and c (a few FLOPs per value)
+        // rather than write and read back 2H values per row: the step is memory-bound.
+        0
+    }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         vec![[1, 2 * self.hidden], [1, 2 * self.hidden]]
     }
@@ -268,44 +273,51 @@ impl Recurrence for SruKernel {
         let (v, bias) = (params[0].row(0), params[1].row(0));
         let ((v_f, v_r), (b_f, b_r)) = (v[..2 * hd].split_at(hd), bias[..2 * hd].split_at(hd));
         let keep = host_product_keep(xp, self.dropout, hd);
-        // Row layout: [h | c | f, r]. Every slice below is cut to `hd` so that the loops
-        // compile without bounds checks, and vectorise.
+        // Row layout: [h | c]; the gates are not saved (see `host_saved_width`). Every slice
+        // below is cut to `hd` so that the loops compile without bounds checks, and vectorise.
         out.for_each_row(|b, row| {
             let (u0, x_f, x_r, skip) = sru_input_parts(xp.row(b), hd);
             let c = &prev.row(b)[..hd];
-            let (h, rest) = row.split_at_mut(hd);
-            let (c_new, gates) = rest.split_at_mut(hd);
-            let (f, r) = gates[..2 * hd].split_at_mut(hd);
-            // The gates read `c ⊙ keep` under dropout: `h` holds it until `h` is computed.
-            let read: &[F] = match keep {
+            let (h, c_new) = row[..2 * hd].split_at_mut(hd);
+            // The c that the gates read (c ⊙ keep under dropout) waits in `h`; then f's
+            // pre-activation goes to c_new's slot and r's to h's.
+            match keep {
                 Some(keep) => {
                     for ((h, &c), &k) in h.iter_mut().zip(c).zip(&keep.row(b)[..hd]) {
                         *h = c * k;
                     }
-                    h
                 }
-                None => c,
-            };
-            let read = &read[..hd];
-            for j in 0..hd {
-                f[j] = x_f[j] + v_f[j] * read[j] + b_f[j];
-                r[j] = x_r[j] + v_r[j] * read[j] + b_r[j];
+                None => h.copy_from_slice(c),
             }
-            F::sigmoid_in_place(&mut gates[..2 * hd]);
-            let (f, r) = gates[..2 * hd].split_at(hd);
             for j in 0..hd {
-                c_new[j] = u0[j] + (c[j] - u0[j]) * f[j];
+                let read = h[j];
+                c_new[j] = x_f[j] + v_f[j] * read + b_f[j];
+                h[j] = x_r[j] + v_r[j] * read + b_r[j];
+            }
+            F::sigmoid_in_place(c_new);
+            F::sigmoid_in_place(h);
+            for j in 0..hd {
+                c_new[j] = u0[j] + (c[j] - u0[j]) * c_new[j];
             }
             if self.use_tanh {
-                h.copy_from_slice(c_new);
-                F::tanh_in_place(h);
-                for j in 0..hd {
-                    h[j] = skip[j] + (h[j] - skip[j]) * r[j];
+                // tanh(c') and r are both needed: tanh a chunk at a time on the stack.
+                const CHUNK: usize = 32;
+                for ((h, c_new), skip) in h
+                    .chunks_mut(CHUNK)
+                    .zip(c_new.chunks(CHUNK))
+                    .zip(skip.chunks(CHUNK))
+                {
+                    let mut act = [F::zero(); CHUNK];
+                    let act = &mut act[..c_new.len()];
+                    act.copy_from_slice(c_new);
+                    F::tanh_in_place(act);
+                    for (j, h) in h.iter_mut().enumerate() {
+                        *h = skip[j] + (act[j] - skip[j]) * *h;
+                    }
                 }
             } else {
-                // act(c') is c' itself: read where it lies, not copied into `h` first.
                 for j in 0..hd {
-                    h[j] = skip[j] + (c_new[j] - skip[j]) * r[j];
+                    h[j] = skip[j] + (c_new[j] - skip[j]) * h[j];
                 }
             }
         });
@@ -319,13 +331,13 @@ impl Recurrence for SruKernel {
     ) {
         let (hd, one) = (self.hidden, F::one());
         let (v_f, v_r) = params[0].row(0)[..2 * hd].split_at(hd);
+        let (b_f, b_r) = params[1].row(0)[..2 * hd].split_at(hd);
         // tanh'(c') = 1 − act², or 1 without the tanh: no branch inside the loop.
         let tanh_on = if self.use_tanh { one } else { F::zero() };
         let keep = host_product_keep(step.xp, self.dropout, hd);
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_c_prev| {
-            let row = step.row.row(b);
-            let (c_new, f, r) = (&row[hd..2 * hd], &row[2 * hd..3 * hd], &row[3 * hd..4 * hd]);
-            let (u0, _, _, skip) = sru_input_parts(step.xp.row(b), hd);
+            let c_new = &step.row.row(b)[hd..2 * hd];
+            let (u0, x_f, x_r, skip) = sru_input_parts(step.xp.row(b), hd);
             let c_prev = &step.prev.row(b)[..hd];
             let (go, gs) = (
                 &step.grad_output.row(b)[..hd],
@@ -336,6 +348,23 @@ impl Recurrence for SruKernel {
             let (dz_r, rest) = rest.split_at_mut(hd);
             let (dx_skip, dx_keep) = rest.split_at_mut(hd);
             let grad_c_prev = &mut grad_c_prev[..hd];
+            // The gates again, as the forward computed them: the c they read waits in dx_u0's
+            // slot, f goes to dz_f's and r to dz_r's, each read before it is overwritten.
+            match keep {
+                Some(keep) => {
+                    for ((d, &c), &k) in dx_u0.iter_mut().zip(c_prev).zip(&keep.row(b)[..hd]) {
+                        *d = c * k;
+                    }
+                }
+                None => dx_u0.copy_from_slice(c_prev),
+            }
+            for j in 0..hd {
+                let read = dx_u0[j];
+                dz_f[j] = x_f[j] + v_f[j] * read + b_f[j];
+                dz_r[j] = x_r[j] + v_r[j] * read + b_r[j];
+            }
+            F::sigmoid_in_place(dz_f);
+            F::sigmoid_in_place(dz_r);
             // act(c') waits in the c_prev gradient's slot until element j is written.
             grad_c_prev.copy_from_slice(c_new);
             if self.use_tanh {
@@ -343,7 +372,7 @@ impl Recurrence for SruKernel {
             }
             for j in 0..hd {
                 let act = grad_c_prev[j];
-                let (fj, rj) = (f[j], r[j]);
+                let (fj, rj) = (dz_f[j], dz_r[j]);
                 let slope = one - tanh_on * act * act;
                 dz_r[j] = go[j] * (act - skip[j]) * (rj * (one - rj));
                 let grad_c = gs[j] + go[j] * rj * slope;
@@ -587,15 +616,24 @@ mod tests {
 
     #[test]
     fn step_matches_f64_reference() {
-        for (input, use_tanh, rescale) in [(4, false, true), (3, false, false), (4, true, false)] {
-            let config = SruConfig::new(input, 4)
+        // Hidden 40: the host step's tanh runs in chunks of 32, so a whole one and a part.
+        for (input, hidden, use_tanh, rescale) in [
+            (4, 4, false, true),
+            (3, 4, false, false),
+            (4, 4, true, false),
+            (3, 40, true, false),
+        ] {
+            let config = SruConfig::new(input, hidden)
                 .with_use_tanh(use_tanh)
                 .with_rescale(rescale)
                 .with_highway_bias(-1.0);
             let err = compare_step(config, 3, |w, x, s| {
                 reference_step(w, x, s, &s[0], use_tanh)
             });
-            assert!(err < 1e-12, "input={input} use_tanh={use_tanh}: {err:e}");
+            assert!(
+                err < 1e-12,
+                "input={input} hidden={hidden} use_tanh={use_tanh}: {err:e}"
+            );
         }
     }
 

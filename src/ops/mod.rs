@@ -48,6 +48,12 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
     fn output_width(&self) -> usize;
     /// Width of the extra per-step values that the backward reads (0 if none).
     fn saved_width(&self) -> usize;
+    /// Width of the saved values in the host path's packed rows: those of the tensor path by
+    /// default, fewer for a kernel whose host backward recomputes them (memory traffic costs
+    /// more there than arithmetic).
+    fn host_saved_width(&self) -> usize {
+        self.saved_width()
+    }
     /// Shapes of the recurrent parameters, in the order the step receives them.
     fn param_shapes(&self) -> Vec<[usize; 2]>;
     /// One step forward.
@@ -68,7 +74,8 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
 
     /// [`step`](Recurrence::step) on host memory (the CPU fast path): reads `xp` `[batch,
     /// input_width]` and `prev` `[batch, state_width]`, writes the packed row
-    /// `[batch, output | state | saved]` into `out`. Must compute what `step` computes.
+    /// `[batch, output | state | saved]` into `out` (`host_saved_width` saved values, at least:
+    /// a wrapper may lend a wider row). Must compute what `step` computes.
     fn host_step<F: HostFloat>(
         &self,
         params: &[MatRef<F>],
