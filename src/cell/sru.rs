@@ -170,6 +170,45 @@ fn sru_input_parts<F>(x: &[F], hd: usize) -> (&[F], &[F], &[F], &[F]) {
     )
 }
 
+/// The activated gates of one row, `f` and `r`, from the `c` the gates read (`c ⊙ keep` under
+/// dropout): that read is staged in `r`'s slot, each value read before `r` overwrites it.
+#[inline(always)]
+fn sru_gates<F: HostFloat>(
+    c: &[F],
+    keep: Option<&[F]>,
+    (x_f, x_r): (&[F], &[F]),
+    (v_f, v_r): (&[F], &[F]),
+    (b_f, b_r): (&[F], &[F]),
+    f: &mut [F],
+    r: &mut [F],
+) {
+    let hd = r.len();
+    let (c, f) = (&c[..hd], &mut f[..hd]);
+    match keep {
+        Some(keep) => {
+            for ((r, &c), &k) in r.iter_mut().zip(c).zip(&keep[..hd]) {
+                *r = c * k;
+            }
+        }
+        None => r.copy_from_slice(c),
+    }
+    let (x_f, x_r, v_f, v_r, b_f, b_r) = (
+        &x_f[..hd],
+        &x_r[..hd],
+        &v_f[..hd],
+        &v_r[..hd],
+        &b_f[..hd],
+        &b_r[..hd],
+    );
+    for j in 0..hd {
+        let read = r[j];
+        f[j] = x_f[j] + v_f[j] * read + b_f[j];
+        r[j] = x_r[j] + v_r[j] * read + b_r[j];
+    }
+    F::sigmoid_in_place(f);
+    F::sigmoid_in_place(r);
+}
+
 impl Recurrence for SruKernel {
     fn input_width(&self) -> usize {
         (4 + usize::from(self.dropout)) * self.hidden
@@ -279,23 +318,16 @@ impl Recurrence for SruKernel {
             let (u0, x_f, x_r, skip) = sru_input_parts(xp.row(b), hd);
             let c = &prev.row(b)[..hd];
             let (h, c_new) = row[..2 * hd].split_at_mut(hd);
-            // The c that the gates read (c ⊙ keep under dropout) waits in `h`; then f's
-            // pre-activation goes to c_new's slot and r's to h's.
-            match keep {
-                Some(keep) => {
-                    for ((h, &c), &k) in h.iter_mut().zip(c).zip(&keep.row(b)[..hd]) {
-                        *h = c * k;
-                    }
-                }
-                None => h.copy_from_slice(c),
-            }
-            for j in 0..hd {
-                let read = h[j];
-                c_new[j] = x_f[j] + v_f[j] * read + b_f[j];
-                h[j] = x_r[j] + v_r[j] * read + b_r[j];
-            }
-            F::sigmoid_in_place(c_new);
-            F::sigmoid_in_place(h);
+            // f in c_new's slot, r in h's, until c' and h are computed from them.
+            sru_gates(
+                c,
+                keep.map(|k| k.row(b)),
+                (x_f, x_r),
+                (v_f, v_r),
+                (b_f, b_r),
+                c_new,
+                h,
+            );
             for j in 0..hd {
                 c_new[j] = u0[j] + (c[j] - u0[j]) * c_new[j];
             }
@@ -348,23 +380,17 @@ impl Recurrence for SruKernel {
             let (dz_r, rest) = rest.split_at_mut(hd);
             let (dx_skip, dx_keep) = rest.split_at_mut(hd);
             let grad_c_prev = &mut grad_c_prev[..hd];
-            // The gates again, as the forward computed them: the c they read waits in dx_u0's
-            // slot, f goes to dz_f's and r to dz_r's, each read before it is overwritten.
-            match keep {
-                Some(keep) => {
-                    for ((d, &c), &k) in dx_u0.iter_mut().zip(c_prev).zip(&keep.row(b)[..hd]) {
-                        *d = c * k;
-                    }
-                }
-                None => dx_u0.copy_from_slice(c_prev),
-            }
-            for j in 0..hd {
-                let read = dx_u0[j];
-                dz_f[j] = x_f[j] + v_f[j] * read + b_f[j];
-                dz_r[j] = x_r[j] + v_r[j] * read + b_r[j];
-            }
-            F::sigmoid_in_place(dz_f);
-            F::sigmoid_in_place(dz_r);
+            // The gates again, as the forward computed them, in dz_f's and dz_r's slots: each
+            // is read below before its gradient overwrites it.
+            sru_gates(
+                c_prev,
+                keep.map(|k| k.row(b)),
+                (x_f, x_r),
+                (v_f, v_r),
+                (b_f, b_r),
+                dz_f,
+                dz_r,
+            );
             // act(c') waits in the c_prev gradient's slot until element j is written.
             grad_c_prev.copy_from_slice(c_new);
             if self.use_tanh {
