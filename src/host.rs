@@ -4,7 +4,10 @@
 //! fraction of what the CPU can do; over hundreds of small steps that is most of a training step.
 //! Here a step is a few slice loops and at most two GEMMs (the `gemm` crate, which dispatches to
 //! AVX2/AVX-512 kernels at run time), and the weight gradients are summed over the whole
-//! sequence in one large GEMM at the end instead of one small one per step.
+//! sequence in one large GEMM at the end instead of one small one per step. For a narrow layer
+//! input the walk can also compute each step's input projection itself ([`Projection`]); the
+//! gradient of the projected input then lives only as long as its step, and the weight
+//! gradients are summed step by step.
 //!
 //! Each cell's kernel writes its host step next to its tensor step (see
 //! [`Recurrence::host_step`]); this module owns time, masks, buffers and the final products.
@@ -592,8 +595,11 @@ pub struct HostStepGrads<'a, F> {
 /// The recurrence op's inputs as host slices.
 #[derive(Debug, Clone, Copy)]
 pub struct HostInput<'a, F> {
-    /// `[T, batch, input_width]`.
+    /// `[T, batch, input_width]`, or empty when `projection` computes it step by step.
     pub xp: &'a [F],
+    /// The input projection, when the recurrence computes each step's projected input itself
+    /// instead of reading it from `xp`.
+    pub projection: Option<Projection<'a, F>>,
     /// `[batch, state_width]`.
     pub state0: &'a [F],
     /// The flat parameters.
@@ -606,6 +612,88 @@ pub struct HostInput<'a, F> {
     pub batch: usize,
     /// Walk from the end to the start.
     pub reverse: bool,
+}
+
+/// An input projection `x · Wᵀ + b` computed step by step inside the recurrence, for inputs
+/// so narrow that the projection costs less than writing its result and reading it back: the
+/// projected rows (`input_width` values each) and their gradient then never leave the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Projection<'a, F> {
+    /// The layer input `[T, batch, width]` from its first element: each row contiguous,
+    /// steps `x_strides[0]` and batch rows `x_strides[1]` apart (the layer passes a
+    /// batch-major input, transposed).
+    pub x: &'a [F],
+    /// How far apart steps and batch rows of `x` lie.
+    pub x_strides: [usize; 2],
+    /// Width of one step's input.
+    pub width: usize,
+    /// `Wᵀ` `[width, input_width]`, with `b` as one more row when there is a bias: the GEMM
+    /// then adds the bias (each row of `x` gets a 1 appended), and its gradient is one more
+    /// row of the weight gradient's.
+    pub weights: MatRef<'a, F>,
+    /// Whether the backward computes the gradient of `x` (not for a layer's first input).
+    pub grad_x: bool,
+}
+
+impl<F: HostFloat> Projection<'_, F> {
+    /// Rows `rows` of step `t` of the input, each with a 1 appended when there is a bias
+    /// (`buf` holds them then): `[n, weights.rows]`.
+    fn step_x<'s>(&'s self, t: usize, rows: &Range<usize>, buf: &'s mut Vec<F>) -> MatRef<'s, F> {
+        let [step, row] = self.x_strides;
+        let first = t * step + rows.start * row;
+        let x = MatRef::strided(&self.x[first..], rows.len(), self.width, row);
+        if self.weights.rows == self.width {
+            return x;
+        }
+        buf.clear();
+        for r in 0..x.rows {
+            buf.extend_from_slice(x.row(r));
+            buf.push(F::one());
+        }
+        MatRef::new(buf, x.rows, self.width + 1)
+    }
+}
+
+/// A block's buffers for one step's projection (empty without one).
+#[derive(Default)]
+struct StepScratch<F> {
+    /// The step's input rows with their column of ones.
+    x: Vec<F>,
+    /// The projected input.
+    xp: Vec<F>,
+}
+
+impl<F: HostFloat> StepScratch<F> {
+    fn for_block(input: &HostInput<F>, rows: usize, width: usize) -> Self {
+        match input.projection {
+            Some(_) => Self {
+                x: Vec::new(),
+                xp: vec![F::zero(); rows * width],
+            },
+            None => Self::default(),
+        }
+    }
+}
+
+/// The projected input of step `t` for a block's rows, `[n, width]`: read where it lies, or
+/// computed into `scratch` when the recurrence projects its input itself (then also the input
+/// rows it was computed from, as [`Projection::step_x`] gives them).
+fn step_input<'a, F: HostFloat>(
+    input: &'a HostInput<'a, F>,
+    t: usize,
+    rows: &Range<usize>,
+    width: usize,
+    scratch: &'a mut StepScratch<F>,
+) -> (MatRef<'a, F>, Option<MatRef<'a, F>>) {
+    match &input.projection {
+        Some(projection) => {
+            let x = projection.step_x(t, rows, &mut scratch.x);
+            let mut xp = MatMut::new(&mut scratch.xp, rows.len(), width);
+            matmul(&mut xp, x, projection.weights, false);
+            (MatRef::new(&scratch.xp, rows.len(), width), Some(x))
+        }
+        None => (step_rows(input.xp, t, input.batch, rows, width), None),
+    }
 }
 
 fn order(len: usize, reverse: bool) -> Vec<usize> {
@@ -693,8 +781,9 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
         blocks.into_iter().zip(block_outputs).collect(),
         |(rows, mut outputs)| {
             let n = rows.len();
+            let mut scratch = StepScratch::for_block(&input, n, w.input);
             for (position, &t) in steps.iter().enumerate() {
-                let xp = step_rows(input.xp, t, batch, &rows, w.input);
+                let (xp, _) = step_input(&input, t, &rows, w.input, &mut scratch);
                 let (prev, out) = match position {
                     0 => (
                         step_rows(input.state0, 0, batch, &rows, w.state),
@@ -737,10 +826,13 @@ pub struct HostGrads<F> {
     pub state0: Vec<F>,
     /// The flat parameters.
     pub params: Vec<F>,
+    /// With a [`Projection`]: the gradients of `W` (`[input_width, width]`) and of `b` (empty
+    /// without a bias); `xp` then holds the gradient of `x` (empty when not asked for).
+    pub projection: Option<(Vec<F>, Vec<F>)>,
 }
 
 /// A contiguous copy of `m` transposed.
-fn transpose<F: HostFloat>(m: MatRef<F>) -> Vec<F> {
+pub fn transpose<F: HostFloat>(m: MatRef<F>) -> Vec<F> {
     let t = m.t();
     (0..t.rows)
         .flat_map(|r| (0..t.cols).map(move |c| t.data[r * t.row_stride + c * t.col_stride]))
@@ -780,13 +872,14 @@ struct BlockGrads<'a, F> {
 }
 
 /// The backward walk over one block of batch rows: writes its rows of the projected-input
-/// gradient and of the written product operands; returns its rows of the initial state's
-/// gradient and its sum of the parameter gradients that are not weight products.
+/// gradient (of `x` with a projection) and of the written product operands; returns its rows
+/// of the initial state's gradient, its sum of the parameter gradients that are not weight
+/// products (all of them with a projection), and its sums of the projection's gradients.
 fn backward_block<F: HostFloat, K: Recurrence>(
     shared: &BackwardShared<'_, F, K>,
     rows: Range<usize>,
     mut out: BlockGrads<'_, F>,
-) -> (Vec<F>, Vec<F>) {
+) -> (Vec<F>, Vec<F>, Vec<F>) {
     let BackwardShared {
         kernel, input, w, ..
     } = *shared;
@@ -805,6 +898,12 @@ fn backward_block<F: HostFloat, K: Recurrence>(
         }
     ];
     let mut carried = vec![F::zero(); n * w.state];
+    // With a projection: each step's projected input and its gradient, and the block's sums
+    // of the projection's gradients, `[Wᵀ | b]`.
+    let mut scratch = StepScratch::for_block(&input, n, w.input);
+    let mut grad_xp_scratch = StepScratch::for_block(&input, n, w.input).xp;
+    let mut grad_projection =
+        vec![F::zero(); input.projection.map_or(0, |p| p.weights.rows * w.input)];
     let steps = shared.steps;
     for (position, &t) in steps.iter().enumerate().rev() {
         let prev = match position {
@@ -837,16 +936,21 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             Some(_) => MatRef::new(&masked_output, n, w.output),
             None => grad_rows.cols(0, w.output),
         };
+        let (xp, projected_x) = step_input(&input, t, &rows, w.input, &mut scratch);
         let step = HostStep {
-            xp: step_rows(input.xp, t, batch, &rows, w.input),
+            xp,
             prev,
             row: step_rows(shared.packed, t, batch, &rows, w.packed),
             grad_output,
             grad_state: MatRef::new(&grad_state, n, w.state),
             params_t: shared.params_t,
         };
+        let grad_xp = match input.projection {
+            Some(_) => &mut grad_xp_scratch[..],
+            None => &mut *out.xp[t],
+        };
         let grads = HostStepGrads {
-            xp: MatMut::new(out.xp[t], n, w.input),
+            xp: MatMut::new(grad_xp, n, w.input),
             prev: MatMut::new(&mut grad_prev, n, w.state),
             params: param_views_mut(shared.shapes, &mut grad_params),
             products: shared
@@ -857,12 +961,60 @@ fn backward_block<F: HostFloat, K: Recurrence>(
                 .collect(),
         };
         kernel.host_step_backward(shared.params, step, grads);
+        if let (Some(projection), Some(x)) = (&input.projection, projected_x) {
+            let grad_xp = MatRef::new(&grad_xp_scratch, n, w.input);
+            // [Wᵀ | b] += [x | 1]ᵀ · g.
+            let rows = projection.weights.rows;
+            matmul(
+                &mut MatMut::new(&mut grad_projection, rows, w.input),
+                x.t(),
+                grad_xp,
+                true,
+            );
+            if projection.grad_x {
+                let weight_t = projection.weights.rows_range(0, projection.width);
+                let mut dx = MatMut::new(out.xp[t], n, projection.width);
+                matmul(&mut dx, grad_xp, weight_t.t(), false);
+            }
+            let written: Vec<(&[F], &[F])> =
+                out.products.iter().map(|(a, g)| (&*a[t], &*g[t])).collect();
+            add_step_products(shared, prev, grad_xp, &written, &mut grad_params);
+        }
         std::mem::swap(&mut grad_state, &mut grad_prev);
         if input.mask.is_some() {
             add_into(&mut grad_state, &carried);
         }
     }
-    (grad_state, grad_params)
+    (grad_state, grad_params, grad_projection)
+}
+
+/// The kernel's weight products for one step's rows, added into the block's parameter
+/// gradients: with a projection, the gradient of the projected input lives only as long as its
+/// step, so the products are summed step by step rather than over the whole sequence at the end.
+fn add_step_products<'a, F: HostFloat, K: Recurrence>(
+    shared: &BackwardShared<'_, F, K>,
+    prev: MatRef<'a, F>,
+    grad_xp: MatRef<'a, F>,
+    written: &[(&'a [F], &'a [F])],
+    grad_params: &mut [F],
+) {
+    let n = grad_xp.rows;
+    let operand = |operand: Operand, own: &'a [F], width: usize| match operand {
+        Operand::Written => MatRef::new(own, n, width),
+        Operand::GradOf(product) => MatRef::new(written[product].1, n, width),
+        Operand::GradInput(col) => grad_xp.cols(col, width),
+        Operand::PrevState(col) => prev.cols(col, width),
+        Operand::Ones => unreachable!("a column of ones is summed over, not read"),
+    };
+    let mut views = param_views_mut(shared.shapes, grad_params);
+    for (p, &(a, g)) in shared.products.iter().zip(written) {
+        let g = operand(p.g, g, p.n);
+        let mut dst = views[p.param].cols_mut(p.col, p.n);
+        match p.a {
+            Operand::Ones => add_column_sums(dst.row_mut(0), g),
+            _ => matmul(&mut dst, operand(p.a, a, p.k).t(), g, true),
+        }
+    }
 }
 
 /// One step's rows of a written operand (an empty view when the operand is not written).
@@ -896,7 +1048,13 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     let products = kernel.host_weight_products();
     let steps = order(len, input.reverse);
 
-    let mut grad_xp = vec![F::zero(); len * batch * w.input];
+    // With a projection the gradient of the projected input stays inside the walk; what
+    // leaves it is the gradient of x, when asked for.
+    let grad_width = match input.projection {
+        Some(projection) => usize::from(projection.grad_x) * projection.width,
+        None => w.input,
+    };
+    let mut grad_xp = vec![F::zero(); len * batch * grad_width];
     let mut written: Vec<(Vec<F>, Vec<F>)> = products
         .iter()
         .map(|p| {
@@ -907,7 +1065,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         })
         .collect();
     let blocks = batch_blocks(batch);
-    let mut block_xp = block_rows(&mut grad_xp, &blocks, len, w.input).into_iter();
+    let mut block_xp = block_rows(&mut grad_xp, &blocks, len, grad_width).into_iter();
     let mut block_products: Vec<_> = written
         .iter_mut()
         .zip(&products)
@@ -950,9 +1108,27 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     // Blocks are summed in order: the same result for any thread count.
     let mut grad_state = Vec::with_capacity(batch * w.state);
     let mut grad_params = vec![F::zero(); input.params.len()];
-    for (state, params) in results {
+    let mut grad_projection = Vec::new();
+    for (state, params, projection) in results {
         grad_state.extend_from_slice(&state);
         add_into(&mut grad_params, &params);
+        if grad_projection.is_empty() {
+            grad_projection = projection;
+        } else {
+            add_into(&mut grad_projection, &projection);
+        }
+    }
+    if let Some(projection) = input.projection {
+        // The products were summed step by step.
+        // Without a bias, `bias` is empty.
+        let (weight_t, bias) = grad_projection.split_at(projection.width * w.input);
+        let weight = transpose(MatRef::new(weight_t, projection.width, w.input));
+        return HostGrads {
+            xp: grad_xp,
+            state0: grad_state,
+            params: grad_params,
+            projection: Some((weight, bias.to_vec())),
+        };
     }
 
     let sources = ProductSources {
@@ -984,6 +1160,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         xp: grad_xp,
         state0: grad_state,
         params: grad_params,
+        projection: None,
     }
 }
 

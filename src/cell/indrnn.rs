@@ -10,13 +10,10 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 
-use super::{
-    accumulate, batch_sum, flatten_params, load_param, param_data, project_sequence, torch_name,
-    Cell,
-};
+use super::{accumulate, batch_sum, flatten_params, load_param, param_data, torch_name, Cell};
 use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Configuration of an [`IndRnn`] cell.
 #[derive(Config, Debug, PartialEq)]
@@ -197,11 +194,8 @@ impl<B: Backend> Cell<B> for IndRnn<B> {
             hidden: self.hidden_size(),
         }
     }
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
-    where
-        B: RnnBackend,
-    {
-        project_sequence(input, self.weight_ih.val(), Some(self.bias_ih.val()))
+    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+        Some((self.weight_ih.val(), Some(self.bias_ih.val())))
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {
         flatten_params(vec![self.weight_hh.val().unsqueeze_dim(0)])

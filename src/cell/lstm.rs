@@ -13,14 +13,14 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     accumulate, batch_sum, cols, flatten_params, load_param, load_torch_layer, param_data,
-    project_sequence, save_torch_layer, sigmoid, sigmoid_grad, tanh_grad, torch_name, uniform,
-    uniform_param, Cell, CellConfig, Position,
+    save_torch_layer, sigmoid, sigmoid_grad, tanh_grad, torch_name, uniform, uniform_param, Cell,
+    CellConfig, Position,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Which LSTM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -557,12 +557,9 @@ impl<B: Backend> Cell<B> for Lstm<B> {
             coupled: self.coupled,
         }
     }
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
-    where
-        B: RnnBackend,
-    {
+    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         let bias = self.bias_ih.val() + self.bias_hh.val();
-        project_sequence(input, self.weight_ih.val(), Some(bias))
+        Some((self.weight_ih.val(), Some(bias)))
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {
         let mut params = vec![self.weight_hh.val().transpose()];

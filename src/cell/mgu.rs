@@ -11,14 +11,14 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::{
-    accumulate, cols, flatten_params, load_torch_layer, project_sequence, save_torch_layer,
-    sigmoid, sigmoid_grad, tanh_grad, uniform_param, Cell,
+    accumulate, cols, flatten_params, load_torch_layer, save_torch_layer, sigmoid, sigmoid_grad,
+    tanh_grad, uniform_param, Cell,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
 use crate::regularisation::{
     host_add_masked_product, host_backward_reads, host_masked, host_product_keep, masked,
     product_keep, with_zero_noise_grad,
@@ -299,12 +299,9 @@ impl<B: Backend> Cell<B> for Mgu<B> {
             dropout: false,
         }
     }
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
-    where
-        B: RnnBackend,
-    {
+    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         let bias = self.bias_ih.val() + self.bias_hh.val();
-        project_sequence(input, self.weight_ih.val(), Some(bias))
+        Some((self.weight_ih.val(), Some(bias)))
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {
         flatten_params(vec![self.weight_hh.val().transpose()])

@@ -38,11 +38,25 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
     fn state_names(&self) -> &'static [&'static str];
     /// The recurrent kernel, configured for this cell.
     fn kernel(&self) -> Self::Kernel;
+    /// The input projection as one affine map `x · Wᵀ + b`: `W` `[kernel.input_width(),
+    /// input]` and `b`. The recurrence op may then compute each step's projection itself (see
+    /// [`RnnBackend::rnn_projected_recurrence`]). `None` for a cell whose projection is more
+    /// than that (it defines [`project`](Cell::project) itself).
+    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+        None
+    }
     /// Projects a whole time-major input sequence `[T, batch, input]` at once into the
-    /// per-step kernel input `[T, batch, kernel.input_width()]`.
+    /// per-step kernel input `[T, batch, kernel.input_width()]`; by default through
+    /// [`input_affine`](Cell::input_affine).
     fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
     where
-        B: RnnBackend;
+        B: RnnBackend,
+    {
+        let (weight, bias) = self
+            .input_affine()
+            .expect("a cell without an affine input projection defines `project`");
+        project_sequence(input, weight, bias)
+    }
     /// The kernel's recurrent parameters, flattened and concatenated in its order.
     fn recurrent_params(&self) -> Tensor<B, 1>;
 
@@ -89,8 +103,27 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
     where
         B: RnnBackend,
     {
-        let projected = self.project(input);
         let params = self.recurrent_params();
+        // The projection and the recurrence as one op where the cell allows it (the backend
+        // decides whether to fuse them); recurrent noise widens the projected input instead.
+        let affine = match (noise, path) {
+            (None, RecurrencePath::Fused) => self.input_affine(),
+            _ => None,
+        };
+        if let Some((weight, bias)) = affine {
+            check_input_width(&input, &weight);
+            return ops::projected_recurrence(
+                &self.kernel(),
+                input,
+                weight,
+                bias,
+                state,
+                params,
+                mask,
+                reverse,
+            );
+        }
+        let projected = self.project(input);
         match noise {
             None => ops::recurrence_with(
                 path,
@@ -166,14 +199,9 @@ pub(crate) fn project_sequence<B: RnnBackend>(
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, 3> {
-    let [len, batch, width] = input.dims();
-    let [out, expected] = weight.dims();
-    assert_eq!(
-        width,
-        expected,
-        "input has {width} features per step but the cell expects {expected} (input shape {:?})",
-        [len, batch, width]
-    );
+    check_input_width(&input, &weight);
+    let [len, batch, _] = input.dims();
+    let out = weight.dims()[0];
     let projected = B::rnn_linear(
         input.into_primitive().tensor(),
         weight.into_primitive().tensor(),
@@ -182,6 +210,18 @@ pub(crate) fn project_sequence<B: RnnBackend>(
     let projected = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(projected));
     debug_assert_eq!(projected.dims(), [len, batch, out]);
     projected
+}
+
+/// Panics unless `input` (`[T, batch, width]`) has the width `weight` (`[out, width]`) projects.
+fn check_input_width<B: Backend>(input: &Tensor<B, 3>, weight: &Tensor<B, 2>) {
+    let [len, batch, width] = input.dims();
+    let expected = weight.dims()[1];
+    assert_eq!(
+        width,
+        expected,
+        "input has {width} features per step but the cell expects {expected} (input shape {:?})",
+        [len, batch, width]
+    );
 }
 
 /// Flattens 2-D parameters into the kernel's flat parameter vector.
@@ -498,6 +538,7 @@ macro_rules! register_cells {
             fn hidden_size(&self) -> usize { match self { $(Self::$variant(c) => c.hidden_size()),* } }
             fn state_names(&self) -> &'static [&'static str] { match self { $(Self::$variant(c) => c.state_names()),* } }
             fn kernel(&self) -> AnyKernel { match self { $(Self::$variant(c) => AnyKernel::$variant(c.kernel())),* } }
+            fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> { match self { $(Self::$variant(c) => c.input_affine()),* } }
             fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> where B: RnnBackend { match self { $(Self::$variant(c) => c.project(input)),* } }
             fn recurrent_params(&self) -> Tensor<B, 1> { match self { $(Self::$variant(c) => c.recurrent_params()),* } }
             fn constrain_recurrent(self, max_len: usize) -> Self {

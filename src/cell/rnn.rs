@@ -7,14 +7,14 @@ use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
 
 use super::{
-    accumulate, flatten_params, load_torch_layer, project_sequence, save_torch_layer, tanh_grad,
-    uniform_param, Cell, CellConfig, Position,
+    accumulate, flatten_params, load_torch_layer, save_torch_layer, tanh_grad, uniform_param, Cell,
+    CellConfig, Position,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
 
 /// Configuration of an [`Rnn`] cell.
 #[derive(Config, Debug, PartialEq)]
@@ -264,12 +264,9 @@ impl<B: Backend> Cell<B> for Rnn<B> {
             relu: self.relu,
         }
     }
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
-    where
-        B: RnnBackend,
-    {
+    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         let bias = self.bias_ih.val() + self.bias_hh.val();
-        project_sequence(input, self.weight_ih.val(), Some(bias))
+        Some((self.weight_ih.val(), Some(bias)))
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {
         flatten_params(vec![self.weight_hh.val().transpose()])

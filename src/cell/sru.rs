@@ -14,14 +14,14 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 
 use super::{
-    accumulate, batch_sum, cols, flatten_params, project_sequence, sigmoid, sigmoid_grad,
-    tanh_grad, uniform_param, Cell, CellConfig, Position,
+    accumulate, batch_sum, cols, flatten_params, sigmoid, sigmoid_grad, tanh_grad, uniform_param,
+    Cell, CellConfig, Position,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::ops::{Recurrence, StepOutput, StepRecord};
 use crate::regularisation::{host_product_keep, masked, product_keep, with_zero_noise_grad};
 
 /// Configuration of an [`Sru`] cell (one direction of an official SRU layer).
@@ -494,10 +494,7 @@ impl<B: Backend> Cell<B> for Sru<B> {
         }
     }
 
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
-    where
-        B: RnnBackend,
-    {
+    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         let (h, k) = (self.hidden, self.blocks());
         // [I, H·k] interleaved per unit -> [k·H, I] block-major, for one matmul.
         let weight = self
@@ -508,7 +505,7 @@ impl<B: Backend> Cell<B> for Sru<B> {
             .reshape([self.input_size(), k * h])
             .transpose();
         if k == 4 {
-            return project_sequence(input, weight, None);
+            return Some((weight, None));
         }
         // The skip term `x'·scale_x` is linear in x too: a constant selection block appended to
         // the weight gives [U0 | U1 | U2 | x'] in the same GEMM (no concatenation of
@@ -522,7 +519,7 @@ impl<B: Backend> Cell<B> for Sru<B> {
         }
         let selection =
             Tensor::<B, 2>::from_data(TensorData::new(selection, [h, width]), &weight.device());
-        project_sequence(input, Tensor::cat(vec![weight, selection], 0), None)
+        Some((Tensor::cat(vec![weight, selection], 0), None))
     }
 
     fn recurrent_params(&self) -> Tensor<B, 1> {

@@ -54,6 +54,27 @@ where
         host_recurrence_backward::<Self, K>(kernel, input, packed, grad)
     }
 
+    fn rnn_projects_in_step(x: &FloatTensor<Self>) -> bool {
+        host_projects_in_step::<Self>(x)
+    }
+
+    fn rnn_projected_split<K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        host_projected_forward::<Self, K>(kernel, input)
+    }
+
+    fn rnn_projected_backward<K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        grad_x: bool,
+    ) -> ProjectedGrads<Self> {
+        host_projected_backward::<Self, K>(kernel, input, packed, grad, grad_x)
+    }
+
     fn rnn_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -147,6 +168,13 @@ pub trait HostTensors: Backend {
         HostRows::copied::<Self, D>(tensor)
     }
 
+    /// A 3-D `tensor` read where it lies: its elements from the first and the strides of its
+    /// axes, when its last axis is contiguous; `None` (the default) when the backend cannot.
+    fn host_strided<F: HostFloat>(tensor: &FloatTensor<Self>) -> Option<(&[F], [usize; 3])> {
+        let _ = tensor;
+        None
+    }
+
     /// The first `cols` entries of the last axis of `tensor` (a copy by default; burn-ndarray
     /// returns a view of the same buffer).
     fn leading_columns<const D: usize>(
@@ -223,6 +251,25 @@ fn rows_in_place<'a, E: 'static, F: HostFloat>(
     })
 }
 
+/// A 3-D ndarray view in place, as [`HostTensors::host_strided`] gives it.
+fn strided_in_place<'a, E: 'static, F: HostFloat>(
+    view: ndarray::ArrayViewD<'a, E>,
+) -> Option<(&'a [F], [usize; 3])> {
+    let shape: [usize; 3] = view.shape().try_into().ok()?;
+    let mut strides = [0; 3];
+    for (stride, &s) in strides.iter_mut().zip(view.strides()) {
+        *stride = usize::try_from(s).ok()?;
+    }
+    if shape.contains(&0) || (shape[2] > 1 && strides[2] != 1) {
+        return None;
+    }
+    let extent = 1 + (0..3).map(|a| (shape[a] - 1) * strides[a]).sum::<usize>();
+    // SAFETY: as in `rows_in_place`: with non-negative strides every element of the view lies
+    // in the `extent` elements from its first, all in the buffer the view was cut from.
+    let all = unsafe { core::slice::from_raw_parts(view.as_ptr(), extent) };
+    Some((same_type(all)?, strides))
+}
+
 /// The elements of an ndarray view in row-major order, each lane along the last axis one
 /// memcpy when contiguous (burn's own copy goes element by element).
 fn lanes_to_vec<E: Copy>(view: ndarray::ArrayViewD<'_, E>) -> Vec<E> {
@@ -289,6 +336,15 @@ where
         in_place.unwrap_or_else(|| HostRows::copied::<Self, D>(tensor))
     }
 
+    fn host_strided<F: HostFloat>(tensor: &FloatTensor<Self>) -> Option<(&[F], [usize; 3])> {
+        use burn::backend::ndarray::NdArrayTensor;
+        match tensor {
+            NdArrayTensor::F32(storage) => strided_in_place(storage.view()),
+            NdArrayTensor::F64(storage) => strided_in_place(storage.view()),
+            _ => None,
+        }
+    }
+
     fn leading_columns<const D: usize>(
         tensor: FloatTensor<Self>,
         cols: usize,
@@ -319,28 +375,80 @@ fn same_type<A: 'static, F: 'static>(slice: &[A]) -> Option<&[F]> {
 /// The op's inputs as host slices.
 struct HostView<'a, F: Clone> {
     xp: Cow<'a, [F]>,
+    projection: Option<ProjectionView<'a, F>>,
     state0: Cow<'a, [F]>,
     params: Cow<'a, [F]>,
     mask: Option<Cow<'a, [F]>>,
+    /// `[T, batch, input_width]` of the projected input.
     dims: [usize; 3],
     reverse: bool,
+}
+
+/// The projected recurrence's input and projection as host slices.
+struct ProjectionView<'a, F: Clone> {
+    /// `[T, batch, width]`, rows contiguous, steps and batch rows `x_strides` apart.
+    x: Cow<'a, [F]>,
+    x_strides: [usize; 2],
+    width: usize,
+    /// `Wᵀ` `[width, input_width]`, with `b` as one more row (see [`host::Projection`]).
+    weights: Vec<F>,
+    grad_x: bool,
 }
 
 impl<'a, F: HostFloat> HostView<'a, F> {
     fn read<B: HostTensors>(input: &'a RecurrenceInput<B>) -> Self {
         Self {
             xp: B::host_slice::<F, 3>(&input.xp),
+            projection: None,
             state0: B::host_slice::<F, 2>(&input.state0),
             params: B::host_slice::<F, 1>(&input.params),
             mask: input.mask.as_ref().map(|mask| B::host_slice::<F, 2>(mask)),
-            dims: float::<B, 3>(input.xp.clone()).dims(),
+            dims: dims3::<B>(&input.xp),
+            reverse: input.reverse,
+        }
+    }
+
+    fn read_projected<B: HostTensors>(input: &'a ProjectedInput<B>, grad_x: bool) -> Self {
+        let ([len, batch, width], [input_width, _]) =
+            (dims3::<B>(&input.x), dims::<B>(&input.weight));
+        let weight = B::host_slice::<F, 2>(&input.weight);
+        let mut weights = host::transpose(MatRef::new(&weight, input_width, width));
+        if let Some(bias) = &input.bias {
+            weights.extend_from_slice(&B::host_slice::<F, 1>(bias));
+        }
+        // The layer's input is a transposed view: read in place, not copied to time-major.
+        let (x, x_strides) = match B::host_strided::<F>(&input.x) {
+            Some((x, [step, row, _])) => (Cow::Borrowed(x), [step, row]),
+            None => (B::host_slice::<F, 3>(&input.x), [batch * width, width]),
+        };
+        Self {
+            xp: Cow::Borrowed(&[]),
+            projection: Some(ProjectionView {
+                x,
+                x_strides,
+                width,
+                weights,
+                grad_x,
+            }),
+            state0: B::host_slice::<F, 2>(&input.state0),
+            params: B::host_slice::<F, 1>(&input.params),
+            mask: input.mask.as_ref().map(|mask| B::host_slice::<F, 2>(mask)),
+            dims: [len, batch, input_width],
             reverse: input.reverse,
         }
     }
 
     fn view(&self) -> HostInput<'_, F> {
+        let input_width = self.dims[2];
         HostInput {
             xp: &self.xp,
+            projection: self.projection.as_ref().map(|p| host::Projection {
+                x: &p.x,
+                x_strides: p.x_strides,
+                width: p.width,
+                weights: MatRef::new(&p.weights, p.weights.len() / input_width, input_width),
+                grad_x: p.grad_x,
+            }),
             state0: &self.state0,
             params: &self.params,
             mask: self.mask.as_deref(),
@@ -348,6 +456,22 @@ impl<'a, F: HostFloat> HostView<'a, F> {
             batch: self.dims[1],
             reverse: self.reverse,
         }
+    }
+
+    /// The forward on host memory: the full packed sequence and the op's output (a view of it).
+    fn forward<B: HostTensors, K: Recurrence>(
+        &self,
+        kernel: &K,
+        device: &B::Device,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let [len, batch, _] = self.dims;
+        let shown = kernel.output_width() + kernel.state_width();
+        let width = shown + kernel.host_saved_width();
+        let packed = host::forward(kernel, self.view());
+        let packed = from_host::<B, F, 3>(packed, [len, batch, width], device);
+        // The op's output is the packed sequence less its saved columns: a view, not a copy.
+        let output = B::leading_columns::<3>(packed.clone(), shown);
+        (packed, output)
     }
 }
 
@@ -373,15 +497,7 @@ pub fn host_recurrence_forward<B: HostTensors, K: Recurrence>(
         input: RecurrenceInput<B>,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let device = B::float_device(&input.xp);
-        let view = HostView::<F>::read(&input);
-        let [len, batch, _] = view.dims;
-        let shown = kernel.output_width() + kernel.state_width();
-        let width = shown + kernel.host_saved_width();
-        let packed = host::forward(kernel, view.view());
-        let packed = from_host::<B, F, 3>(packed, [len, batch, width], &device);
-        // The op's output is the packed sequence less its saved columns: a view, not a copy.
-        let output = B::leading_columns::<3>(packed.clone(), shown);
-        (packed, output)
+        HostView::<F>::read(&input).forward::<B, K>(kernel, &device)
     }
     by_float_type!(&input.xp,
     F => run::<B, F, K>(kernel, input),
@@ -420,6 +536,75 @@ pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
     by_float_type!(&input.xp,
         F => run::<B, F, K>(kernel, input, packed, grad),
         other => recurrence_backward::<B, K>(kernel, input, packed, grad))
+}
+
+/// The widest layer input whose projection the CPU recurrence computes step by step: up to
+/// here a step's projection costs less than storing the projected input and reading it back
+/// twice; wider inputs are projected first by one large GEMM.
+pub const MAX_PROJECTED_IN_STEP: usize = 32;
+
+/// [`RnnBackend::rnn_projects_in_step`] on host memory: f32 and f64 inputs of at most
+/// [`MAX_PROJECTED_IN_STEP`] features.
+pub fn host_projects_in_step<B: Backend>(x: &FloatTensor<B>) -> bool {
+    let x = float::<B, 3>(x.clone());
+    matches!(x.dtype(), DType::F32 | DType::F64) && x.dims()[2] <= MAX_PROJECTED_IN_STEP
+}
+
+/// The projected recurrence on host memory: each step's projection computed inside the walk.
+pub fn host_projected_forward<B: HostTensors + RnnBackend, K: Recurrence>(
+    kernel: &K,
+    input: ProjectedInput<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    fn run<B: HostTensors + RnnBackend, F: HostFloat, K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let device = B::float_device(&input.x);
+        HostView::<F>::read_projected(&input, false).forward::<B, K>(kernel, &device)
+    }
+    by_float_type!(&input.x,
+        F => run::<B, F, K>(kernel, input),
+        other => B::rnn_recurrence_split(kernel, input.projected()))
+}
+
+/// The backward of [`host_projected_forward`].
+pub fn host_projected_backward<B: HostTensors + RnnBackend, K: Recurrence>(
+    kernel: &K,
+    input: ProjectedInput<B>,
+    packed: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    grad_x: bool,
+) -> ProjectedGrads<B> {
+    fn run<B: HostTensors + RnnBackend, F: HostFloat, K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<B>,
+        packed: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        grad_x: bool,
+    ) -> ProjectedGrads<B> {
+        let device = B::float_device(&input.x);
+        let view = HostView::<F>::read_projected(&input, grad_x);
+        let packed = B::host_slice::<F, 3>(&packed);
+        let grad = B::host_slice::<F, 3>(&grad);
+        let grads = host::backward(kernel, view.view(), &packed, &grad);
+        let ([len, batch, width], [input_width, _]) =
+            (dims3::<B>(&input.x), dims::<B>(&input.weight));
+        let (weight, bias) = grads.projection.expect("a projected backward");
+        let param_len = grads.params.len();
+        ProjectedGrads {
+            x: grad_x.then(|| from_host::<B, F, 3>(grads.xp, [len, batch, width], &device)),
+            weight: from_host::<B, F, 2>(weight, [input_width, width], &device),
+            bias: input
+                .bias
+                .is_some()
+                .then(|| from_host::<B, F, 1>(bias, [input_width], &device)),
+            state0: from_host::<B, F, 2>(grads.state0, [batch, kernel.state_width()], &device),
+            params: from_host::<B, F, 1>(grads.params, [param_len], &device),
+        }
+    }
+    by_float_type!(&input.x,
+        F => run::<B, F, K>(kernel, input, packed, grad, grad_x),
+        other => projected_backward_in_parts::<B, K>(kernel, input, packed, grad, grad_x))
 }
 
 fn dims3<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 3] {
@@ -664,6 +849,88 @@ mod tests {
                 &Regularised::new(kernel.clone(), true, false),
                 131,
             );
+        }
+    }
+
+    /// The projected recurrence on host memory (each step's projection computed in the walk,
+    /// the weight products summed step by step) against the projection and the recurrence as
+    /// separate tensor ops: forward and every gradient, masked, both directions, one block of
+    /// rows and two, the input contiguous and transposed (as the layer passes it).
+    #[test]
+    fn projected_host_path_matches_projection_then_recurrence() {
+        let (len, width) = (5, 3);
+        for name in cell_names() {
+            let cell = AnyCellConfig::named(name, width, 4)
+                .unwrap()
+                .init_cell::<F64>(&Default::default());
+            let Some((weight, bias)) = cell.input_affine() else {
+                continue;
+            };
+            let kernel = cell.kernel();
+            let (weight, bias) = (primitive(weight), bias.map(primitive));
+            let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
+            for (batch, reverse, transposed) in
+                [(3, false, true), (3, true, false), (131, true, true)]
+            {
+                let x = match transposed {
+                    true => primitive(float::<F64, 3>(random([batch, len, width])).swap_dims(0, 1)),
+                    false => random([len, batch, width]),
+                };
+                let mask: Vec<f64> = (0..len)
+                    .flat_map(|t| (0..batch).map(move |b| f64::from(t <= 4 - b % 3)))
+                    .collect();
+                let input = ProjectedInput::<F64> {
+                    x: x.clone(),
+                    weight: weight.clone(),
+                    bias: bias.clone(),
+                    state0: random([batch, kernel.state_width()]),
+                    params: random([param_len]),
+                    mask: Some(primitive(Tensor::<F64, 2>::from_data(
+                        TensorData::new(mask, [len, batch]),
+                        &Default::default(),
+                    ))),
+                    reverse,
+                };
+                let apart = RecurrenceInput::<F64> {
+                    xp: linear::tensor_forward::<F64>(x.clone(), weight.clone(), bias.clone()),
+                    state0: input.state0.clone(),
+                    params: input.params.clone(),
+                    mask: input.mask.clone(),
+                    reverse,
+                };
+                let tensor_out = recurrence_forward::<F64, _>(&kernel, apart.clone());
+                let (host_out, host_visible) =
+                    host_projected_forward::<F64, _>(&kernel, input.clone());
+                let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
+                let tensor =
+                    recurrence_backward::<F64, _>(&kernel, apart, tensor_out.clone(), grad.clone());
+                let (tensor_w, tensor_b) =
+                    linear::tensor_grad_params::<F64>(tensor.xp.clone(), x.clone());
+                let tensor_x = linear::tensor_grad_input::<F64>(tensor.xp, weight.clone());
+                let host = host_projected_backward::<F64, _>(&kernel, input, host_out, grad, true);
+                let case = format!("{name} (batch {batch}, reverse {reverse})");
+                let mut diffs = vec![
+                    max_abs_diff(
+                        &case,
+                        &data::<3>(host_visible),
+                        &data::<3>(visible::<F64, _>(&kernel, tensor_out)),
+                    ),
+                    max_abs_diff(&case, &data::<3>(host.x.unwrap()), &data::<3>(tensor_x)),
+                    max_abs_diff(&case, &data::<2>(host.weight), &data::<2>(tensor_w)),
+                    max_abs_diff(&case, &data::<2>(host.state0), &data::<2>(tensor.state0)),
+                    max_abs_diff(&case, &data::<1>(host.params), &data::<1>(tensor.params)),
+                ];
+                assert_eq!(host.bias.is_some(), bias.is_some(), "{case}: bias gradient");
+                if let Some(host_b) = host.bias {
+                    diffs.push(max_abs_diff(
+                        &case,
+                        &data::<1>(host_b),
+                        &data::<1>(tensor_b),
+                    ));
+                }
+                let worst = diffs.into_iter().fold(0.0, f64::max);
+                assert!(worst < 1e-12, "{case}: {worst:e}");
+            }
         }
     }
 

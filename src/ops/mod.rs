@@ -9,7 +9,11 @@
 //! The op is a method of [`RnnBackend`], an extension of burn's [`Backend`]. Its default bodies
 //! are plain tensor ops (the fallback, and the reference every fast path is tested against);
 //! [`Autodiff`] wraps them in a custom backward node; burn-ndarray runs them on host memory
-//! (`cpu`). The input projection and the batch-major output layout are ops of the same trait.
+//! (`cpu`). The input projection and the batch-major output layout are ops of the same trait,
+//! and so is the projected recurrence: projection and recurrence as one op, for a backend that
+//! computes each step's projection inside the walk (the CPU path, for narrow inputs), so that
+//! the projected input and its gradient, `input_width` values per row and step, never reach
+//! memory.
 
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -173,6 +177,75 @@ pub struct RecurrenceInput<B: Backend> {
     pub reverse: bool,
 }
 
+/// Inputs of the projected recurrence op: the layer input and the input projection's
+/// parameters in place of the projected input (see [`RnnBackend::rnn_projected_recurrence`]).
+#[derive(Debug, Clone)]
+pub struct ProjectedInput<B: Backend> {
+    /// Time-major layer input `[T, batch, width]`.
+    pub x: FloatTensor<B>,
+    /// The projection's weight `[input_width, width]`.
+    pub weight: FloatTensor<B>,
+    /// The projection's bias `[input_width]`.
+    pub bias: Option<FloatTensor<B>>,
+    /// Initial packed state `[batch, state_width]`.
+    pub state0: FloatTensor<B>,
+    /// The recurrent parameters flattened and concatenated, `[param_len]`.
+    pub params: FloatTensor<B>,
+    /// `[T, batch]`, 1 for a real step and 0 for padding; `None` when every step is real.
+    pub mask: Option<FloatTensor<B>>,
+    /// Walk the sequence from its end to its start.
+    pub reverse: bool,
+}
+
+impl<B: RnnBackend> ProjectedInput<B> {
+    /// The recurrence op's input, the projection computed beforehand by its own op.
+    pub fn projected(self) -> RecurrenceInput<B> {
+        RecurrenceInput {
+            xp: B::rnn_linear(self.x, self.weight, self.bias),
+            state0: self.state0,
+            params: self.params,
+            mask: self.mask,
+            reverse: self.reverse,
+        }
+    }
+}
+
+/// Gradients of the projected recurrence op's inputs.
+#[derive(Debug, Clone)]
+pub struct ProjectedGrads<B: Backend> {
+    /// `[T, batch, width]`, when asked for.
+    pub x: Option<FloatTensor<B>>,
+    /// `[input_width, width]`.
+    pub weight: FloatTensor<B>,
+    /// `[input_width]`, when the projection has a bias.
+    pub bias: Option<FloatTensor<B>>,
+    /// `[batch, state_width]`.
+    pub state0: FloatTensor<B>,
+    /// `[param_len]`, the flat parameters.
+    pub params: FloatTensor<B>,
+}
+
+/// The projected recurrence's backward as the backwards of its two parts: the recurrence op's
+/// (from the projection computed again) and the projection op's.
+pub fn projected_backward_in_parts<B: RnnBackend, K: Recurrence>(
+    kernel: &K,
+    input: ProjectedInput<B>,
+    packed: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    grad_x: bool,
+) -> ProjectedGrads<B> {
+    let (x, weight, has_bias) = (input.x.clone(), input.weight.clone(), input.bias.is_some());
+    let grads = B::rnn_recurrence_backward(kernel, input.projected(), packed, grad);
+    let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grads.xp.clone(), x);
+    ProjectedGrads {
+        x: grad_x.then(|| B::rnn_linear_grad_input(grads.xp, weight)),
+        weight: grad_weight,
+        bias: has_bias.then_some(grad_bias),
+        state0: grads.state0,
+        params: grads.params,
+    }
+}
+
 /// A backend that can run the recurrence op. Every method has a plain-tensor default; a
 /// backend overrides them with a faster path where it has one.
 pub trait RnnBackend: Backend {
@@ -214,6 +287,49 @@ pub trait RnnBackend: Backend {
         grad: FloatTensor<Self>,
     ) -> RecurrenceGrads<Self> {
         recurrence_backward::<Self, K>(kernel, input, packed, grad)
+    }
+
+    /// Whether this backend computes each step's input projection inside the recurrence for
+    /// the layer input `x` (`[T, batch, width]`), so that the projected input is never stored
+    /// ([`rnn_projected_split`](RnnBackend::rnn_projected_split)). If not (the default), the
+    /// projected recurrence is the projection op followed by the recurrence op.
+    fn rnn_projects_in_step(x: &FloatTensor<Self>) -> bool {
+        let _ = x;
+        false
+    }
+
+    /// The input projection and the recurrence op as one op: the recurrence op's output
+    /// (`[T, batch, O + S]`) from the layer input.
+    fn rnn_projected_recurrence<K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<Self>,
+    ) -> FloatTensor<Self> {
+        if Self::rnn_projects_in_step(&input.x) {
+            Self::rnn_projected_split(kernel, input).1
+        } else {
+            Self::rnn_recurrence(kernel, input.projected())
+        }
+    }
+
+    /// [`rnn_recurrence_split`](RnnBackend::rnn_recurrence_split) of the projected recurrence.
+    /// The default projects the whole input first.
+    fn rnn_projected_split<K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        Self::rnn_recurrence_split(kernel, input.projected())
+    }
+
+    /// The backward of [`rnn_projected_split`](RnnBackend::rnn_projected_split); the gradient
+    /// of `x` only when `grad_x`. The default is [`projected_backward_in_parts`].
+    fn rnn_projected_backward<K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        grad_x: bool,
+    ) -> ProjectedGrads<Self> {
+        projected_backward_in_parts::<Self, K>(kernel, input, packed, grad, grad_x)
     }
 
     /// The input projection `x · Wᵀ + b` of every step (`x` `[T, batch, in]`, any layout;
@@ -602,6 +718,44 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
         }
     }
 
+    fn rnn_projected_recurrence<K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<Self>,
+    ) -> FloatTensor<Self> {
+        if !B::rnn_projects_in_step(&input.x.primitive) {
+            return Self::rnn_recurrence(kernel, input.projected());
+        }
+        let inner = ProjectedInput::<B> {
+            x: input.x.primitive,
+            weight: input.weight.primitive,
+            bias: input.bias.as_ref().map(|bias| bias.primitive.clone()),
+            state0: input.state0.primitive,
+            params: input.params.primitive,
+            mask: input.mask.map(|mask| mask.primitive),
+            reverse: input.reverse,
+        };
+        let (x, weight) = (input.x.node, input.weight.node);
+        let (state0, params) = (input.state0.node, input.params.node);
+        // Four parents without a bias, five with one: burn's nodes have a fixed parent count.
+        let node = ProjectedBackward(kernel.clone());
+        match input.bias {
+            None => finish_projected(
+                node.prepare::<C>([x, weight, state0, params])
+                    .compute_bound()
+                    .stateful(),
+                kernel,
+                inner,
+            ),
+            Some(bias) => finish_projected(
+                node.prepare::<C>([x, weight, bias.node, state0, params])
+                    .compute_bound()
+                    .stateful(),
+                kernel,
+                inner,
+            ),
+        }
+    }
+
     fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
         let width = float::<B, 3>(visible.primitive.clone()).dims()[2];
         match OutputsBackward
@@ -649,6 +803,83 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
                 }
             },
         }
+    }
+}
+
+/// The autodiff node of the projected recurrence op (parents: input, weight, the bias when
+/// present, initial state, parameters); its state is everything the backward reads.
+#[derive(Debug)]
+struct ProjectedBackward<K>(K);
+
+type ProjectedState<B> = (ProjectedInput<B>, FloatTensor<B>);
+
+impl<K: Recurrence> ProjectedBackward<K> {
+    fn run<B: RnnBackend, const N: usize>(
+        self,
+        ops: Ops<ProjectedState<B>, N>,
+        grads: &mut Gradients,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (input, packed) = ops.state;
+        let has_bias = input.bias.is_some();
+        let mut parents = ops.parents.into_iter();
+        let (node_x, node_weight) = (parents.next().flatten(), parents.next().flatten());
+        let node_bias = if has_bias {
+            parents.next().flatten()
+        } else {
+            None
+        };
+        let (node_state0, node_params) = (parents.next().flatten(), parents.next().flatten());
+        let result = B::rnn_projected_backward(&self.0, input, packed, grad, node_x.is_some());
+        let pairs = [
+            (node_x, result.x),
+            (node_weight, Some(result.weight)),
+            (node_bias, result.bias),
+            (node_state0, Some(result.state0)),
+            (node_params, Some(result.params)),
+        ];
+        for (node, grad) in pairs {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: RnnBackend, K: Recurrence> Backward<B, 4> for ProjectedBackward<K> {
+    type State = ProjectedState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        self.run::<B, 4>(ops, grads)
+    }
+}
+
+impl<B: RnnBackend, K: Recurrence> Backward<B, 5> for ProjectedBackward<K> {
+    type State = ProjectedState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+        self.run::<B, 5>(ops, grads)
+    }
+}
+
+/// The projected recurrence op on `Autodiff<B>` with `N` parents, once its node is prepared.
+fn finish_projected<B, C, K, const N: usize>(
+    kind: OpsKind<ProjectedBackward<K>, B, ProjectedState<B>, C, N>,
+    kernel: &K,
+    inner: ProjectedInput<B>,
+) -> FloatTensor<Autodiff<B, C>>
+where
+    B: RnnBackend,
+    C: CheckpointStrategy,
+    K: Recurrence,
+    ProjectedBackward<K>: Backward<B, N, State = ProjectedState<B>>,
+{
+    match kind {
+        OpsKind::Tracked(prep) => {
+            let (packed, output) = B::rnn_projected_split(kernel, inner.clone());
+            prep.finish((inner, packed), output)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::rnn_projected_recurrence(kernel, inner)),
     }
 }
 
@@ -864,6 +1095,32 @@ pub fn outputs_batch_major<B: RnnBackend>(
     output_width: usize,
 ) -> Tensor<B, 3> {
     float(B::rnn_outputs(primitive(visible), output_width))
+}
+
+/// The projected recurrence op ([`RnnBackend::rnn_projected_recurrence`]) on high-level
+/// tensors: the recurrence op's output `[T, batch, O + S]` from the layer input `x`
+/// `[T, batch, width]` and the projection `x · weightᵀ + bias`.
+#[allow(clippy::too_many_arguments)]
+pub fn projected_recurrence<B: RnnBackend, K: Recurrence>(
+    kernel: &K,
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    state0: Tensor<B, 2>,
+    params: Tensor<B, 1>,
+    mask: Option<Tensor<B, 2>>,
+    reverse: bool,
+) -> Tensor<B, 3> {
+    let input = ProjectedInput {
+        x: primitive(x),
+        weight: primitive(weight),
+        bias: bias.map(primitive),
+        state0: primitive(state0),
+        params: primitive(params),
+        mask: mask.map(primitive),
+        reverse,
+    };
+    float(B::rnn_projected_recurrence(kernel, input))
 }
 
 /// Runs the recurrence op on high-level tensors along the chosen [`RecurrencePath`]: the
