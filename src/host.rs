@@ -864,11 +864,14 @@ struct BackwardShared<'a, F, K> {
 /// One block's rows of a time-major buffer, step by step (`[t]`).
 type StepRows<'a, F> = Vec<&'a mut [F]>;
 
+/// One block's `(a_t, g_t)` rows of a weight product.
+type ProductRows<'a, F> = (StepRows<'a, F>, StepRows<'a, F>);
+
 /// Where one block of the backward writes.
 struct BlockGrads<'a, F> {
     xp: StepRows<'a, F>,
     /// The `(a_t, g_t)` rows of each weight product.
-    products: Vec<(StepRows<'a, F>, StepRows<'a, F>)>,
+    products: Vec<ProductRows<'a, F>>,
 }
 
 /// The backward walk over one block of batch rows: writes its rows of the projected-input
@@ -901,7 +904,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     // With a projection: each step's projected input and its gradient, and the block's sums
     // of the projection's gradients, `[Wᵀ | b]`.
     let mut scratch = StepScratch::for_block(&input, n, w.input);
-    let mut grad_xp_scratch = StepScratch::for_block(&input, n, w.input).xp;
+    let mut grad_xp_scratch = vec![F::zero(); scratch.xp.len()];
     let mut grad_projection =
         vec![F::zero(); input.projection.map_or(0, |p| p.weights.rows * w.input)];
     let steps = shared.steps;
@@ -976,9 +979,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
                 let mut dx = MatMut::new(out.xp[t], n, projection.width);
                 matmul(&mut dx, grad_xp, weight_t.t(), false);
             }
-            let written: Vec<(&[F], &[F])> =
-                out.products.iter().map(|(a, g)| (&*a[t], &*g[t])).collect();
-            add_step_products(shared, prev, grad_xp, &written, &mut grad_params);
+            add_step_products(shared, prev, grad_xp, (&out.products, t), &mut grad_params);
         }
         std::mem::swap(&mut grad_state, &mut grad_prev);
         if input.mask.is_some() {
@@ -995,24 +996,24 @@ fn add_step_products<'a, F: HostFloat, K: Recurrence>(
     shared: &BackwardShared<'_, F, K>,
     prev: MatRef<'a, F>,
     grad_xp: MatRef<'a, F>,
-    written: &[(&'a [F], &'a [F])],
+    (written, t): (&'a [ProductRows<'_, F>], usize),
     grad_params: &mut [F],
 ) {
     let n = grad_xp.rows;
     let operand = |operand: Operand, own: &'a [F], width: usize| match operand {
         Operand::Written => MatRef::new(own, n, width),
-        Operand::GradOf(product) => MatRef::new(written[product].1, n, width),
+        Operand::GradOf(product) => MatRef::new(written[product].1[t], n, width),
         Operand::GradInput(col) => grad_xp.cols(col, width),
         Operand::PrevState(col) => prev.cols(col, width),
         Operand::Ones => unreachable!("a column of ones is summed over, not read"),
     };
     let mut views = param_views_mut(shared.shapes, grad_params);
-    for (p, &(a, g)) in shared.products.iter().zip(written) {
-        let g = operand(p.g, g, p.n);
+    for (p, (a, g)) in shared.products.iter().zip(written) {
+        let g = operand(p.g, g[t], p.n);
         let mut dst = views[p.param].cols_mut(p.col, p.n);
         match p.a {
             Operand::Ones => add_column_sums(dst.row_mut(0), g),
-            _ => matmul(&mut dst, operand(p.a, a, p.k).t(), g, true),
+            _ => matmul(&mut dst, operand(p.a, a[t], p.k).t(), g, true),
         }
     }
 }
