@@ -12,6 +12,7 @@
 //! Each cell's kernel writes its host step next to its tensor step (see
 //! [`Recurrence::host_step`]); this module owns time, masks, buffers and the final products.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -384,19 +385,34 @@ fn block_rows<'a, F>(
     rows
 }
 
-/// Row `read` for reading and row `write` for writing, out of one block's rows.
-fn read_and_write<'a, F>(
-    rows: &'a mut [&mut [F]],
-    read: usize,
-    write: usize,
-) -> (&'a [F], &'a mut [F]) {
-    if read < write {
-        let (before, after) = rows.split_at_mut(write);
-        (&*before[read], &mut *after[0])
-    } else {
-        let (before, after) = rows.split_at_mut(read);
-        (&*after[0], &mut *before[write])
+/// A row of a buffer that was allocated without being zeroed: zeroed here, by the thread that
+/// writes it next and while it is in that thread's cache (one `memset` of a whole sequence
+/// buffer on the calling thread took ~10% of a two-thread training step).
+fn zeroed<F: HostFloat>(row: &mut [MaybeUninit<F>]) -> &mut [F] {
+    row.fill(MaybeUninit::new(F::zero()));
+    // SAFETY: every element was initialised just above, and `MaybeUninit<F>` has the layout
+    // of `F`.
+    unsafe { &mut *(row as *mut [MaybeUninit<F>] as *mut [F]) }
+}
+
+/// A buffer of `chunks` chunks of `chunk_len` values, each written by `fill(index, chunk)`
+/// (zeroed first), chunks in parallel: no serial zero-fill of the whole buffer.
+pub fn filled_by_chunks<F: HostFloat>(
+    chunks: usize,
+    chunk_len: usize,
+    fill: impl Fn(usize, &mut [F]) + Send + Sync,
+) -> Vec<F> {
+    let total = chunks * chunk_len;
+    let mut values = Vec::with_capacity(total);
+    if total > 0 {
+        values.spare_capacity_mut()[..total]
+            .par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(index, chunk)| fill(index, zeroed(chunk)));
     }
+    // SAFETY: the chunks cover all `total` elements, and `zeroed` initialised each of them.
+    unsafe { values.set_len(total) };
+    values
 }
 
 fn rows_of<'a, F: Copy + Send + Sync>(m: &'a mut MatMut<'_, F>) -> Vec<&'a mut [F]> {
@@ -775,29 +791,28 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
     let params = param_views(&shapes, input.params);
     let steps = order(len, input.reverse);
     let blocks = batch_blocks(batch);
-    let mut packed = vec![F::zero(); len * batch * w.packed];
-    let block_outputs = block_rows(&mut packed, &blocks, len, w.packed);
+    let total = len * batch * w.packed;
+    let mut packed = Vec::with_capacity(total);
+    let block_outputs = block_rows(
+        &mut packed.spare_capacity_mut()[..total],
+        &blocks,
+        len,
+        w.packed,
+    );
     for_each_block(
         blocks.into_iter().zip(block_outputs).collect(),
         |(rows, mut outputs)| {
             let n = rows.len();
             let mut scratch = StepScratch::for_block(&input, n, w.input);
-            for (position, &t) in steps.iter().enumerate() {
+            let mut prev_row: Option<&[F]> = None;
+            for &t in &steps {
                 let (xp, _) = step_input(&input, t, &rows, w.input, &mut scratch);
-                let (prev, out) = match position {
-                    0 => (
-                        step_rows(input.state0, 0, batch, &rows, w.state),
-                        &mut *outputs[t],
-                    ),
-                    _ => {
-                        let (prev_row, out) = read_and_write(&mut outputs, steps[position - 1], t);
-                        (
-                            MatRef::strided(&prev_row[w.output..], n, w.state, w.packed),
-                            out,
-                        )
-                    }
+                let prev = match prev_row {
+                    None => step_rows(input.state0, 0, batch, &rows, w.state),
+                    Some(row) => MatRef::strided(&row[w.output..], n, w.state, w.packed),
                 };
-                let mut out = MatMut::new(out, n, w.packed);
+                let out_row = zeroed(std::mem::take(&mut outputs[t]));
+                let mut out = MatMut::new(&mut *out_row, n, w.packed);
                 kernel.host_step(&params, xp, prev, out.reborrow());
                 if let Some(mask) = input.mask {
                     let keep = &mask[t * batch + rows.start..t * batch + rows.end];
@@ -811,9 +826,13 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
                         }
                     });
                 }
+                prev_row = Some(out_row);
             }
         },
     );
+    // SAFETY: every block zeroed (and then wrote) its rows of every step, and the blocks
+    // cover the batch: all `total` elements are initialised.
+    unsafe { packed.set_len(total) };
     packed
 }
 
@@ -869,7 +888,8 @@ type ProductRows<'a, F> = (StepRows<'a, F>, StepRows<'a, F>);
 
 /// Where one block of the backward writes.
 struct BlockGrads<'a, F> {
-    xp: StepRows<'a, F>,
+    /// Not zeroed: each step zeroes its rows as it comes to them.
+    xp: Vec<&'a mut [MaybeUninit<F>]>,
     /// The `(a_t, g_t)` rows of each weight product.
     products: Vec<ProductRows<'a, F>>,
 }
@@ -948,9 +968,10 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             grad_state: MatRef::new(&grad_state, n, w.state),
             params_t: shared.params_t,
         };
+        let xp_rows = zeroed(std::mem::take(&mut out.xp[t]));
         let grad_xp = match input.projection {
             Some(_) => &mut grad_xp_scratch[..],
-            None => &mut *out.xp[t],
+            None => &mut *xp_rows,
         };
         let grads = HostStepGrads {
             xp: MatMut::new(grad_xp, n, w.input),
@@ -976,7 +997,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             );
             if projection.grad_x {
                 let weight_t = projection.weights.rows_range(0, projection.width);
-                let mut dx = MatMut::new(out.xp[t], n, projection.width);
+                let mut dx = MatMut::new(xp_rows, n, projection.width);
                 matmul(&mut dx, grad_xp, weight_t.t(), false);
             }
             add_step_products(shared, prev, grad_xp, (&out.products, t), &mut grad_params);
@@ -1055,7 +1076,8 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         Some(projection) => usize::from(projection.grad_x) * projection.width,
         None => w.input,
     };
-    let mut grad_xp = vec![F::zero(); len * batch * grad_width];
+    let grad_total = len * batch * grad_width;
+    let mut grad_xp = Vec::with_capacity(grad_total);
     let mut written: Vec<(Vec<F>, Vec<F>)> = products
         .iter()
         .map(|p| {
@@ -1066,7 +1088,8 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         })
         .collect();
     let blocks = batch_blocks(batch);
-    let mut block_xp = block_rows(&mut grad_xp, &blocks, len, grad_width).into_iter();
+    let uninit_xp = &mut grad_xp.spare_capacity_mut()[..grad_total];
+    let mut block_xp = block_rows(uninit_xp, &blocks, len, grad_width).into_iter();
     let mut block_products: Vec<_> = written
         .iter_mut()
         .zip(&products)
@@ -1106,6 +1129,9 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         w,
     };
     let results = for_each_block(work, |(rows, grads)| backward_block(&shared, rows, grads));
+    // SAFETY: every block zeroed its rows of every step (then wrote them), and the blocks
+    // cover the batch: all `grad_total` elements are initialised.
+    unsafe { grad_xp.set_len(grad_total) };
     // Blocks are summed in order: the same result for any thread count.
     let mut grad_state = Vec::with_capacity(batch * w.state);
     let mut grad_params = vec![F::zero(); input.params.len()];

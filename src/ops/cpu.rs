@@ -116,12 +116,12 @@ pub fn host_outputs<B: HostTensors>(
         let [len, batch, _] = dims3::<B>(&visible);
         let rows = B::host_rows::<F, 3>(&visible);
         let rows = rows.mat();
-        let mut outputs = Vec::with_capacity(batch * len * out_w);
-        for b in 0..batch {
-            for t in 0..len {
-                outputs.extend_from_slice(&rows.row(t * batch + b)[..out_w]);
+        // One batch row's outputs per chunk, batch rows in parallel.
+        let outputs = host::filled_by_chunks(batch, len * out_w, |b, chunk| {
+            for (t, out) in chunk.chunks_exact_mut(out_w).enumerate() {
+                out.copy_from_slice(&rows.row(t * batch + b)[..out_w]);
             }
-        }
+        });
         from_host::<B, F, 3>(outputs, [batch, len, out_w], &B::float_device(&visible))
     }
     by_float_type!(&visible,
@@ -134,14 +134,13 @@ pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize)
     fn run<B: HostTensors, F: HostFloat>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
         let [batch, len, out_w] = dims3::<B>(&grad);
         let values = B::host_slice::<F, 3>(&grad);
-        let mut full = Vec::with_capacity(len * batch * width);
-        for t in 0..len {
-            for b in 0..batch {
+        // One step per chunk, steps in parallel; the state columns stay zero.
+        let full = host::filled_by_chunks(len, batch * width, |t, chunk| {
+            for (b, row) in chunk.chunks_exact_mut(width).enumerate() {
                 let start = (b * len + t) * out_w;
-                full.extend_from_slice(&values[start..start + out_w]);
-                full.resize(full.len() + width - out_w, F::zero());
+                row[..out_w].copy_from_slice(&values[start..start + out_w]);
             }
-        }
+        });
         from_host::<B, F, 3>(full, [len, batch, width], &B::float_device(&grad))
     }
     by_float_type!(&grad,
