@@ -212,21 +212,45 @@ impl<'a, F: HostFloat> HostRows<'a, F> {
     }
 }
 
+/// An ndarray view in place: the elements from its first to its last, and the strides of its
+/// axes, when no stride is negative and the last axis is contiguous; `None` otherwise, and for
+/// an empty view.
+fn view_in_place<'a, E: 'static, F: HostFloat>(
+    view: &ndarray::ArrayViewD<'a, E>,
+) -> Option<(&'a [F], Vec<usize>)> {
+    let shape = view.shape();
+    let strides = view
+        .strides()
+        .iter()
+        .map(|&stride| usize::try_from(stride).ok())
+        .collect::<Option<Vec<_>>>()?;
+    let last = shape.len().checked_sub(1)?;
+    if shape.contains(&0) || (shape[last] > 1 && strides[last] != 1) {
+        return None;
+    }
+    let extent = 1 + shape
+        .iter()
+        .zip(&strides)
+        .map(|(&n, &s)| (n - 1) * s)
+        .sum::<usize>();
+    // SAFETY: the view's first element is at `as_ptr()` and its last `extent - 1` elements
+    // further on; with non-negative strides everything between lies in the same initialised
+    // buffer (the gaps are elements of the array the view was cut from), borrowed for `'a`.
+    let all = unsafe { core::slice::from_raw_parts(view.as_ptr(), extent) };
+    Some((same_type(all)?, strides))
+}
+
 /// The rows of an ndarray view's last axis in place, when they are contiguous and one stride
 /// apart (a slice of the last axis, or a contiguous array); `None` otherwise.
 fn rows_in_place<'a, E: 'static, F: HostFloat>(
     view: ndarray::ArrayViewD<'a, E>,
 ) -> Option<HostRows<'a, F>> {
-    let (shape, strides) = (view.shape(), view.strides());
-    let (&cols, outer) = shape.split_last()?;
-    let rows: usize = outer.iter().product();
-    if rows == 0 || cols == 0 || (cols > 1 && strides[outer.len()] != 1) {
-        return None;
-    }
+    let (values, strides) = view_in_place(&view)?;
+    let (&cols, outer) = view.shape().split_last()?;
     // Walking the leading axes from the innermost out must step through rows at one stride.
     let (mut row_stride, mut next) = (None, None);
     for (axis, &n) in outer.iter().enumerate().rev().filter(|&(_, &n)| n > 1) {
-        let stride = usize::try_from(strides[axis]).ok()?;
+        let stride = strides[axis];
         if next.is_some_and(|expected| expected != stride) {
             return None;
         }
@@ -237,14 +261,9 @@ fn rows_in_place<'a, E: 'static, F: HostFloat>(
     if row_stride < cols {
         return None;
     }
-    let extent = (rows - 1) * row_stride + cols;
-    // SAFETY: the view's first element is at `as_ptr()` and its last `extent - 1` elements
-    // further on; with positive strides everything between lies in the same initialised buffer
-    // (the gaps between rows are the other columns of the array the view was cut from).
-    let all = unsafe { core::slice::from_raw_parts(view.as_ptr(), extent) };
     Some(HostRows {
-        values: Cow::Borrowed(same_type(all)?),
-        rows,
+        values: Cow::Borrowed(values),
+        rows: outer.iter().product(),
         cols,
         row_stride,
     })
@@ -254,19 +273,8 @@ fn rows_in_place<'a, E: 'static, F: HostFloat>(
 fn strided_in_place<'a, E: 'static, F: HostFloat>(
     view: ndarray::ArrayViewD<'a, E>,
 ) -> Option<(&'a [F], [usize; 3])> {
-    let shape: [usize; 3] = view.shape().try_into().ok()?;
-    let mut strides = [0; 3];
-    for (stride, &s) in strides.iter_mut().zip(view.strides()) {
-        *stride = usize::try_from(s).ok()?;
-    }
-    if shape.contains(&0) || (shape[2] > 1 && strides[2] != 1) {
-        return None;
-    }
-    let extent = 1 + (0..3).map(|a| (shape[a] - 1) * strides[a]).sum::<usize>();
-    // SAFETY: as in `rows_in_place`: with non-negative strides every element of the view lies
-    // in the `extent` elements from its first, all in the buffer the view was cut from.
-    let all = unsafe { core::slice::from_raw_parts(view.as_ptr(), extent) };
-    Some((same_type(all)?, strides))
+    let (values, strides) = view_in_place(&view)?;
+    Some((values, strides.try_into().ok()?))
 }
 
 /// The elements of an ndarray view in row-major order, each lane along the last axis one
