@@ -905,7 +905,8 @@ pub fn transpose<F: HostFloat>(m: MatRef<F>) -> Vec<F> {
         .collect()
 }
 
-/// Written operands of the weight products, time-major `[T, batch, width]` (empty otherwise).
+/// Written operands of the weight products, time-major `[steps, batch, width]` (empty
+/// otherwise).
 fn operand_buffer<F: HostFloat>(operand: Operand, steps: usize, width: usize) -> Vec<F> {
     match operand {
         Operand::Written => vec![F::zero(); steps * width],
@@ -937,7 +938,8 @@ type ProductRows<'a, F> = (StepRows<'a, F>, StepRows<'a, F>);
 struct BlockGrads<'a, F> {
     /// Not zeroed: each step zeroes its rows as it comes to them.
     xp: Vec<&'a mut [MaybeUninit<F>]>,
-    /// The `(a_t, g_t)` rows of each weight product.
+    /// The `(a_t, g_t)` rows of each weight product: of every step, or with a projection of
+    /// the current step only.
     products: Vec<ProductRows<'a, F>>,
 }
 
@@ -975,7 +977,10 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     let mut grad_projection =
         vec![F::zero(); input.projection.map_or(0, |p| p.weights.rows * w.input)];
     let steps = shared.steps;
+    let projected = input.projection.is_some();
     for (position, &t) in steps.iter().enumerate().rev() {
+        // Where this step finds its rows of the written operands.
+        let slot = if projected { 0 } else { t };
         let prev = match position {
             0 => step_rows(input.state0, 0, batch, &rows, w.state),
             _ => {
@@ -1028,7 +1033,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
                 .products
                 .iter()
                 .zip(out.products.iter_mut())
-                .map(|(p, (a, g))| (operand_rows(a[t], n, p.k), operand_rows(g[t], n, p.n)))
+                .map(|(p, (a, g))| (operand_rows(a[slot], n, p.k), operand_rows(g[slot], n, p.n)))
                 .collect(),
         };
         kernel.host_step_backward(shared.params, step, grads);
@@ -1047,7 +1052,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
                 let mut dx = MatMut::new(xp_rows, n, projection.width);
                 matmul(&mut dx, grad_xp, weight_t.t(), false);
             }
-            add_step_products(shared, prev, grad_xp, (&out.products, t), &mut grad_params);
+            add_step_products(shared, prev, grad_xp, &out.products, slot, &mut grad_params);
         }
         std::mem::swap(&mut grad_state, &mut grad_prev);
         if input.mask.is_some() {
@@ -1064,24 +1069,25 @@ fn add_step_products<'a, F: HostFloat, K: Recurrence>(
     shared: &BackwardShared<'_, F, K>,
     prev: MatRef<'a, F>,
     grad_xp: MatRef<'a, F>,
-    (written, t): (&'a [ProductRows<'_, F>], usize),
+    written: &'a [ProductRows<'_, F>],
+    slot: usize,
     grad_params: &mut [F],
 ) {
     let n = grad_xp.rows;
     let operand = |operand: Operand, own: &'a [F], width: usize| match operand {
         Operand::Written => MatRef::new(own, n, width),
-        Operand::GradOf(product) => MatRef::new(written[product].1[t], n, width),
+        Operand::GradOf(product) => MatRef::new(written[product].1[slot], n, width),
         Operand::GradInput(col) => grad_xp.cols(col, width),
         Operand::PrevState(col) => prev.cols(col, width),
         Operand::Ones => unreachable!("a column of ones is summed over, not read"),
     };
     let mut views = param_views_mut(shared.shapes, grad_params);
     for (p, (a, g)) in shared.products.iter().zip(written) {
-        let g = operand(p.g, g[t], p.n);
+        let g = operand(p.g, g[slot], p.n);
         let mut dst = views[p.param].cols_mut(p.col, p.n);
         match p.a {
             Operand::Ones => add_column_sums(dst.row_mut(0), g),
-            _ => matmul(&mut dst, operand(p.a, a[t], p.k).t(), g, true),
+            _ => matmul(&mut dst, operand(p.a, a[slot], p.k).t(), g, true),
         }
     }
 }
@@ -1125,12 +1131,15 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     };
     let grad_total = len * batch * grad_width;
     let mut grad_xp = Vec::with_capacity(grad_total);
+    // With a projection the products are summed step by step, so a written operand is read
+    // only in its own step: one step's rows, rewritten at every step, rather than T of them.
+    let kept_steps = if input.projection.is_some() { 1 } else { len };
     let mut written: Vec<(Vec<F>, Vec<F>)> = products
         .iter()
         .map(|p| {
             (
-                operand_buffer(p.a, len * batch, p.k),
-                operand_buffer(p.g, len * batch, p.n),
+                operand_buffer(p.a, kept_steps * batch, p.k),
+                operand_buffer(p.g, kept_steps * batch, p.n),
             )
         })
         .collect();
@@ -1141,8 +1150,8 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         .iter_mut()
         .zip(&products)
         .map(|((a, g), p)| {
-            let a = block_rows(a, &blocks, len, p.k).into_iter();
-            (a, block_rows(g, &blocks, len, p.n).into_iter())
+            let a = block_rows(a, &blocks, kept_steps, p.k).into_iter();
+            (a, block_rows(g, &blocks, kept_steps, p.n).into_iter())
         })
         .collect();
     let work: Vec<(Range<usize>, BlockGrads<F>)> = blocks
