@@ -523,25 +523,22 @@ unsafe fn gemm_raw<F: HostFloat>(
     // thread ran 1.4-2x faster.
     let slice = n.div_ceil(threads).next_multiple_of(COLUMN_ALIGN);
     let dst = dst as usize;
-    (0..n)
-        .step_by(slice)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .for_each(|start| {
-            let width = slice.min(n - start);
-            // SAFETY: each slice writes its own columns `start..start + width` of `dst` (disjoint
-            // parts of the region the caller vouched for); `a` and `b` are only read.
-            unsafe {
-                gemm_call(
-                    (dst as *mut F).add(start),
-                    row_stride,
-                    a,
-                    b.cols(start, width),
-                    accumulate,
-                    gemm::Parallelism::None,
-                )
-            }
-        });
+    (0..n.div_ceil(slice)).into_par_iter().for_each(|index| {
+        let start = index * slice;
+        let width = slice.min(n - start);
+        // SAFETY: each slice writes its own columns `start..start + width` of `dst` (disjoint
+        // parts of the region the caller vouched for); `a` and `b` are only read.
+        unsafe {
+            gemm_call(
+                (dst as *mut F).add(start),
+                row_stride,
+                a,
+                b.cols(start, width),
+                accumulate,
+                gemm::Parallelism::None,
+            )
+        }
+    });
 }
 
 /// Output rows up to which a parallel GEMM is split by columns rather than by `gemm` itself.
