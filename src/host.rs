@@ -3,7 +3,8 @@
 //! Burn's generic tensor ops cost a dispatch and an allocation per op, and its matmul reaches a
 //! fraction of what the CPU can do; over hundreds of small steps that is most of a training step.
 //! Here a step is a few slice loops and at most two GEMMs (the `gemm` crate, which dispatches to
-//! AVX2/AVX-512 kernels at run time), and the weight gradients are summed over the whole
+//! AVX2/AVX-512 kernels at run time; the step's product with the recurrent weight through a
+//! copy of that weight packed once per pass, [`packed`]), and the weight gradients are summed over the whole
 //! sequence in one large GEMM at the end instead of one small one per step. For a narrow layer
 //! input the walk can also compute each step's input projection itself ([`Projection`]); the
 //! gradient of the projected input then lives only as long as its step, and the weight
@@ -18,6 +19,9 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::ops::Recurrence;
+
+mod packed;
+pub use packed::{Packed, PackedRef};
 
 /// A float type the host path computes in: `f32` with vectorised activations, or `f64` (used by
 /// the gradient checks) with the standard library's.
@@ -36,6 +40,25 @@ pub trait HostFloat:
     fn sigmoid_in_place(xs: &mut [Self]);
     /// `x ← tanh(x)` for every element.
     fn tanh_in_place(xs: &mut [Self]);
+    /// Whether [`HostFloat::packed_product`] runs on this CPU (then step weights are packed).
+    fn has_packed_kernel() -> bool {
+        false
+    }
+    /// `dst ← a · b` (or `dst + a · b`) with `b` `[a.cols, n]` packed: see
+    /// [`packed::product_f32`].
+    ///
+    /// # Safety
+    /// As [`gemm_raw`]'s, and [`HostFloat::has_packed_kernel`] must hold.
+    unsafe fn packed_product(
+        _dst: *mut Self,
+        _row_stride: usize,
+        _a: MatRef<Self>,
+        _b: PackedRef<Self>,
+        _n: usize,
+        _accumulate: bool,
+    ) {
+        unreachable!("no packed kernel for this float type")
+    }
 }
 
 impl HostFloat for f64 {
@@ -55,6 +78,20 @@ impl HostFloat for f32 {
     }
     fn tanh_in_place(xs: &mut [f32]) {
         fast_math::tanh(xs)
+    }
+    fn has_packed_kernel() -> bool {
+        packed::has_f32_kernel()
+    }
+    unsafe fn packed_product(
+        dst: *mut f32,
+        row_stride: usize,
+        a: MatRef<f32>,
+        b: PackedRef<f32>,
+        n: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { packed::product_f32(dst, row_stride, a, b, n, accumulate) }
     }
 }
 
@@ -171,6 +208,8 @@ pub struct MatRef<'a, F> {
     cols: usize,
     row_stride: usize,
     col_stride: usize,
+    /// The same matrix packed for the step product, where it was (see [`MatRef::with_packed`]).
+    packed: Option<PackedRef<'a, F>>,
 }
 
 /// A mutable matrix view whose rows are contiguous (`row_stride` apart).
@@ -208,6 +247,15 @@ impl<'a, F: Copy> MatRef<'a, F> {
             cols,
             row_stride,
             col_stride: 1,
+            packed: None,
+        }
+    }
+    /// The same view, multiplied through `packed` (the same matrix packed) where it is the
+    /// right operand of a product.
+    pub fn with_packed(self, packed: &'a Packed<F>) -> Self {
+        Self {
+            packed: Some(packed.as_ref()),
+            ..self
         }
     }
     /// A contiguous row-major `[rows, cols]` view.
@@ -233,12 +281,16 @@ impl<'a, F: Copy> MatRef<'a, F> {
         Self {
             data: &self.data[offset.min(self.data.len())..],
             cols: width,
+            packed: self.packed.and_then(|p| p.from_col(start)),
             ..self
         }
     }
     /// Rows `start..start + count`.
     pub fn rows_range(self, start: usize, count: usize) -> Self {
-        self.t().cols(start, count).t()
+        Self {
+            packed: self.packed.map(|p| p.from_row(start)),
+            ..self.t().cols(start, count).t()
+        }
     }
     /// The transposed view (no copy).
     pub fn t(self) -> Self {
@@ -247,6 +299,7 @@ impl<'a, F: Copy> MatRef<'a, F> {
             cols: self.rows,
             row_stride: self.col_stride,
             col_stride: self.row_stride,
+            packed: None,
             ..self
         }
     }
@@ -507,10 +560,16 @@ unsafe fn gemm_raw<F: HostFloat>(
 ) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert_eq!(b.rows, k, "matmul shapes");
+    // The packed kernel reads rows of `a`.
+    let b = MatRef {
+        packed: b.packed.filter(|_| a.col_stride == 1),
+        ..b
+    };
     let threads = rayon::current_num_threads();
     let parallel = m * n * k >= 1 << 18 && parallel_inside();
-    if !parallel || m > FEW_ROWS || n < 2 * COLUMN_ALIGN * threads {
-        let parallelism = if parallel {
+    let by_columns = m <= FEW_ROWS || b.packed.is_some();
+    if !parallel || !by_columns || n < 2 * COLUMN_ALIGN * threads {
+        let parallelism = if parallel && b.packed.is_none() {
             gemm::Parallelism::Rayon(threads)
         } else {
             gemm::Parallelism::None
@@ -520,7 +579,8 @@ unsafe fn gemm_raw<F: HostFloat>(
     }
     // With few rows (a step of the recurrence) `gemm` keeps most of the work on one thread
     // (64×512×2048 ran no faster on two threads than on one here); one column slice per
-    // thread ran 1.4-2x faster.
+    // thread ran 1.4-2x faster. A packed weight is always split by columns (whole panels), so
+    // that its products do not depend on the thread count.
     let slice = n.div_ceil(threads).next_multiple_of(COLUMN_ALIGN);
     let dst = dst as usize;
     (0..n.div_ceil(slice)).into_par_iter().for_each(|index| {
@@ -543,8 +603,8 @@ unsafe fn gemm_raw<F: HostFloat>(
 
 /// Output rows up to which a parallel GEMM is split by columns rather than by `gemm` itself.
 const FEW_ROWS: usize = 128;
-/// Column slices start at multiples of this (whole vector registers).
-const COLUMN_ALIGN: usize = 16;
+/// Column slices start at multiples of this (whole vector registers, whole packed panels).
+const COLUMN_ALIGN: usize = packed::PANEL;
 
 /// One `gemm` call: see [`gemm_raw`] for the contract.
 unsafe fn gemm_call<F: HostFloat>(
@@ -556,6 +616,10 @@ unsafe fn gemm_call<F: HostFloat>(
     parallelism: gemm::Parallelism,
 ) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
+    if let Some(packed) = b.packed {
+        // SAFETY: the caller's contract; `b` is packed only where the kernel runs.
+        return unsafe { F::packed_product(dst, row_stride, a, packed, n, accumulate) };
+    }
     // SAFETY: the caller's contract for `dst`; `a` and `b` were bounds-checked on construction;
     // `gemm` supports `f32` and `f64` (all `HostFloat`s), and without `read_dst` it writes
     // every element of `dst` (zeros when `k` is 0) and reads none.
@@ -775,6 +839,27 @@ fn param_views<'a, F: Copy>(shapes: &[[usize; 2]], mut flat: &'a [F]) -> Vec<Mat
         .collect()
 }
 
+/// The step weights (parameters of more than one row) packed for the step product, where the
+/// float type has a packed kernel: packed once per pass, read at every step.
+fn packed_weights<F: HostFloat>(params: &[MatRef<F>]) -> Vec<Option<Packed<F>>> {
+    params
+        .iter()
+        .map(|p| if p.rows > 1 { Packed::of(*p) } else { None })
+        .collect()
+}
+
+/// `params`, each multiplied through its packed copy where it has one.
+fn with_packed<'a, F: HostFloat>(
+    params: &[MatRef<'a, F>],
+    packed: &'a [Option<Packed<F>>],
+) -> Vec<MatRef<'a, F>> {
+    params
+        .iter()
+        .zip(packed)
+        .map(|(p, packed)| packed.as_ref().map_or(*p, |packed| p.with_packed(packed)))
+        .collect()
+}
+
 fn param_views_mut<'a, F: Copy + Send + Sync>(
     shapes: &[[usize; 2]],
     mut flat: &'a mut [F],
@@ -833,6 +918,8 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
     let (len, batch) = (input.len, input.batch);
     let shapes = kernel.param_shapes();
     let params = param_views(&shapes, input.params);
+    let packed_params = packed_weights(&params);
+    let params = with_packed(&params, &packed_params);
     let steps = order(len, input.reverse);
     let blocks = batch_blocks(batch);
     let total = len * batch * w.packed;
@@ -1117,6 +1204,8 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         .zip(&shapes)
         .map(|(values, &[rows, cols])| MatRef::new(values, cols, rows))
         .collect();
+    let packed_t = packed_weights(&params_t);
+    let params_t = with_packed(&params_t, &packed_t);
     let products = kernel.host_weight_products();
     let steps = order(len, input.reverse);
 

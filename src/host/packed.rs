@@ -1,0 +1,342 @@
+//! The recurrence's step product `h · W` with `W` packed once per pass.
+//!
+//! At every step the recurrence multiplies a few dozen rows by the same weight. A general GEMM
+//! repacks that weight at every call (a 4 MB copy per step at hidden 512), and on few rows its
+//! blocking fits badly: `gemm` ran the steps of config C at 44-68 GFLOP/s here. Packed once into
+//! panels of 16 columns, the weight is read by a small AVX2 kernel (6 rows × 16 columns held
+//! in registers) at 100-120 GFLOP/s on two threads. Each output element is one running sum
+//! over `k` in order, so the result does not depend on how the columns are split over threads.
+
+use super::{HostFloat, MatRef};
+
+/// Columns per panel: two 8-lane `f32` registers.
+pub const PANEL: usize = 16;
+
+/// A `[k, n]` matrix in panels of [`PANEL`] columns: panel `j` holds rows `0..k` of columns
+/// `16j..16j + 16`, one row after the other (the last panel padded with zeros).
+#[derive(Debug)]
+pub struct Packed<F> {
+    data: Vec<F>,
+    rows: usize,
+}
+
+impl<F: HostFloat> Packed<F> {
+    /// `m` packed, or `None` where `F` has no packed kernel on this CPU.
+    pub fn of(m: MatRef<F>) -> Option<Self> {
+        if !F::has_packed_kernel() {
+            return None;
+        }
+        let (rows, cols) = (m.rows, m.cols);
+        let mut data = vec![F::zero(); cols.div_ceil(PANEL) * rows * PANEL];
+        for p in 0..rows {
+            for (j, panel) in data.chunks_exact_mut(rows * PANEL).enumerate() {
+                let width = PANEL.min(cols - j * PANEL);
+                let row = &mut panel[p * PANEL..p * PANEL + width];
+                for (c, value) in row.iter_mut().enumerate() {
+                    *value = m.data[p * m.row_stride + (j * PANEL + c) * m.col_stride];
+                }
+            }
+        }
+        Some(Self { data, rows })
+    }
+}
+
+impl<F> Packed<F> {
+    /// The whole matrix as panels.
+    pub fn as_ref(&self) -> PackedRef<'_, F> {
+        PackedRef {
+            data: &self.data,
+            panel_rows: self.rows,
+            row: 0,
+            panel: 0,
+        }
+    }
+}
+
+/// A view of a [`Packed`] matrix: rows from `row`, columns from panel `panel`; its shape is
+/// that of the [`MatRef`] that carries it.
+#[derive(Debug, Clone, Copy)]
+pub struct PackedRef<'a, F> {
+    data: &'a [F],
+    panel_rows: usize,
+    row: usize,
+    panel: usize,
+}
+
+impl<'a, F> PackedRef<'a, F> {
+    /// The view from column `col` on, if it starts a panel.
+    pub fn from_col(self, col: usize) -> Option<Self> {
+        col.is_multiple_of(PANEL).then_some(Self {
+            panel: self.panel + col / PANEL,
+            ..self
+        })
+    }
+
+    /// The view from row `row` on.
+    pub fn from_row(self, row: usize) -> Self {
+        Self {
+            row: self.row + row,
+            ..self
+        }
+    }
+
+    /// Panics unless `[k, n]` from here lies inside the packed matrix.
+    fn check(&self, k: usize, n: usize) {
+        let panels = self.panel + n.div_ceil(PANEL);
+        assert!(
+            self.row + k <= self.panel_rows && panels * self.panel_rows * PANEL <= self.data.len(),
+            "packed view out of bounds"
+        );
+    }
+}
+
+/// Whether this CPU runs the `f32` kernel.
+pub fn has_f32_kernel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `dst ← a · b` (or `dst + a · b`) for `a` with unit column stride and `b` `[a.cols, n]`
+/// packed; `dst` is row-major with rows `row_stride` apart.
+///
+/// # Safety
+/// As [`super::gemm_raw`]'s; and [`has_f32_kernel`] must hold.
+pub unsafe fn product_f32(
+    dst: *mut f32,
+    row_stride: usize,
+    a: MatRef<f32>,
+    b: PackedRef<f32>,
+    n: usize,
+    accumulate: bool,
+) {
+    assert_eq!(a.col_stride, 1, "packed product of a transposed view");
+    b.check(a.cols, n);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `a` and `b` are bounds-checked views, `dst` is the caller's contract, and the
+    // caller checked the CPU features.
+    unsafe {
+        avx2::product(dst, row_stride, a, b, n, accumulate)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no packed kernel on this architecture ({dst:?}, {row_stride}, {accumulate})")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{MatRef, PackedRef, PANEL};
+
+    /// Rows per kernel call: 6 × 2 accumulators, 2 registers of `b` and 1 of `a` fill 15 of
+    /// AVX2's 16 registers.
+    const ROWS: usize = 6;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn product(
+        dst: *mut f32,
+        row_stride: usize,
+        a: MatRef<f32>,
+        b: PackedRef<f32>,
+        n: usize,
+        accumulate: bool,
+    ) {
+        let (m, k) = (a.rows, a.cols);
+        for j in 0..n.div_ceil(PANEL) {
+            let cols = PANEL.min(n - j * PANEL);
+            let panel = (b.panel + j) * b.panel_rows + b.row;
+            let tile = Tile {
+                k,
+                a_stride: a.row_stride,
+                b: b.data[panel * PANEL..].as_ptr(),
+                dst_stride: row_stride,
+                cols,
+                accumulate,
+            };
+            for i in (0..m).step_by(ROWS) {
+                // SAFETY: rows `i..i + R` of `a` and of `dst`, columns `16j..16j + cols` of
+                // `dst`: inside the views the caller vouched for.
+                unsafe {
+                    let a = a.data.as_ptr().add(i * a.row_stride);
+                    let dst = dst.add(i * row_stride + j * PANEL);
+                    match m - i {
+                        1 => tile.run::<1>(a, dst),
+                        2 => tile.run::<2>(a, dst),
+                        3 => tile.run::<3>(a, dst),
+                        4 => tile.run::<4>(a, dst),
+                        5 => tile.run::<5>(a, dst),
+                        _ => tile.run::<ROWS>(a, dst),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One panel's product with `R` rows of `a`.
+    struct Tile {
+        k: usize,
+        a_stride: usize,
+        b: *const f32,
+        dst_stride: usize,
+        cols: usize,
+        accumulate: bool,
+    }
+
+    impl Tile {
+        #[inline(always)]
+        unsafe fn run<const R: usize>(&self, a: *const f32, dst: *mut f32) {
+            // SAFETY (whole body): `a` has `R` rows of `k` values, `self.b` `k` rows of 16,
+            // `dst` `R` rows of `cols` (see `product`); the intrinsics need AVX2 + FMA,
+            // enabled on the caller.
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for p in 0..self.k {
+                    let b0 = _mm256_loadu_ps(self.b.add(p * PANEL));
+                    let b1 = _mm256_loadu_ps(self.b.add(p * PANEL + 8));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let a = _mm256_broadcast_ss(&*a.add(r * self.a_stride + p));
+                        acc[0] = _mm256_fmadd_ps(a, b0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(a, b1, acc[1]);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let row = dst.add(r * self.dst_stride);
+                    if self.cols == PANEL {
+                        let (mut low, mut high) = (acc[0], acc[1]);
+                        if self.accumulate {
+                            low = _mm256_add_ps(low, _mm256_loadu_ps(row));
+                            high = _mm256_add_ps(high, _mm256_loadu_ps(row.add(8)));
+                        }
+                        _mm256_storeu_ps(row, low);
+                        _mm256_storeu_ps(row.add(8), high);
+                        continue;
+                    }
+                    let mut sums = [0.0f32; PANEL];
+                    _mm256_storeu_ps(sums.as_mut_ptr(), acc[0]);
+                    _mm256_storeu_ps(sums.as_mut_ptr().add(8), acc[1]);
+                    for (c, &sum) in sums[..self.cols].iter().enumerate() {
+                        let out = row.add(c);
+                        *out = if self.accumulate { *out + sum } else { sum };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{matmul, MatMut};
+    use super::*;
+
+    fn value(i: usize) -> f32 {
+        ((i * 7919) % 997) as f32 / 997.0 - 0.5
+    }
+
+    /// `dst[r][c] (+)= Σ a[r][i] · b[i][c]`, summed in f64.
+    fn naive(a: MatRef<f32>, b: MatRef<f32>, dst: &mut [f32], stride: usize, accumulate: bool) {
+        for r in 0..a.rows {
+            for c in 0..b.cols {
+                let sum: f64 = (0..a.cols)
+                    .map(|i| {
+                        let x = a.data[r * a.row_stride + i * a.col_stride];
+                        x as f64 * b.data[i * b.row_stride + c * b.col_stride] as f64
+                    })
+                    .sum();
+                let cell = &mut dst[r * stride + c];
+                *cell = if accumulate {
+                    *cell + sum as f32
+                } else {
+                    sum as f32
+                };
+            }
+        }
+    }
+
+    /// `a · b` through `matmul` on `threads` threads, into a strided output that starts as
+    /// `start`, and the naive product of the same.
+    fn both(
+        a: MatRef<f32>,
+        b: MatRef<f32>,
+        accumulate: bool,
+        threads: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (m, n) = (a.rows, b.cols);
+        let stride = n + 3;
+        let start: Vec<f32> = (0..m * stride).map(|i| value(i + 5)).collect();
+        let (mut fast, mut expected) = (start.clone(), start);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            matmul(
+                &mut MatMut::strided(&mut fast, m, n, stride),
+                a,
+                b,
+                accumulate,
+            )
+        });
+        naive(a, b, &mut expected, stride, accumulate);
+        (fast, expected)
+    }
+
+    fn assert_close(fast: &[f32], expected: &[f32], what: &str) {
+        let worst = fast
+            .iter()
+            .zip(expected)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{what}: {worst}");
+    }
+
+    #[test]
+    fn packed_products_match_the_naive_product() {
+        // 13 rows (two kernel tiles and one row), 45 columns (two panels and a partial one),
+        // `a` with rows wider than it.
+        let (m, k, n) = (13, 37, 45);
+        let a_data: Vec<f32> = (0..m * (k + 2)).map(value).collect();
+        let b_data: Vec<f32> = (0..k * n).map(|i| value(i + 11)).collect();
+        let a = MatRef::strided(&a_data, m, k, k + 2);
+        let plain = MatRef::new(&b_data, k, n);
+        let packed = Packed::of(plain);
+        assert_eq!(packed.is_some(), has_f32_kernel());
+        let b = packed.as_ref().map_or(plain, |p| plain.with_packed(p));
+        for accumulate in [false, true] {
+            // The whole weight, columns from a panel's start (still packed), columns from
+            // inside a panel (not packed), and a range of its rows.
+            let cases = [
+                ("whole", a, b),
+                ("cols 16..45", a, b.cols(16, 29)),
+                ("cols 5..15", a, b.cols(5, 10)),
+                ("rows 4..24", a.cols(0, 20), b.rows_range(4, 20)),
+            ];
+            for (what, a, b) in cases {
+                assert_eq!(b.packed.is_some(), has_f32_kernel() && what != "cols 5..15");
+                let (fast, expected) = both(a, b, accumulate, 1);
+                assert_close(&fast, &expected, what);
+            }
+        }
+    }
+
+    #[test]
+    fn packed_products_do_not_depend_on_the_thread_count() {
+        // A step's product, large enough to be split by columns over two threads.
+        let (m, k, n) = (64, 128, 520);
+        let a_data: Vec<f32> = (0..m * k).map(value).collect();
+        let b_data: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
+        let plain = MatRef::new(&b_data, k, n);
+        let packed = Packed::of(plain);
+        let b = packed.as_ref().map_or(plain, |p| plain.with_packed(p));
+        let a = MatRef::new(&a_data, m, k);
+        let (one, expected) = both(a, b, true, 1);
+        let (two, _) = both(a, b, true, 2);
+        assert_close(&one, &expected, "one thread");
+        assert_eq!(one, two);
+    }
+}
