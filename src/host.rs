@@ -4,7 +4,7 @@
 //! fraction of what the CPU can do; over hundreds of small steps that is most of a training step.
 //! Here a step is a few slice loops and at most two GEMMs (the `gemm` crate, which dispatches to
 //! AVX2/AVX-512 kernels at run time; the step's product with the recurrent weight through a
-//! copy of that weight packed once per pass, [`packed`]), and the weight gradients are summed over the whole
+//! copy of that weight packed once per pass, module `packed`), and the weight gradients are summed over the whole
 //! sequence in one large GEMM at the end instead of one small one per step. For a narrow layer
 //! input the walk can also compute each step's input projection itself ([`Projection`]); the
 //! gradient of the projected input then lives only as long as its step, and the weight
@@ -45,10 +45,10 @@ pub trait HostFloat:
         false
     }
     /// `dst ← a · b` (or `dst + a · b`) with `b` `[a.cols, n]` packed: see
-    /// [`packed::product_f32`].
+    /// `packed::product_f32`.
     ///
     /// # Safety
-    /// As [`gemm_raw`]'s, and [`HostFloat::has_packed_kernel`] must hold.
+    /// As `gemm_raw`'s, and [`HostFloat::has_packed_kernel`] must hold.
     unsafe fn packed_product(
         _dst: *mut Self,
         _row_stride: usize,

@@ -12,7 +12,7 @@ use super::{HostFloat, MatRef};
 /// Columns per panel: two 8-lane `f32` registers.
 pub const PANEL: usize = 16;
 
-/// A `[k, n]` matrix in panels of [`PANEL`] columns: panel `j` holds rows `0..k` of columns
+/// A `[k, n]` matrix in panels of `PANEL` (16) columns: panel `j` holds rows `0..k` of columns
 /// `16j..16j + 16`, one row after the other (the last panel padded with zeros).
 #[derive(Debug)]
 pub struct Packed<F> {
