@@ -4,8 +4,9 @@
 //! fraction of what the CPU can do; over hundreds of small steps that is most of a training step.
 //! Here a step is a few slice loops and at most two GEMMs (the `gemm` crate, which dispatches to
 //! AVX2/AVX-512 kernels at run time; the step's product with the recurrent weight through a
-//! copy of that weight packed once per pass, module `packed`), and the weight gradients are summed over the whole
-//! sequence in one large GEMM at the end instead of one small one per step. For a narrow layer
+//! copy of that weight packed once per pass, module `packed`), and the weight gradients are
+//! summed over the whole sequence in one large GEMM at the end instead of one small one per
+//! step. For a narrow layer
 //! input the walk can also compute each step's input projection itself ([`Projection`]); the
 //! gradient of the projected input then lives only as long as its step, and the weight
 //! gradients are summed step by step.
@@ -1010,6 +1011,9 @@ struct BackwardShared<'a, F, K> {
     grad: &'a [F],
     steps: &'a [usize],
     w: Widths,
+    /// How many steps' rows a written product operand keeps: all of them, or (with a
+    /// projection, whose products are summed step by step) one, rewritten at every step.
+    kept_steps: usize,
 }
 
 /// One block's rows of a time-major buffer, step by step (`[t]`).
@@ -1061,10 +1065,9 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     let mut grad_projection =
         vec![F::zero(); input.projection.map_or(0, |p| p.weights.rows * w.input)];
     let steps = shared.steps;
-    let projected = input.projection.is_some();
     for (position, &t) in steps.iter().enumerate().rev() {
         // Where this step finds its rows of the written operands.
-        let slot = if projected { 0 } else { t };
+        let slot = t % shared.kept_steps;
         let prev = match position {
             0 => step_rows(input.state0, 0, batch, &rows, w.state),
             _ => {
@@ -1269,6 +1272,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         grad,
         steps: &steps,
         w,
+        kept_steps,
     };
     let results = for_each_block(work, |(rows, grads)| backward_block(&shared, rows, grads));
     // SAFETY: every block zeroed its rows of every step (then wrote them), and the blocks
