@@ -45,8 +45,8 @@ pub trait HostFloat:
     fn has_packed_kernel() -> bool {
         false
     }
-    /// `dst ← a · b` (or `dst + a · b`) with `b` `[a.cols, n]` packed: see
-    /// `packed::product_f32`.
+    /// `dst ← a · b` (or `dst + a · b`) with `b` `[a.cols, n]` packed (a kernel of module
+    /// `packed`).
     ///
     /// # Safety
     /// As `gemm_raw`'s, and [`HostFloat::has_packed_kernel`] must hold.
@@ -83,6 +83,7 @@ impl HostFloat for f32 {
     fn has_packed_kernel() -> bool {
         packed::has_f32_kernel()
     }
+    #[cfg(target_arch = "x86_64")]
     unsafe fn packed_product(
         dst: *mut f32,
         row_stride: usize,
@@ -91,8 +92,8 @@ impl HostFloat for f32 {
         n: usize,
         accumulate: bool,
     ) {
-        // SAFETY: the caller's contract.
-        unsafe { packed::product_f32(dst, row_stride, a, b, n, accumulate) }
+        // SAFETY: the caller's contract (which includes the CPU features).
+        unsafe { packed::avx2::product(dst, row_stride, a, b, n, accumulate) }
     }
 }
 

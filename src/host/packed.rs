@@ -81,6 +81,7 @@ impl<'a, F> PackedRef<'a, F> {
     }
 
     /// Panics unless `[k, n]` from here lies inside the packed matrix.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn check(&self, k: usize, n: usize) {
         let panels = self.panel + n.div_ceil(PANEL);
         assert!(
@@ -102,33 +103,8 @@ pub fn has_f32_kernel() -> bool {
     }
 }
 
-/// `dst ← a · b` (or `dst + a · b`) for `a` with unit column stride and `b` `[a.cols, n]`
-/// packed; `dst` is row-major with rows `row_stride` apart.
-///
-/// # Safety
-/// As [`super::gemm_raw`]'s; and [`has_f32_kernel`] must hold.
-pub unsafe fn product_f32(
-    dst: *mut f32,
-    row_stride: usize,
-    a: MatRef<f32>,
-    b: PackedRef<f32>,
-    n: usize,
-    accumulate: bool,
-) {
-    assert_eq!(a.col_stride, 1, "packed product of a transposed view");
-    b.check(a.cols, n);
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `a` and `b` are bounds-checked views, `dst` is the caller's contract, and the
-    // caller checked the CPU features.
-    unsafe {
-        avx2::product(dst, row_stride, a, b, n, accumulate)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("no packed kernel on this architecture ({dst:?}, {row_stride}, {accumulate})")
-}
-
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{MatRef, PackedRef, PANEL};
@@ -137,8 +113,13 @@ mod avx2 {
     /// AVX2's 16 registers.
     const ROWS: usize = 6;
 
+    /// `dst ← a · b` (or `dst + a · b`) for `a` with unit column stride and `b` `[a.cols, n]`
+    /// packed; `dst` is row-major with rows `row_stride` apart.
+    ///
+    /// # Safety
+    /// As `gemm_raw`'s; and [`super::has_f32_kernel`] must hold.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn product(
+    pub unsafe fn product(
         dst: *mut f32,
         row_stride: usize,
         a: MatRef<f32>,
@@ -146,6 +127,8 @@ mod avx2 {
         n: usize,
         accumulate: bool,
     ) {
+        assert_eq!(a.col_stride, 1, "packed product of a transposed view");
+        b.check(a.cols, n);
         let (m, k) = (a.rows, a.cols);
         for j in 0..n.div_ceil(PANEL) {
             let cols = PANEL.min(n - j * PANEL);
