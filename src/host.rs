@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use crate::ops::Recurrence;
 
 mod packed;
-pub use packed::{Packed, PackedRef};
+pub use packed::{Packed, PackedKernel, PackedRef};
 
 /// A float type the host path computes in: `f32` with vectorised activations, or `f64` (used by
 /// the gradient checks) with the standard library's.
@@ -41,24 +41,10 @@ pub trait HostFloat:
     fn sigmoid_in_place(xs: &mut [Self]);
     /// `x ← tanh(x)` for every element.
     fn tanh_in_place(xs: &mut [Self]);
-    /// Whether [`HostFloat::packed_product`] runs on this CPU (then step weights are packed).
-    fn has_packed_kernel() -> bool {
-        false
-    }
-    /// `dst ← a · b` (or `dst + a · b`) with `b` `[a.cols, n]` packed (a kernel of module
-    /// `packed`).
-    ///
-    /// # Safety
-    /// As `gemm_raw`'s, and [`HostFloat::has_packed_kernel`] must hold.
-    unsafe fn packed_product(
-        _dst: *mut Self,
-        _row_stride: usize,
-        _a: MatRef<Self>,
-        _b: PackedRef<Self>,
-        _n: usize,
-        _accumulate: bool,
-    ) {
-        unreachable!("no packed kernel for this float type")
+    /// The packed-product kernel this CPU runs for this float type, if any (then step weights
+    /// are packed).
+    fn packed_kernel() -> Option<PackedKernel<Self>> {
+        None
     }
 }
 
@@ -80,20 +66,8 @@ impl HostFloat for f32 {
     fn tanh_in_place(xs: &mut [f32]) {
         fast_math::tanh(xs)
     }
-    fn has_packed_kernel() -> bool {
-        packed::has_f32_kernel()
-    }
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn packed_product(
-        dst: *mut f32,
-        row_stride: usize,
-        a: MatRef<f32>,
-        b: PackedRef<f32>,
-        n: usize,
-        accumulate: bool,
-    ) {
-        // SAFETY: the caller's contract (which includes the CPU features).
-        unsafe { packed::avx2::product(dst, row_stride, a, b, n, accumulate) }
+    fn packed_kernel() -> Option<PackedKernel<f32>> {
+        packed::f32_kernel()
     }
 }
 
@@ -619,8 +593,8 @@ unsafe fn gemm_call<F: HostFloat>(
 ) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     if let Some(packed) = b.packed {
-        // SAFETY: the caller's contract; `b` is packed only where the kernel runs.
-        return unsafe { F::packed_product(dst, row_stride, a, packed, n, accumulate) };
+        // SAFETY: the caller's contract.
+        return unsafe { packed.product(dst, row_stride, a, n, accumulate) };
     }
     // SAFETY: the caller's contract for `dst`; `a` and `b` were bounds-checked on construction;
     // `gemm` supports `f32` and `f64` (all `HostFloat`s), and without `read_dst` it writes

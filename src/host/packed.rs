@@ -12,20 +12,23 @@ use super::{HostFloat, MatRef};
 /// Columns per panel: two 8-lane `f32` registers.
 pub const PANEL: usize = 16;
 
+/// `dst ← a · b` (or `dst + a · b`) for `a` with unit column stride and `b` `[a.cols, n]`
+/// packed; `dst` is row-major with rows `row_stride` apart. Safety: as `gemm_raw`'s.
+pub type PackedKernel<F> = unsafe fn(*mut F, usize, MatRef<'_, F>, PackedRef<'_, F>, usize, bool);
+
 /// A `[k, n]` matrix in panels of `PANEL` (16) columns: panel `j` holds rows `0..k` of columns
 /// `16j..16j + 16`, one row after the other (the last panel padded with zeros).
 #[derive(Debug)]
 pub struct Packed<F> {
     data: Vec<F>,
     rows: usize,
+    kernel: PackedKernel<F>,
 }
 
 impl<F: HostFloat> Packed<F> {
     /// `m` packed, or `None` where `F` has no packed kernel on this CPU.
     pub fn of(m: MatRef<F>) -> Option<Self> {
-        if !F::has_packed_kernel() {
-            return None;
-        }
+        let kernel = F::packed_kernel()?;
         let (rows, cols) = (m.rows, m.cols);
         let mut data = vec![F::zero(); cols.div_ceil(PANEL) * rows * PANEL];
         for p in 0..rows {
@@ -37,7 +40,7 @@ impl<F: HostFloat> Packed<F> {
                 }
             }
         }
-        Some(Self { data, rows })
+        Some(Self { data, rows, kernel })
     }
 }
 
@@ -49,6 +52,7 @@ impl<F> Packed<F> {
             panel_rows: self.rows,
             row: 0,
             panel: 0,
+            kernel: self.kernel,
         }
     }
 }
@@ -61,9 +65,26 @@ pub struct PackedRef<'a, F> {
     panel_rows: usize,
     row: usize,
     panel: usize,
+    kernel: PackedKernel<F>,
 }
 
 impl<'a, F> PackedRef<'a, F> {
+    /// `dst ← a · self` (or `dst + a · self`) through the kernel it was packed for.
+    ///
+    /// # Safety
+    /// As [`PackedKernel`]'s.
+    pub unsafe fn product(
+        self,
+        dst: *mut F,
+        row_stride: usize,
+        a: MatRef<F>,
+        n: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract; the kernel is this CPU's (`HostFloat::packed_kernel`).
+        unsafe { (self.kernel)(dst, row_stride, a, self, n, accumulate) }
+    }
+
     /// The view from column `col` on, if it starts a panel.
     pub fn from_col(self, col: usize) -> Option<Self> {
         col.is_multiple_of(PANEL).then_some(Self {
@@ -91,16 +112,13 @@ impl<'a, F> PackedRef<'a, F> {
     }
 }
 
-/// Whether this CPU runs the `f32` kernel.
-pub fn has_f32_kernel() -> bool {
+/// The `f32` kernel this CPU runs, if any.
+pub fn f32_kernel() -> Option<PackedKernel<f32>> {
     #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return Some(avx2::product);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    None
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -117,7 +135,7 @@ pub mod avx2 {
     /// packed; `dst` is row-major with rows `row_stride` apart.
     ///
     /// # Safety
-    /// As `gemm_raw`'s; and [`super::has_f32_kernel`] must hold.
+    /// As `gemm_raw`'s; and the CPU must have AVX2 and FMA ([`super::f32_kernel`]).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn product(
         dst: *mut f32,
@@ -288,7 +306,7 @@ mod tests {
         let a = MatRef::strided(&a_data, m, k, k + 2);
         let plain = MatRef::new(&b_data, k, n);
         let packed = Packed::of(plain);
-        assert_eq!(packed.is_some(), has_f32_kernel());
+        assert_eq!(packed.is_some(), f32_kernel().is_some());
         let b = packed.as_ref().map_or(plain, |p| plain.with_packed(p));
         for accumulate in [false, true] {
             // The whole weight, columns from a panel's start (still packed), columns from
@@ -300,7 +318,10 @@ mod tests {
                 ("rows 4..24", a.cols(0, 20), b.rows_range(4, 20)),
             ];
             for (what, a, b) in cases {
-                assert_eq!(b.packed.is_some(), has_f32_kernel() && what != "cols 5..15");
+                assert_eq!(
+                    b.packed.is_some(),
+                    f32_kernel().is_some() && what != "cols 5..15"
+                );
                 let (fast, expected) = both(a, b, accumulate, 1);
                 assert_close(&fast, &expected, what);
             }
