@@ -9,8 +9,8 @@
 //! publishes the new `h` (or `dz`) in shared memory: two synchronisations per step. The
 //! recurrent weight, read from L2 at every step, is the bound: splitting each dot product over
 //! `split` times more warps keeps `split` times more of those reads in flight (one warp per 32
-//! units, unsplit, waited on each read in turn: 2.7x slower at hidden 128 on an H100). The weight gradient, a sum over
-//! all steps and rows, is one chunked matmul afterwards
+//! units, unsplit, waited on each read in turn: 2.7x slower at hidden 128 on an H100). The
+//! weight gradient, a sum over all steps and rows, is one chunked matmul afterwards
 //! ([`linear::tensor_grad_params`](super::linear::tensor_grad_params)). Hidden sizes up to the
 //! device's threads per cube (1024 on NVIDIA GPUs) run here; larger ones take the plain path.
 
