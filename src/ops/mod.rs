@@ -437,8 +437,9 @@ pub mod linear {
     ///
     /// Both sum over all `T · batch` rows, long reductions onto small results: done at once, a
     /// GPU runs them on a handful of threads or tiles, each walking every row. So the rows are
-    /// cut into [`split_count`] chunks of whole steps, reduced in parallel (the product as one
-    /// batched matmul, a chunk per batch entry) and the partial results summed.
+    /// cut into chunks of [`steps_per_chunk`] whole steps, reduced in parallel (the product as
+    /// one batched matmul, a chunk per batch entry) and the partial results summed; the steps
+    /// left over (fewer than a chunk) are reduced on their own and added.
     pub fn tensor_grad_params<B: Backend>(
         grad: FloatTensor<B>,
         x: FloatTensor<B>,
@@ -447,45 +448,96 @@ pub mod linear {
         let [len, batch, out] = grad.dims();
         let x = float::<B, 3>(x);
         let width = x.dims()[2];
-        let chunks = split_count(len, batch, out * width);
-        let rows = len / chunks * batch;
+        let steps = steps_per_chunk(len, batch, out * width);
+        let (chunks, rest) = (len / steps, len % steps);
+        let (weight, bias) = match rest {
+            0 => chunk_sums(grad, x, chunks),
+            _ => {
+                let start = chunks * steps;
+                let (weight, bias) = chunk_sums(
+                    grad.clone().narrow(0, 0, start),
+                    x.clone().narrow(0, 0, start),
+                    chunks,
+                );
+                let (w, b) = chunk_sums(grad.narrow(0, start, rest), x.narrow(0, start, rest), 1);
+                (weight + w, bias + b)
+            }
+        };
+        (primitive(weight), primitive(bias))
+    }
+
+    /// `gradᵀ · x` `[out, width]` and the column sums of `grad` `[out]` over `chunks` equal
+    /// chunks of the steps of `grad` `[T, batch, out]` and `x` `[T, batch, width]`.
+    fn chunk_sums<B: Backend>(
+        grad: Tensor<B, 3>,
+        x: Tensor<B, 3>,
+        chunks: usize,
+    ) -> (Tensor<B, 2>, Tensor<B, 1>) {
+        let ([len, batch, out], width) = (grad.dims(), x.dims()[2]);
+        let rows = len / chunks.max(1) * batch;
         let grad = grad.reshape([chunks, rows, out]);
         // The bias gradient too: one sum down 128k rows took 15 ms on an H100 (config B).
-        let bias = grad.clone().sum_dim(1).sum_dim(0);
+        let bias = grad.clone().sum_dim(1).sum_dim(0).reshape([out]);
         let weight = grad
             .swap_dims(1, 2)
             .matmul(x.reshape([chunks, rows, width]))
             .sum_dim(0)
             .reshape([out, width]);
-        (primitive(weight), primitive(bias.reshape([out])))
+        (weight, bias)
     }
 
-    /// How many chunks of whole steps [`tensor_grad_params`] cuts `len` steps into: a divisor
-    /// of `len`, at most one per 512 rows and with at most 16M partial-product values.
-    pub fn split_count(len: usize, batch: usize, result_size: usize) -> usize {
-        let target = len
+    /// How many whole steps a chunk of [`tensor_grad_params`] holds: enough that there are at
+    /// most `len` chunks, one per 512 rows and 16M partial-product values.
+    pub fn steps_per_chunk(len: usize, batch: usize, result_size: usize) -> usize {
+        let chunks = len
             .min((len * batch / 512).max(1))
             .min((16 << 20) / result_size.max(1))
             .max(1);
-        (1..=target)
-            .rev()
-            .find(|&d| len.is_multiple_of(d))
-            .unwrap_or(1)
+        len.div_ceil(chunks).max(1)
     }
 
     #[cfg(test)]
     mod tests {
-        use super::split_count;
+        use burn::tensor::{Distribution, TensorData};
+
+        use super::*;
+        use crate::check::{max_abs_diff, F64};
 
         #[test]
-        fn chunks_divide_the_steps_within_bounds() {
+        fn chunks_cover_the_steps_within_bounds() {
             // Configs A, B and C of the speed issue, then degenerate shapes.
-            assert_eq!(split_count(100, 128, 512 * 10), 25);
-            assert_eq!(split_count(1000, 128, 512 * 10), 250);
-            assert_eq!(split_count(100, 64, 2048 * 512), 10);
-            assert_eq!(split_count(7, 3, 20), 1);
-            assert_eq!(split_count(1, 1, 1), 1);
-            assert_eq!(split_count(97, 512, 40), 97);
+            assert_eq!(steps_per_chunk(100, 128, 512 * 10), 4);
+            assert_eq!(steps_per_chunk(1000, 128, 512 * 10), 4);
+            assert_eq!(steps_per_chunk(100, 64, 2048 * 512), 9);
+            assert_eq!(steps_per_chunk(7, 3, 20), 7);
+            assert_eq!(steps_per_chunk(1, 1, 1), 1);
+            assert_eq!(steps_per_chunk(97, 512, 40), 1);
+            // A prime length is cut too (into 4 chunks of 3 steps, and 1 step left).
+            assert_eq!(steps_per_chunk(13, 200, 15), 3);
+        }
+
+        #[test]
+        fn chunked_sums_match_one_product_with_steps_left_over() {
+            let device = Default::default();
+            let (len, batch, out, width) = (13, 200, 3, 5);
+            let random = |shape: [usize; 3]| {
+                Tensor::<F64, 3>::random(shape, Distribution::Uniform(-1.0, 1.0), &device)
+            };
+            let (grad, x) = (random([len, batch, out]), random([len, batch, width]));
+            let (weight, bias) =
+                tensor_grad_params::<F64>(primitive(grad.clone()), primitive(x.clone()));
+            let rows = grad.reshape([len * batch, out]);
+            let expected_weight = rows
+                .clone()
+                .transpose()
+                .matmul(x.reshape([len * batch, width]));
+            let expected_bias = rows.sum_dim(0).reshape([out]);
+            let diff = |got: FloatTensor<F64>, expected: TensorData| {
+                max_abs_diff("chunked sum", &float::<F64, 2>(got).into_data(), &expected)
+            };
+            assert!(diff(weight, expected_weight.into_data()) < 1e-12);
+            let bias = float::<F64, 1>(bias).reshape([1, out]);
+            assert!(diff(primitive(bias), expected_bias.reshape([1, out]).into_data()) < 1e-12);
         }
     }
 }
