@@ -576,7 +576,7 @@ impl<B: Backend, C: Cell<B>> RnnLayer<B, C> {
 pub fn linear_per_step<B: RnnBackend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     // burn stores the weight as `[in, out]`; the op reads `[out, in]`.
     let weight = linear.weight.val().transpose();
-    project_sequence(x, weight, linear.bias.as_ref().map(|bias| bias.val()))
+    project_sequence(x, weight, linear.bias.as_ref().map(|bias| bias.val()), None)
 }
 
 /// Builds the layer `config` describes and loads its parameters from a safetensors state dict,

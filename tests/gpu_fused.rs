@@ -226,6 +226,12 @@ fn layer_matches_plain_path(config: &RnnLayerConfig<AnyCellConfig>, tolerance: f
 fn fused_sru_layer_matches_plain_path() {
     // The projection is a matmul in both paths, the same one.
     fused_layer_matches_plain_path("sru", 4, TOLERANCE);
+    // A second layer reads the first one's 2H-wide output: k = 3, each direction's skip term
+    // passed through from its half of that input.
+    let stacked = RnnLayerConfig::new(AnyCellConfig::named("sru", 3, 4).unwrap())
+        .with_bidirectional(true)
+        .with_num_layers(2);
+    layer_matches_plain_path(&stacked, TOLERANCE);
 }
 
 #[test]

@@ -427,7 +427,7 @@ impl<B: Backend> Cell<B> for LnLstm<B> {
     where
         B: RnnBackend,
     {
-        let projected = project_sequence(input, self.weight_ih.val(), None);
+        let projected = project_sequence(input, self.weight_ih.val(), None, None);
         normalize_sequence(projected, self.ln_ih_weight.val()) + self.bias.val().unsqueeze::<3>()
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {

@@ -21,7 +21,7 @@ use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData, TensorPri
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{self, Recurrence, RecurrencePath, RnnBackend};
+use crate::ops::{self, Passthrough, Recurrence, RecurrencePath, RnnBackend};
 use crate::regularisation::StateNoise;
 
 /// A recurrent cell: what the layer needs to run it over a sequence.
@@ -45,9 +45,14 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
     fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         None
     }
+    /// Columns of the input that the kernel reads after [`input_affine`](Cell::input_affine)'s,
+    /// unprojected (SRU's skip term when input and output widths agree); `None` for most cells.
+    fn input_passthrough(&self) -> Option<Passthrough> {
+        None
+    }
     /// Projects a whole time-major input sequence `[T, batch, input]` at once into the
     /// per-step kernel input `[T, batch, kernel.input_width()]`; by default through
-    /// [`input_affine`](Cell::input_affine).
+    /// [`input_affine`](Cell::input_affine) and [`input_passthrough`](Cell::input_passthrough).
     fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
     where
         B: RnnBackend,
@@ -55,7 +60,7 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
         let (weight, bias) = self
             .input_affine()
             .expect("a cell without an affine input projection defines `project`");
-        project_sequence(input, weight, bias)
+        project_sequence(input, weight, bias, self.input_passthrough())
     }
     /// The kernel's recurrent parameters, flattened and concatenated in its order.
     fn recurrent_params(&self) -> Tensor<B, 1>;
@@ -117,6 +122,7 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
                 input,
                 weight,
                 bias,
+                self.input_passthrough(),
                 state,
                 params,
                 mask,
@@ -193,19 +199,22 @@ pub(crate) fn uniform_param<B: Backend, const D: usize>(
 }
 
 /// `x W^T + b` over a sequence: `[T, batch, in]` (or `[batch, T, in]`) with `weight [out, in]`
-/// gives `[T, batch, out]` (`[batch, T, out]`), in one matmul.
+/// gives `[T, batch, out]` (`[batch, T, out]`), in one matmul; `passthrough`'s columns of `x`
+/// appended.
 pub(crate) fn project_sequence<B: RnnBackend>(
     input: Tensor<B, 3>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
+    passthrough: Option<Passthrough>,
 ) -> Tensor<B, 3> {
     check_input_width(&input, &weight);
     let [len, batch, _] = input.dims();
-    let out = weight.dims()[0];
+    let out = weight.dims()[0] + passthrough.map_or(0, |p| p.width);
     let projected = B::rnn_linear(
         input.into_primitive().tensor(),
         weight.into_primitive().tensor(),
         bias.map(|bias| bias.into_primitive().tensor()),
+        passthrough,
     );
     let projected = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(projected));
     debug_assert_eq!(projected.dims(), [len, batch, out]);
@@ -539,6 +548,7 @@ macro_rules! register_cells {
             fn state_names(&self) -> &'static [&'static str] { match self { $(Self::$variant(c) => c.state_names()),* } }
             fn kernel(&self) -> AnyKernel { match self { $(Self::$variant(c) => AnyKernel::$variant(c.kernel())),* } }
             fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> { match self { $(Self::$variant(c) => c.input_affine()),* } }
+            fn input_passthrough(&self) -> Option<Passthrough> { match self { $(Self::$variant(c) => c.input_passthrough()),* } }
             fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> where B: RnnBackend { match self { $(Self::$variant(c) => c.project(input)),* } }
             fn recurrent_params(&self) -> Tensor<B, 1> { match self { $(Self::$variant(c) => c.recurrent_params()),* } }
             fn constrain_recurrent(self, max_len: usize) -> Self {

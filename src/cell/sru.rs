@@ -21,7 +21,7 @@ use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{Recurrence, StepOutput, StepRecord};
+use crate::ops::{Passthrough, Recurrence, StepOutput, StepRecord};
 use crate::regularisation::{host_product_keep, masked, product_keep, with_zero_noise_grad};
 
 /// Configuration of an [`Sru`] cell (one direction of an official SRU layer).
@@ -504,22 +504,20 @@ impl<B: Backend> Cell<B> for Sru<B> {
             .swap_dims(1, 2)
             .reshape([self.input_size(), k * h])
             .transpose();
-        if k == 4 {
-            return Some((weight, None));
-        }
-        // The skip term `x'·scale_x` is linear in x too: a constant selection block appended to
-        // the weight gives [U0 | U1 | U2 | x'] in the same GEMM (no concatenation of
-        // sequence-long tensors, which burn-ndarray does element by element).
-        let width = self.input_size();
-        let mut selection = vec![0.0f64; h * width];
-        if self.has_skip_term {
-            for j in 0..h {
-                selection[j * width + self.skip_offset + j] = self.scale_x;
-            }
-        }
-        let selection =
-            Tensor::<B, 2>::from_data(TensorData::new(selection, [h, width]), &weight.device());
-        Some((Tensor::cat(vec![weight, selection], 0), None))
+        Some((weight, None))
+    }
+
+    fn input_passthrough(&self) -> Option<Passthrough> {
+        // k = 3: the skip term `x' = x·scale_x` (this direction's slice of x), zero without one.
+        (self.blocks() == 3).then_some(Passthrough {
+            start: self.skip_offset,
+            width: self.hidden,
+            scale: if self.has_skip_term {
+                self.scale_x
+            } else {
+                0.0
+            },
+        })
     }
 
     fn recurrent_params(&self) -> Tensor<B, 1> {

@@ -79,22 +79,25 @@ where
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
+        passthrough: Option<Passthrough>,
     ) -> FloatTensor<Self> {
-        host_linear::<Self>(x, weight, bias)
+        host_linear::<Self>(x, weight, bias, passthrough)
     }
 
     fn rnn_linear_grad_input(
         grad: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        passthrough: Option<Passthrough>,
     ) -> FloatTensor<Self> {
-        host_linear_grad_input::<Self>(grad, weight)
+        host_linear_grad_input::<Self>(grad, weight, passthrough)
     }
 
     fn rnn_linear_grad_params(
         grad: FloatTensor<Self>,
         x: FloatTensor<Self>,
+        passthrough: Option<Passthrough>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        host_linear_grad_params::<Self>(grad, x)
+        host_linear_grad_params::<Self>(grad, x, passthrough)
     }
 
     fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
@@ -416,13 +419,12 @@ impl<'a, F: HostFloat> HostView<'a, F> {
     }
 
     fn read_projected<B: HostTensors>(input: &'a ProjectedInput<B>, grad_x: bool) -> Self {
-        let ([len, batch, width], [input_width, _]) =
-            (dims3::<B>(&input.x), dims::<B>(&input.weight));
+        let ([len, batch, width], [out, _]) = (dims3::<B>(&input.x), dims::<B>(&input.weight));
         let weight = B::host_slice::<F, 2>(&input.weight);
-        let mut weights = host::transpose(MatRef::new(&weight, input_width, width));
-        if let Some(bias) = &input.bias {
-            weights.extend_from_slice(&B::host_slice::<F, 1>(bias));
-        }
+        let bias = input.bias.as_ref().map(|bias| B::host_slice::<F, 1>(bias));
+        let (bias, passthrough) = (bias.as_deref(), input.passthrough);
+        let weights = projection_weights(&weight, [out, width], bias, passthrough);
+        let input_width = out + passthrough.map_or(0, |p| p.width);
         // The layer's input is a transposed view: read in place, not copied to time-major.
         let (x, x_strides) = match B::host_strided::<F>(&input.x) {
             Some((x, [step, row, _])) => (Cow::Borrowed(x), [step, row]),
@@ -550,6 +552,36 @@ pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
 /// twice; wider inputs are projected first by one large GEMM.
 pub const MAX_PROJECTED_IN_STEP: usize = 32;
 
+/// The step projection's `[Wᵀ | b]` ([`host::Projection::weights`]) from `W` `[out, width]`,
+/// with a passthrough's scaled identity as more columns: the walk's GEMM then writes those
+/// columns too, and its weight gradient gets rows for them (dropped) while the gradient of `x`
+/// gets their share.
+fn projection_weights<F: HostFloat>(
+    weight: &[F],
+    [out, width]: [usize; 2],
+    bias: Option<&[F]>,
+    passthrough: Option<Passthrough>,
+) -> Vec<F> {
+    let extra = passthrough.map_or(0, |p| p.width);
+    let columns = out + extra;
+    let mut weights = vec![F::zero(); (width + usize::from(bias.is_some())) * columns];
+    for (i, row) in weights.chunks_exact_mut(columns).take(width).enumerate() {
+        for (o, value) in row[..out].iter_mut().enumerate() {
+            *value = weight[o * width + i];
+        }
+    }
+    if let Some(p) = passthrough {
+        let scale = host_scale::<F>(p);
+        for j in 0..p.width {
+            weights[(p.start + j) * columns + out + j] = scale;
+        }
+    }
+    if let Some(bias) = bias {
+        weights[width * columns..width * columns + out].copy_from_slice(bias);
+    }
+    weights
+}
+
 /// [`RnnBackend::rnn_projects_in_step`] on host memory: f32 and f64 inputs of at most
 /// [`MAX_PROJECTED_IN_STEP`] features.
 pub fn host_projects_in_step<B: Backend>(x: &FloatTensor<B>) -> bool {
@@ -596,7 +628,10 @@ pub fn host_projected_backward<B: HostTensors + RnnBackend, K: Recurrence>(
         let grads = host::backward(kernel, view.view(), &packed, &grad);
         let ([len, batch, width], [input_width, _]) =
             (dims3::<B>(&input.x), dims::<B>(&input.weight));
-        let (weight, bias) = grads.projection.expect("a projected backward");
+        let (mut weight, mut bias) = grads.projection.expect("a projected backward");
+        // The passed-through columns' rows of the gradients belong to no parameter.
+        weight.truncate(input_width * width);
+        bias.truncate(input_width);
         let param_len = grads.params.len();
         ProjectedGrads {
             x: grad_x.then(|| from_host::<B, F, 3>(grads.xp, [len, batch, width], &device)),
@@ -622,71 +657,99 @@ fn dims<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 2] {
     float::<B, 2>(tensor.clone()).dims()
 }
 
-/// `x · Wᵀ + b` through the GEMM on host memory.
+/// `x · Wᵀ + b` through the GEMM on host memory, then the passed-through columns.
 pub fn host_linear<B: HostTensors>(
     x: FloatTensor<B>,
     weight: FloatTensor<B>,
     bias: Option<FloatTensor<B>>,
+    passthrough: Option<Passthrough>,
 ) -> FloatTensor<B> {
     fn run<B: HostTensors, F: HostFloat>(
         x: FloatTensor<B>,
         weight: FloatTensor<B>,
         bias: Option<FloatTensor<B>>,
+        passthrough: Option<Passthrough>,
     ) -> FloatTensor<B> {
         let ([len, batch, _], [out, inner]) = (dims3::<B>(&x), dims::<B>(&weight));
-        let rows = len * batch;
+        let (rows, full) = (len * batch, out + passthrough.map_or(0, |p| p.width));
         let (xs, ws) = (B::host_rows::<F, 3>(&x), B::host_slice::<F, 2>(&weight));
         let (xs, ws) = (xs.mat(), MatRef::new(&ws, out, inner).t());
-        let y = match &bias {
-            Some(bias) => {
-                let bias = B::host_slice::<F, 1>(bias);
-                let mut y = Vec::with_capacity(rows * out);
-                (0..rows).for_each(|_| y.extend_from_slice(&bias));
-                host::matmul(&mut MatMut::new(&mut y, rows, out), xs, ws, true);
-                y
+        if bias.is_none() && passthrough.is_none() {
+            let y = host::product(xs, ws);
+            return from_host::<B, F, 3>(y, [len, batch, out], &B::float_device(&x));
+        }
+        // Each row: the bias (or zeros) for the GEMM to add to, then the copied columns.
+        let bias = bias.map(|bias| B::host_slice::<F, 1>(&bias).into_owned());
+        let bias = bias.unwrap_or_else(|| vec![F::zero(); out]);
+        let mut y = Vec::with_capacity(rows * full);
+        for r in 0..rows {
+            y.extend_from_slice(&bias);
+            if let Some(p) = passthrough {
+                let scale = host_scale::<F>(p);
+                let copied = &xs.row(r)[p.start..p.start + p.width];
+                y.extend(copied.iter().map(|&v| v * scale));
             }
-            None => host::product(xs, ws),
-        };
-        from_host::<B, F, 3>(y, [len, batch, out], &B::float_device(&x))
+        }
+        host::matmul(&mut MatMut::strided(&mut y, rows, out, full), xs, ws, true);
+        from_host::<B, F, 3>(y, [len, batch, full], &B::float_device(&x))
     }
     by_float_type!(&x,
-        F => run::<B, F>(x, weight, bias),
-        other => linear::tensor_forward::<B>(x, weight, bias))
+        F => run::<B, F>(x, weight, bias, passthrough),
+        other => linear::tensor_forward::<B>(x, weight, bias, passthrough))
 }
 
-/// `grad · W` through the GEMM on host memory.
+/// A passthrough's scale in the host float type.
+fn host_scale<F: HostFloat>(passthrough: Passthrough) -> F {
+    <F as num_traits::NumCast>::from(passthrough.scale).expect("a scale fits the float type")
+}
+
+/// `grad · W` through the GEMM on host memory, plus the passed-through columns' share.
 pub fn host_linear_grad_input<B: HostTensors>(
     grad: FloatTensor<B>,
     weight: FloatTensor<B>,
+    passthrough: Option<Passthrough>,
 ) -> FloatTensor<B> {
     fn run<B: HostTensors, F: HostFloat>(
         grad: FloatTensor<B>,
         weight: FloatTensor<B>,
+        passthrough: Option<Passthrough>,
     ) -> FloatTensor<B> {
-        let ([len, batch, out], [_, inner]) = (dims3::<B>(&grad), dims::<B>(&weight));
+        let ([len, batch, full], [out, inner]) = (dims3::<B>(&grad), dims::<B>(&weight));
         let rows = len * batch;
         let (gs, ws) = (B::host_slice::<F, 3>(&grad), B::host_slice::<F, 2>(&weight));
-        let dx = host::product(MatRef::new(&gs, rows, out), MatRef::new(&ws, out, inner));
+        let projected = MatRef::strided(&gs, rows, out, full);
+        let mut dx = host::product(projected, MatRef::new(&ws, out, inner));
+        if let Some(p) = passthrough {
+            let scale = host_scale::<F>(p);
+            for (dx, g) in dx.chunks_exact_mut(inner).zip(gs.chunks_exact(full)) {
+                for (d, &g) in dx[p.start..p.start + p.width].iter_mut().zip(&g[out..]) {
+                    *d += g * scale;
+                }
+            }
+        }
         from_host::<B, F, 3>(dx, [len, batch, inner], &B::float_device(&grad))
     }
     by_float_type!(&grad,
-        F => run::<B, F>(grad, weight),
-        other => linear::tensor_grad_input::<B>(grad, weight))
+        F => run::<B, F>(grad, weight, passthrough),
+        other => linear::tensor_grad_input::<B>(grad, weight, passthrough))
 }
 
-/// `gradᵀ · x` and the column sums of `grad` through the GEMM on host memory.
+/// `gradᵀ · x` and the column sums of `grad` (its columns before the passed-through ones)
+/// through the GEMM on host memory.
 pub fn host_linear_grad_params<B: HostTensors>(
     grad: FloatTensor<B>,
     x: FloatTensor<B>,
+    passthrough: Option<Passthrough>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     fn run<B: HostTensors, F: HostFloat>(
         grad: FloatTensor<B>,
         x: FloatTensor<B>,
+        passthrough: Option<Passthrough>,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
-        let ([len, batch, out], [_, _, inner]) = (dims3::<B>(&grad), dims3::<B>(&x));
-        let rows = len * batch;
+        let ([len, batch, full], [_, _, inner]) = (dims3::<B>(&grad), dims3::<B>(&x));
+        let (rows, out) = (len * batch, full - passthrough.map_or(0, |p| p.width));
         let (gs, xs) = (B::host_slice::<F, 3>(&grad), B::host_rows::<F, 3>(&x));
-        let grads = MatRef::new(&gs, rows, out);
+        let grads = MatRef::strided(&gs, rows, out, full);
         let dw = host::product(grads.t(), xs.mat());
         let mut db = vec![F::zero(); out];
         host::add_column_sums(&mut db, grads);
@@ -697,8 +760,8 @@ pub fn host_linear_grad_params<B: HostTensors>(
         )
     }
     by_float_type!(&grad,
-        F => run::<B, F>(grad, x),
-        other => linear::tensor_grad_params::<B>(grad, x))
+        F => run::<B, F>(grad, x, passthrough),
+        other => linear::tensor_grad_params::<B>(grad, x, passthrough))
 }
 
 #[cfg(test)]
@@ -706,6 +769,7 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
+    use crate::cell::sru::SruConfig;
     use crate::cell::{cell_names, AnyCellConfig, Cell, CellConfig};
     use crate::check::{max_abs_diff, F64};
     use crate::regularisation::Regularised;
@@ -728,41 +792,53 @@ mod tests {
     fn host_linear_and_outputs_match_tensor_ops() {
         let x = primitive(float::<F64, 3>(random([4, 3, 5])).swap_dims(0, 1));
         let (weight, bias) = (random([6, 5]), random([6]));
-        let grad = random([3, 4, 6]);
-        let worst = [
-            max_abs_diff(
+        let passed = Passthrough {
+            start: 1,
+            width: 3,
+            scale: 0.7,
+        };
+        let mut worst = Vec::new();
+        for (passthrough, bias) in [
+            (None, Some(bias.clone())),
+            (Some(passed), None),
+            (Some(passed), Some(bias)),
+        ] {
+            let grad = random([3, 4, 6 + passthrough.map_or(0, |p| p.width)]);
+            let forward = |linear: fn(_, _, _, _) -> FloatTensor<F64>| {
+                data::<3>(linear(x.clone(), weight.clone(), bias.clone(), passthrough))
+            };
+            worst.push(max_abs_diff(
                 "linear",
-                &data::<3>(host_linear::<F64>(
-                    x.clone(),
-                    weight.clone(),
-                    Some(bias.clone()),
-                )),
-                &data::<3>(linear::tensor_forward::<F64>(
-                    x.clone(),
-                    weight.clone(),
-                    Some(bias),
-                )),
-            ),
-            max_abs_diff(
+                &forward(host_linear::<F64>),
+                &forward(linear::tensor_forward::<F64>),
+            ));
+            worst.push(max_abs_diff(
                 "linear input gradient",
-                &data::<3>(host_linear_grad_input::<F64>(grad.clone(), weight.clone())),
-                &data::<3>(linear::tensor_grad_input::<F64>(grad.clone(), weight)),
-            ),
-            {
-                let (host_w, host_b) = host_linear_grad_params::<F64>(grad.clone(), x.clone());
-                let (ops_w, ops_b) = linear::tensor_grad_params::<F64>(grad, x);
-                max_abs_diff(
-                    "linear weight gradient",
-                    &data::<2>(host_w),
-                    &data::<2>(ops_w),
-                )
-                .max(max_abs_diff(
-                    "linear bias gradient",
-                    &data::<1>(host_b),
-                    &data::<1>(ops_b),
-                ))
-            },
-        ];
+                &data::<3>(host_linear_grad_input::<F64>(
+                    grad.clone(),
+                    weight.clone(),
+                    passthrough,
+                )),
+                &data::<3>(linear::tensor_grad_input::<F64>(
+                    grad.clone(),
+                    weight.clone(),
+                    passthrough,
+                )),
+            ));
+            let (host_w, host_b) =
+                host_linear_grad_params::<F64>(grad.clone(), x.clone(), passthrough);
+            let (ops_w, ops_b) = linear::tensor_grad_params::<F64>(grad, x.clone(), passthrough);
+            worst.push(max_abs_diff(
+                "linear weight gradient",
+                &data::<2>(host_w),
+                &data::<2>(ops_w),
+            ));
+            worst.push(max_abs_diff(
+                "linear bias gradient",
+                &data::<1>(host_b),
+                &data::<1>(ops_b),
+            ));
+        }
         // The recurrence hands over its output as a view of the wider packed sequence.
         let visible = F64::leading_columns::<3>(random([4, 3, 9]), 7);
         let outputs = host_outputs::<F64>(visible.clone(), 2);
@@ -870,74 +946,89 @@ mod tests {
             let cell = AnyCellConfig::named(name, width, 4)
                 .unwrap()
                 .init_cell::<F64>(&Default::default());
-            let Some((weight, bias)) = cell.input_affine() else {
-                continue;
+            check_projected_host_path(name, &cell, len, width);
+        }
+        // SRU with k = 3: the skip term passed through, of the whole input and of the second
+        // direction's half.
+        let device = Default::default();
+        check_projected_host_path("sru k=3", &SruConfig::new(4, 4).init(&device), len, 4);
+        let second = SruConfig::new(8, 4)
+            .with_output_size(Some(8))
+            .with_direction(1);
+        check_projected_host_path("sru k=3 reverse half", &second.init(&device), len, 8);
+    }
+
+    /// The host path's projected recurrence (projection computed in the walk) against the
+    /// tensor projection, passthrough and recurrence, forward and every gradient.
+    fn check_projected_host_path<C: Cell<F64>>(name: &str, cell: &C, len: usize, width: usize) {
+        let Some((weight, bias)) = cell.input_affine() else {
+            return;
+        };
+        let (kernel, passthrough) = (cell.kernel(), cell.input_passthrough());
+        let (weight, bias) = (primitive(weight), bias.map(primitive));
+        let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
+        for (batch, reverse, transposed) in [(3, false, true), (3, true, false), (131, true, true)]
+        {
+            let x = match transposed {
+                true => primitive(float::<F64, 3>(random([batch, len, width])).swap_dims(0, 1)),
+                false => random([len, batch, width]),
             };
-            let kernel = cell.kernel();
-            let (weight, bias) = (primitive(weight), bias.map(primitive));
-            let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
-            for (batch, reverse, transposed) in
-                [(3, false, true), (3, true, false), (131, true, true)]
-            {
-                let x = match transposed {
-                    true => primitive(float::<F64, 3>(random([batch, len, width])).swap_dims(0, 1)),
-                    false => random([len, batch, width]),
-                };
-                let mask: Vec<f64> = (0..len)
-                    .flat_map(|t| (0..batch).map(move |b| f64::from(t <= 4 - b % 3)))
-                    .collect();
-                let input = ProjectedInput::<F64> {
-                    x: x.clone(),
-                    weight: weight.clone(),
-                    bias: bias.clone(),
-                    state0: random([batch, kernel.state_width()]),
-                    params: random([param_len]),
-                    mask: Some(primitive(Tensor::<F64, 2>::from_data(
-                        TensorData::new(mask, [len, batch]),
-                        &Default::default(),
-                    ))),
-                    reverse,
-                };
-                let apart = RecurrenceInput::<F64> {
-                    xp: linear::tensor_forward::<F64>(x.clone(), weight.clone(), bias.clone()),
-                    state0: input.state0.clone(),
-                    params: input.params.clone(),
-                    mask: input.mask.clone(),
-                    reverse,
-                };
-                let tensor_out = recurrence_forward::<F64, _>(&kernel, apart.clone());
-                let (host_out, host_visible) =
-                    host_projected_forward::<F64, _>(&kernel, input.clone());
-                let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
-                let tensor =
-                    recurrence_backward::<F64, _>(&kernel, apart, tensor_out.clone(), grad.clone());
-                let (tensor_w, tensor_b) =
-                    linear::tensor_grad_params::<F64>(tensor.xp.clone(), x.clone());
-                let tensor_x = linear::tensor_grad_input::<F64>(tensor.xp, weight.clone());
-                let host = host_projected_backward::<F64, _>(&kernel, input, host_out, grad, true);
-                let case = format!("{name} (batch {batch}, reverse {reverse})");
-                let mut diffs = vec![
-                    max_abs_diff(
-                        &case,
-                        &data::<3>(host_visible),
-                        &data::<3>(visible::<F64, _>(&kernel, tensor_out)),
-                    ),
-                    max_abs_diff(&case, &data::<3>(host.x.unwrap()), &data::<3>(tensor_x)),
-                    max_abs_diff(&case, &data::<2>(host.weight), &data::<2>(tensor_w)),
-                    max_abs_diff(&case, &data::<2>(host.state0), &data::<2>(tensor.state0)),
-                    max_abs_diff(&case, &data::<1>(host.params), &data::<1>(tensor.params)),
-                ];
-                assert_eq!(host.bias.is_some(), bias.is_some(), "{case}: bias gradient");
-                if let Some(host_b) = host.bias {
-                    diffs.push(max_abs_diff(
-                        &case,
-                        &data::<1>(host_b),
-                        &data::<1>(tensor_b),
-                    ));
-                }
-                let worst = diffs.into_iter().fold(0.0, f64::max);
-                assert!(worst < 1e-12, "{case}: {worst:e}");
+            let mask: Vec<f64> = (0..len)
+                .flat_map(|t| (0..batch).map(move |b| f64::from(t <= 4 - b % 3)))
+                .collect();
+            let input = ProjectedInput::<F64> {
+                x: x.clone(),
+                weight: weight.clone(),
+                bias: bias.clone(),
+                passthrough,
+                state0: random([batch, kernel.state_width()]),
+                params: random([param_len]),
+                mask: Some(primitive(Tensor::<F64, 2>::from_data(
+                    TensorData::new(mask, [len, batch]),
+                    &Default::default(),
+                ))),
+                reverse,
+            };
+            let xp =
+                linear::tensor_forward::<F64>(x.clone(), weight.clone(), bias.clone(), passthrough);
+            let apart = RecurrenceInput::<F64> {
+                xp,
+                state0: input.state0.clone(),
+                params: input.params.clone(),
+                mask: input.mask.clone(),
+                reverse,
+            };
+            let tensor_out = recurrence_forward::<F64, _>(&kernel, apart.clone());
+            let (host_out, host_visible) = host_projected_forward::<F64, _>(&kernel, input.clone());
+            let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
+            let tensor =
+                recurrence_backward::<F64, _>(&kernel, apart, tensor_out.clone(), grad.clone());
+            let (tensor_w, tensor_b) =
+                linear::tensor_grad_params::<F64>(tensor.xp.clone(), x.clone(), passthrough);
+            let tensor_x = linear::tensor_grad_input::<F64>(tensor.xp, weight.clone(), passthrough);
+            let host = host_projected_backward::<F64, _>(&kernel, input, host_out, grad, true);
+            let case = format!("{name} (batch {batch}, reverse {reverse})");
+            let mut diffs = vec![
+                max_abs_diff(
+                    &case,
+                    &data::<3>(host_visible),
+                    &data::<3>(visible::<F64, _>(&kernel, tensor_out)),
+                ),
+                max_abs_diff(&case, &data::<3>(host.x.unwrap()), &data::<3>(tensor_x)),
+                max_abs_diff(&case, &data::<2>(host.weight), &data::<2>(tensor_w)),
+                max_abs_diff(&case, &data::<2>(host.state0), &data::<2>(tensor.state0)),
+                max_abs_diff(&case, &data::<1>(host.params), &data::<1>(tensor.params)),
+            ];
+            assert_eq!(host.bias.is_some(), bias.is_some(), "{case}: bias gradient");
+            if let Some(host_b) = host.bias {
+                diffs.push(max_abs_diff(
+                    &case,
+                    &data::<1>(host_b),
+                    &data::<1>(tensor_b),
+                ));
             }
+            let worst = diffs.into_iter().fold(0.0, f64::max);
+            assert!(worst < 1e-12, "{case}: {worst:e}");
         }
     }
 

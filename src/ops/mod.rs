@@ -177,16 +177,51 @@ pub struct RecurrenceInput<B: Backend> {
     pub reverse: bool,
 }
 
+/// Columns of the layer input that a kernel reads unprojected, after the projection's:
+/// `x[.., start..start + width] · scale` (SRU's skip term when the layer's input and output
+/// widths agree). Copied, where a scaled identity block in the weight would cost a third more
+/// GEMM work forward and backward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Passthrough {
+    /// First layer-input column passed through.
+    pub start: usize,
+    /// How many columns.
+    pub width: usize,
+    /// Their factor.
+    pub scale: f64,
+}
+
+impl Passthrough {
+    /// The projected input `xp` `[T, batch, out]` with the passed-through columns of `x`
+    /// appended: `[T, batch, out + width]`.
+    pub fn append<B: Backend>(&self, xp: Tensor<B, 3>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let skip = x.narrow(2, self.start, self.width).mul_scalar(self.scale);
+        Tensor::cat(vec![xp, skip], 2)
+    }
+
+    /// The backward of [`append`](Passthrough::append) into `x`'s gradient: adds the scaled
+    /// gradient of the appended columns (`[T, batch, width]`) to `grad_x`.
+    fn add_grad<B: Backend>(&self, grad_x: Tensor<B, 3>, grad_tail: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [len, batch, _] = grad_x.dims();
+        let columns = [0..len, 0..batch, self.start..self.start + self.width];
+        let passed = grad_x.clone().slice(columns.clone()) + grad_tail.mul_scalar(self.scale);
+        grad_x.slice_assign(columns, passed)
+    }
+}
+
 /// Inputs of the projected recurrence op: the layer input and the input projection's
 /// parameters in place of the projected input (see [`RnnBackend::rnn_projected_recurrence`]).
 #[derive(Debug, Clone)]
 pub struct ProjectedInput<B: Backend> {
     /// Time-major layer input `[T, batch, width]`.
     pub x: FloatTensor<B>,
-    /// The projection's weight `[input_width, width]`.
+    /// The projection's weight `[out, width]`: the kernel's input is `out` projected columns,
+    /// then `passthrough`'s.
     pub weight: FloatTensor<B>,
-    /// The projection's bias `[input_width]`.
+    /// The projection's bias `[out]`.
     pub bias: Option<FloatTensor<B>>,
+    /// Columns of `x` appended to the projection's (`None`: the projection is all of it).
+    pub passthrough: Option<Passthrough>,
     /// Initial packed state `[batch, state_width]`.
     pub state0: FloatTensor<B>,
     /// The recurrent parameters flattened and concatenated, `[param_len]`.
@@ -201,7 +236,7 @@ impl<B: RnnBackend> ProjectedInput<B> {
     /// The recurrence op's input, the projection computed beforehand by its own op.
     pub fn projected(self) -> RecurrenceInput<B> {
         RecurrenceInput {
-            xp: B::rnn_linear(self.x, self.weight, self.bias),
+            xp: B::rnn_linear(self.x, self.weight, self.bias, self.passthrough),
             state0: self.state0,
             params: self.params,
             mask: self.mask,
@@ -235,10 +270,11 @@ pub fn projected_backward_in_parts<B: RnnBackend, K: Recurrence>(
     grad_x: bool,
 ) -> ProjectedGrads<B> {
     let (x, weight, has_bias) = (input.x.clone(), input.weight.clone(), input.bias.is_some());
+    let passthrough = input.passthrough;
     let grads = B::rnn_recurrence_backward(kernel, input.projected(), packed, grad);
-    let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grads.xp.clone(), x);
+    let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grads.xp.clone(), x, passthrough);
     ProjectedGrads {
-        x: grad_x.then(|| B::rnn_linear_grad_input(grads.xp, weight)),
+        x: grad_x.then(|| B::rnn_linear_grad_input(grads.xp, weight, passthrough)),
         weight: grad_weight,
         bias: has_bias.then_some(grad_bias),
         state0: grads.state0,
@@ -333,29 +369,35 @@ pub trait RnnBackend: Backend {
     }
 
     /// The input projection `x · Wᵀ + b` of every step (`x` `[T, batch, in]`, any layout;
-    /// `weight` `[out, in]`, `bias` `[out]`), as PyTorch's `linear`: `[T, batch, out]`.
+    /// `weight` `[out, in]`, `bias` `[out]`), as PyTorch's `linear`: `[T, batch, out]`, with
+    /// `passthrough`'s columns of `x` appended (`[T, batch, out + p]`).
     fn rnn_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
+        passthrough: Option<Passthrough>,
     ) -> FloatTensor<Self> {
-        linear::tensor_forward::<Self>(x, weight, bias)
+        linear::tensor_forward::<Self>(x, weight, bias, passthrough)
     }
 
-    /// `grad · weight` (`[T, batch, out]` by `[out, in]`): the projection's input gradient.
+    /// The projection's input gradient from the gradient of its output (`[T, batch, out + p]`):
+    /// `grad · weight` (`weight` `[out, in]`) plus the passed-through columns' share.
     fn rnn_linear_grad_input(
         grad: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        passthrough: Option<Passthrough>,
     ) -> FloatTensor<Self> {
-        linear::tensor_grad_input::<Self>(grad, weight)
+        linear::tensor_grad_input::<Self>(grad, weight, passthrough)
     }
 
-    /// `gradᵀ · x` and the column sums of `grad`: the projection's weight and bias gradients.
+    /// `gradᵀ · x` and the column sums of `grad` over its first `out` columns (those before
+    /// `passthrough`'s): the projection's weight and bias gradients.
     fn rnn_linear_grad_params(
         grad: FloatTensor<Self>,
         x: FloatTensor<Self>,
+        passthrough: Option<Passthrough>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        linear::tensor_grad_params::<Self>(grad, x)
+        linear::tensor_grad_params::<Self>(grad, x, passthrough)
     }
 
     /// Each step's output, batch-major and contiguous: `[batch, T, O]` from the op's
@@ -402,13 +444,15 @@ pub mod outputs {
 pub mod linear {
     use super::*;
 
-    /// `x · Wᵀ + b` with tensor ops.
+    /// `x · Wᵀ + b`, then the passed-through columns, with tensor ops.
     pub fn tensor_forward<B: Backend>(
         x: FloatTensor<B>,
         weight: FloatTensor<B>,
         bias: Option<FloatTensor<B>>,
+        passthrough: Option<Passthrough>,
     ) -> FloatTensor<B> {
         let x = float::<B, 3>(x);
+        let input = passthrough.map(|p| (p, x.clone()));
         let [len, batch, width] = x.dims();
         let weight = float::<B, 2>(weight);
         let out = weight.dims()[0];
@@ -417,20 +461,29 @@ pub mod linear {
             Some(bias) => y + float::<B, 1>(bias).unsqueeze_dim(0),
             None => y,
         };
-        primitive(y.reshape([len, batch, out]))
+        let y = y.reshape([len, batch, out]);
+        primitive(match input {
+            Some((passthrough, x)) => passthrough.append(y, x),
+            None => y,
+        })
     }
 
-    /// `grad · W` with tensor ops.
+    /// `grad · W` plus the passed-through columns' share, with tensor ops.
     pub fn tensor_grad_input<B: Backend>(
         grad: FloatTensor<B>,
         weight: FloatTensor<B>,
+        passthrough: Option<Passthrough>,
     ) -> FloatTensor<B> {
         let grad = float::<B, 3>(grad);
-        let [len, batch, out] = grad.dims();
         let weight = float::<B, 2>(weight);
-        let width = weight.dims()[1];
-        let dx = grad.reshape([len * batch, out]).matmul(weight);
-        primitive(dx.reshape([len, batch, width]))
+        let ([len, batch, _], [out, width]) = (grad.dims(), weight.dims());
+        let projected = grad.clone().narrow(2, 0, out);
+        let dx = projected.reshape([len * batch, out]).matmul(weight);
+        let dx = dx.reshape([len, batch, width]);
+        primitive(match passthrough {
+            Some(passthrough) => passthrough.add_grad(dx, grad.narrow(2, out, passthrough.width)),
+            None => dx,
+        })
     }
 
     /// `gradᵀ · x` and the column sums of `grad` with tensor ops.
@@ -443,8 +496,13 @@ pub mod linear {
     pub fn tensor_grad_params<B: Backend>(
         grad: FloatTensor<B>,
         x: FloatTensor<B>,
+        passthrough: Option<Passthrough>,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let grad = float::<B, 3>(grad);
+        let grad = match passthrough {
+            Some(p) => grad.clone().narrow(2, 0, grad.dims()[2] - p.width),
+            None => grad,
+        };
         let [len, batch, out] = grad.dims();
         let x = float::<B, 3>(x);
         let width = x.dims()[2];
@@ -525,7 +583,7 @@ pub mod linear {
             };
             let (grad, x) = (random([len, batch, out]), random([len, batch, width]));
             let (weight, bias) =
-                tensor_grad_params::<F64>(primitive(grad.clone()), primitive(x.clone()));
+                tensor_grad_params::<F64>(primitive(grad.clone()), primitive(x.clone()), None);
             let rows = grad.reshape([len * batch, out]);
             let expected_weight = rows
                 .clone()
@@ -781,6 +839,7 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
             x: input.x.primitive,
             weight: input.weight.primitive,
             bias: input.bias.as_ref().map(|bias| bias.primitive.clone()),
+            passthrough: input.passthrough,
             state0: input.state0.primitive,
             params: input.params.primitive,
             mask: input.mask.map(|mask| mask.primitive),
@@ -828,10 +887,11 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
+        passthrough: Option<Passthrough>,
     ) -> FloatTensor<Self> {
-        let state = (x.primitive.clone(), weight.primitive.clone());
+        let state = (x.primitive.clone(), weight.primitive.clone(), passthrough);
         let (x_node, weight_node) = (x.node, weight.node);
-        let (x, weight) = state.clone();
+        let (x, weight) = (state.0.clone(), state.1.clone());
         // Two nodes without a bias, three with one: burn's nodes have a fixed parent count.
         match bias {
             None => match LinearBackward
@@ -839,8 +899,12 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
                 .compute_bound()
                 .stateful()
             {
-                OpsKind::Tracked(prep) => prep.finish(state, B::rnn_linear(x, weight, None)),
-                OpsKind::UnTracked(prep) => prep.finish(B::rnn_linear(x, weight, None)),
+                OpsKind::Tracked(prep) => {
+                    prep.finish(state, B::rnn_linear(x, weight, None, passthrough))
+                }
+                OpsKind::UnTracked(prep) => {
+                    prep.finish(B::rnn_linear(x, weight, None, passthrough))
+                }
             },
             Some(bias) => match LinearBackward
                 .prepare::<C>([x_node, weight_node, bias.node])
@@ -848,10 +912,11 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
                 .stateful()
             {
                 OpsKind::Tracked(prep) => {
-                    prep.finish(state, B::rnn_linear(x, weight, Some(bias.primitive)))
+                    let y = B::rnn_linear(x, weight, Some(bias.primitive), passthrough);
+                    prep.finish(state, y)
                 }
                 OpsKind::UnTracked(prep) => {
-                    prep.finish(B::rnn_linear(x, weight, Some(bias.primitive)))
+                    prep.finish(B::rnn_linear(x, weight, Some(bias.primitive), passthrough))
                 }
             },
         }
@@ -951,25 +1016,27 @@ impl<B: RnnBackend> Backward<B, 1> for OutputsBackward {
 }
 
 /// The autodiff node of the projection (parents: input, weight and, when present, bias); its
-/// state is the input and the weight.
+/// state is the input, the weight and the passthrough.
 #[derive(Debug)]
 struct LinearBackward;
 
+type LinearState<B> = (FloatTensor<B>, FloatTensor<B>, Option<Passthrough>);
+
 impl LinearBackward {
-    fn run<B: RnnBackend, const N: usize>(
-        ops: Ops<(FloatTensor<B>, FloatTensor<B>), N>,
-        grads: &mut Gradients,
-    ) {
+    fn run<B: RnnBackend, const N: usize>(ops: Ops<LinearState<B>, N>, grads: &mut Gradients) {
         let grad = grads.consume::<B>(&ops.node);
-        let (x, weight) = ops.state;
+        let (x, weight, passthrough) = ops.state;
         let mut parents = ops.parents.into_iter();
         let (node_x, node_weight) = (parents.next().flatten(), parents.next().flatten());
         let node_bias = parents.next().flatten();
         if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::rnn_linear_grad_input(grad.clone(), weight));
+            grads.register::<B>(
+                node.id,
+                B::rnn_linear_grad_input(grad.clone(), weight, passthrough),
+            );
         }
         if node_weight.is_some() || node_bias.is_some() {
-            let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grad, x);
+            let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grad, x, passthrough);
             if let Some(node) = node_weight {
                 grads.register::<B>(node.id, grad_weight);
             }
@@ -981,7 +1048,7 @@ impl LinearBackward {
 }
 
 impl<B: RnnBackend> Backward<B, 2> for LinearBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>);
+    type State = LinearState<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         Self::run::<B, 2>(ops, grads)
@@ -989,7 +1056,7 @@ impl<B: RnnBackend> Backward<B, 2> for LinearBackward {
 }
 
 impl<B: RnnBackend> Backward<B, 3> for LinearBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>);
+    type State = LinearState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         Self::run::<B, 3>(ops, grads)
@@ -1098,7 +1165,7 @@ where
         (_, true) => Tensor::cat(vec![h_seq.narrow(0, 1, len - 1), h0], 0),
     };
     let (grad_weight, _) =
-        linear::tensor_grad_params::<Cb<R, F, I, BT>>(grad_xp.clone(), primitive(h_prev));
+        linear::tensor_grad_params::<Cb<R, F, I, BT>>(grad_xp.clone(), primitive(h_prev), None);
     let grad_params = float::<Cb<R, F, I, BT>, 2>(grad_weight)
         .transpose()
         .reshape([hidden * gates]);
@@ -1151,13 +1218,15 @@ pub fn outputs_batch_major<B: RnnBackend>(
 
 /// The projected recurrence op ([`RnnBackend::rnn_projected_recurrence`]) on high-level
 /// tensors: the recurrence op's output `[T, batch, O + S]` from the layer input `x`
-/// `[T, batch, width]` and the projection `x · weightᵀ + bias`.
+/// `[T, batch, width]`, the projection `x · weightᵀ + bias` and the columns of `x` that
+/// `passthrough` appends to it.
 #[allow(clippy::too_many_arguments)]
 pub fn projected_recurrence<B: RnnBackend, K: Recurrence>(
     kernel: &K,
     x: Tensor<B, 3>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
+    passthrough: Option<Passthrough>,
     state0: Tensor<B, 2>,
     params: Tensor<B, 1>,
     mask: Option<Tensor<B, 2>>,
@@ -1167,6 +1236,7 @@ pub fn projected_recurrence<B: RnnBackend, K: Recurrence>(
         x: primitive(x),
         weight: primitive(weight),
         bias: bias.map(primitive),
+        passthrough,
         state0: primitive(state0),
         params: primitive(params),
         mask: mask.map(primitive),
