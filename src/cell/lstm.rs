@@ -503,14 +503,18 @@ impl Recurrence for LstmKernel {
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, row_backward);
         if self.peephole {
             // The peephole gradient is a sum over the batch: rows in order, one accumulator.
-            let grad_peephole = grads.params[1].row_mut(0);
+            // Every slice is cut to `hd` so that the loop vectorises.
+            let (grad_i, rest) = grads.params[1].row_mut(0)[..3 * hd].split_at_mut(hd);
+            let (grad_f, grad_o) = rest.split_at_mut(hd);
             for b in 0..step.xp.rows() {
                 let dz = grads.xp.as_ref().row(b);
-                let (c_prev, c_new) = (&step.prev.row(b)[hd..], &step.row.row(b)[2 * hd..3 * hd]);
+                let (dz_i, dz_f, dz_o) = (&dz[..hd], &dz[hd..2 * hd], &dz[3 * hd..4 * hd]);
+                let c_prev = &step.prev.row(b)[hd..2 * hd];
+                let c_new = &step.row.row(b)[2 * hd..3 * hd];
                 for j in 0..hd {
-                    grad_peephole[j] += dz[j] * c_prev[j];
-                    grad_peephole[hd + j] += dz[hd + j] * c_prev[j];
-                    grad_peephole[2 * hd + j] += dz[3 * hd + j] * c_new[j];
+                    grad_i[j] += dz_i[j] * c_prev[j];
+                    grad_f[j] += dz_f[j] * c_prev[j];
+                    grad_o[j] += dz_o[j] * c_new[j];
                 }
             }
         }

@@ -171,7 +171,7 @@ fn sru_input_parts<F>(x: &[F], hd: usize) -> (&[F], &[F], &[F], &[F]) {
 }
 
 /// The activated gates of one row, `f` and `r`, from the `c` the gates read (`c ⊙ keep` under
-/// dropout): that read is staged in `r`'s slot, each value read before `r` overwrites it.
+/// dropout).
 #[inline(always)]
 fn sru_gates<F: HostFloat>(
     c: &[F],
@@ -183,15 +183,7 @@ fn sru_gates<F: HostFloat>(
     r: &mut [F],
 ) {
     let hd = r.len();
-    let (c, f) = (&c[..hd], &mut f[..hd]);
-    match keep {
-        Some(keep) => {
-            for ((r, &c), &k) in r.iter_mut().zip(c).zip(&keep[..hd]) {
-                *r = c * k;
-            }
-        }
-        None => r.copy_from_slice(c),
-    }
+    let (c, f, keep) = (&c[..hd], &mut f[..hd], keep.map(|k| &k[..hd]));
     let (x_f, x_r, v_f, v_r, b_f, b_r) = (
         &x_f[..hd],
         &x_r[..hd],
@@ -201,7 +193,11 @@ fn sru_gates<F: HostFloat>(
         &b_r[..hd],
     );
     for j in 0..hd {
-        let read = r[j];
+        // The c the gates read (through the dropout mask, if any).
+        let read = match keep {
+            Some(k) => c[j] * k[j],
+            None => c[j],
+        };
         f[j] = x_f[j] + v_f[j] * read + b_f[j];
         r[j] = x_r[j] + v_r[j] * read + b_r[j];
     }
@@ -391,13 +387,19 @@ impl Recurrence for SruKernel {
                 dz_f,
                 dz_r,
             );
-            // act(c') waits in the c_prev gradient's slot until element j is written.
-            grad_c_prev.copy_from_slice(c_new);
+            // tanh(c') waits in the c_prev gradient's slot until element j is written;
+            // without the tanh, act(c') is c' itself.
+            let c_new = &c_new[..hd];
             if self.use_tanh {
+                grad_c_prev.copy_from_slice(c_new);
                 F::tanh_in_place(grad_c_prev);
             }
             for j in 0..hd {
-                let act = grad_c_prev[j];
+                let act = if self.use_tanh {
+                    grad_c_prev[j]
+                } else {
+                    c_new[j]
+                };
                 let (fj, rj) = (dz_f[j], dz_r[j]);
                 let slope = one - tanh_on * act * act;
                 dz_r[j] = go[j] * (act - skip[j]) * (rj * (one - rj));

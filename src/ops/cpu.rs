@@ -565,10 +565,13 @@ fn projection_weights<F: HostFloat>(
     let extra = passthrough.map_or(0, |p| p.width);
     let columns = out + extra;
     let mut weights = vec![F::zero(); (width + usize::from(bias.is_some())) * columns];
-    for (i, row) in weights.chunks_exact_mut(columns).take(width).enumerate() {
-        for (o, value) in row[..out].iter_mut().enumerate() {
-            *value = weight[o * width + i];
-        }
+    // Wᵀ's rows, each widened by the passthrough's columns.
+    let weight_t = host::transpose(MatRef::new(weight, out, width));
+    for (row, source) in weights
+        .chunks_exact_mut(columns)
+        .zip(weight_t.chunks_exact(out))
+    {
+        row[..out].copy_from_slice(source);
     }
     if let Some(p) = passthrough {
         let scale = host_scale::<F>(p);
@@ -681,13 +684,12 @@ pub fn host_linear<B: HostTensors>(
         // Each row: the bias (or zeros) for the GEMM to add to, then the copied columns.
         let bias = bias.map(|bias| B::host_slice::<F, 1>(&bias).into_owned());
         let bias = bias.unwrap_or_else(|| vec![F::zero(); out]);
+        let copied = passthrough.map(|p| (p.start..p.start + p.width, host_scale::<F>(p)));
         let mut y = Vec::with_capacity(rows * full);
         for r in 0..rows {
             y.extend_from_slice(&bias);
-            if let Some(p) = passthrough {
-                let scale = host_scale::<F>(p);
-                let copied = &xs.row(r)[p.start..p.start + p.width];
-                y.extend(copied.iter().map(|&v| v * scale));
+            if let Some((columns, scale)) = &copied {
+                y.extend(xs.row(r)[columns.clone()].iter().map(|&v| v * *scale));
             }
         }
         host::matmul(&mut MatMut::strided(&mut y, rows, out, full), xs, ws, true);
