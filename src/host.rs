@@ -1404,6 +1404,37 @@ pub fn add_into<F: HostFloat>(acc: &mut [F], value: &[F]) {
     acc.iter_mut().zip(value).for_each(|(a, &v)| *a += v);
 }
 
+/// Normalises one row in place to zero mean and unit variance (the variance plus `epsilon`, as
+/// PyTorch's `LayerNorm`); returns `1/√(var + epsilon)`.
+pub fn normalize_in_place<F: HostFloat>(row: &mut [F], epsilon: F) -> F {
+    let n = <F as num_traits::NumCast>::from(row.len()).expect("a width fits the float type");
+    let mean = row.iter().fold(F::zero(), |acc, &v| acc + v) / n;
+    let var = row
+        .iter()
+        .fold(F::zero(), |acc, &v| acc + (v - mean) * (v - mean))
+        / n;
+    let inv_std = F::one() / (var + epsilon).sqrt();
+    for v in row.iter_mut() {
+        *v = (*v - mean) * inv_std;
+    }
+    inv_std
+}
+
+/// The gradient through [`normalize_in_place`] on one row, in place: `grad` (of the normalised
+/// row `normalized`) becomes the input's, `inv_std · (g − mean(g) − x̂·mean(g⊙x̂))`.
+pub fn normalize_backward_in_place<F: HostFloat>(normalized: &[F], inv_std: F, grad: &mut [F]) {
+    let n = <F as num_traits::NumCast>::from(grad.len()).expect("a width fits the float type");
+    let (mut sum, mut dot) = (F::zero(), F::zero());
+    for (&g, &x) in grad.iter().zip(normalized) {
+        sum += g;
+        dot += g * x;
+    }
+    let (mean, mean_dot) = (sum / n, dot / n);
+    for (g, &x) in grad.iter_mut().zip(normalized) {
+        *g = (*g - mean - x * mean_dot) * inv_std;
+    }
+}
+
 #[cfg(test)]
 mod gemm_tests {
     use super::*;

@@ -19,8 +19,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::{
-    accumulate, batch_sum, cols, flatten_params, load_param, param_data, project_sequence, sigmoid,
-    sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell,
+    accumulate, batch_sum, cols, flatten_params, layer_norm, load_param, param_data,
+    project_sequence, sigmoid, sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
@@ -113,36 +113,6 @@ fn normalize_rows_backward<B: Backend>(
     let mean_grad = grad.clone().mean_dim(1);
     let mean_dot = (grad.clone() * normalized.clone()).mean_dim(1);
     (grad - mean_grad - normalized * mean_dot) * inv_std
-}
-
-/// [`normalize_rows`] in place on one host row; returns `1/√(var + ε)`.
-fn normalize_in_place<F: HostFloat>(row: &mut [F]) -> F {
-    let n = <F as num_traits::NumCast>::from(row.len()).expect("a width fits the float type");
-    let mean = row.iter().fold(F::zero(), |acc, &v| acc + v) / n;
-    let var = row
-        .iter()
-        .fold(F::zero(), |acc, &v| acc + (v - mean) * (v - mean))
-        / n;
-    let inv_std =
-        F::one() / (var + <F as num_traits::NumCast>::from(LN_EPSILON).expect("ε fits")).sqrt();
-    for v in row.iter_mut() {
-        *v = (*v - mean) * inv_std;
-    }
-    inv_std
-}
-
-/// [`normalize_rows_backward`] in place on one host row: `grad` becomes the input's gradient.
-fn normalize_backward_in_place<F: HostFloat>(normalized: &[F], inv_std: F, grad: &mut [F]) {
-    let n = <F as num_traits::NumCast>::from(grad.len()).expect("a width fits the float type");
-    let (mut sum, mut dot) = (F::zero(), F::zero());
-    for (&g, &x) in grad.iter().zip(normalized) {
-        sum += g;
-        dot += g * x;
-    }
-    let (mean, mean_dot) = (sum / n, dot / n);
-    for (g, &x) in grad.iter_mut().zip(normalized) {
-        *g = (*g - mean - x * mean_dot) * inv_std;
-    }
 }
 
 /// The LN-LSTM step. Params `[W_hh^T [H, 4H], γ_hh [1, 4H], γ_c [1, H], β_c [1, H]]`; state
@@ -287,13 +257,14 @@ impl Recurrence for LnLstmKernel {
             false,
         );
         let (gain_r, gain_c, shift_c) = (params[1].row(0), params[2].row(0), params[3].row(0));
+        let epsilon = <F as num_traits::NumCast>::from(LN_EPSILON).expect("ε fits the float type");
         out.for_each_row(|b, row| {
             let (head, saved) = row.split_at_mut(at.gates);
             let (gates, rest) = saved.split_at_mut(4 * hd);
             let (r_hat, rest) = rest.split_at_mut(4 * hd);
             let (c_hat, rest) = rest.split_at_mut(hd);
             let (act, inv_std) = rest.split_at_mut(hd);
-            inv_std[0] = normalize_in_place(r_hat);
+            inv_std[0] = host::normalize_in_place(r_hat, epsilon);
             let x = xp.row(b);
             for k in 0..4 * hd {
                 gates[k] = x[k] + gain_r[k] * r_hat[k];
@@ -306,7 +277,7 @@ impl Recurrence for LnLstmKernel {
                 c_hat[j] = gates[hd + j] * c[j] + gates[j] * gates[2 * hd + j];
             }
             head[2 * hd..].copy_from_slice(c_hat);
-            inv_std[1] = normalize_in_place(c_hat);
+            inv_std[1] = host::normalize_in_place(c_hat, epsilon);
             for j in 0..hd {
                 act[j] = gain_c[j] * c_hat[j] + shift_c[j];
             }
@@ -343,7 +314,7 @@ impl Recurrence for LnLstmKernel {
                 d_act[j] = grad_h * gates[3 * hd + j] * (one - act[j] * act[j]);
                 grad_c[j] = d_act[j] * gain_c[j];
             }
-            normalize_backward_in_place(c_hat, inv_std[1], grad_c);
+            host::normalize_backward_in_place(c_hat, inv_std[1], grad_c);
             for j in 0..hd {
                 let (i, f, g, o) = (
                     gates[j],
@@ -361,7 +332,7 @@ impl Recurrence for LnLstmKernel {
             for k in 0..4 * hd {
                 dr[k] = dz[k] * gain_r[k];
             }
-            normalize_backward_in_place(r_hat, inv_std[0], dr);
+            host::normalize_backward_in_place(r_hat, inv_std[0], dr);
         });
         // The gains' and shift's gradients: sums over the batch, rows in order.
         for b in 0..step.xp.rows() {
@@ -397,15 +368,6 @@ impl Recurrence for LnLstmKernel {
     }
 }
 
-/// `[T, batch, W]` normalised over `W` at every step, scaled by `gain [W]`.
-fn normalize_sequence<B: Backend>(x: Tensor<B, 3>, gain: Tensor<B, 1>) -> Tensor<B, 3> {
-    let centred = x.clone() - x.mean_dim(2);
-    let inv_std = (centred.clone().square().mean_dim(2) + LN_EPSILON)
-        .sqrt()
-        .recip();
-    centred * inv_std * gain.unsqueeze::<3>()
-}
-
 impl<B: Backend> Cell<B> for LnLstm<B> {
     type Kernel = LnLstmKernel;
 
@@ -428,7 +390,8 @@ impl<B: Backend> Cell<B> for LnLstm<B> {
         B: RnnBackend,
     {
         let projected = project_sequence(input, self.weight_ih.val(), None, None);
-        normalize_sequence(projected, self.ln_ih_weight.val()) + self.bias.val().unsqueeze::<3>()
+        layer_norm(projected, self.ln_ih_weight.val(), LN_EPSILON)
+            + self.bias.val().unsqueeze::<3>()
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {
         flatten_params(vec![
