@@ -26,7 +26,7 @@ use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::ops::{norm, Recurrence, RnnBackend, StepOutput, StepRecord};
 
 /// The variance floor of every normalisation (PyTorch's `LayerNorm` default).
 pub const LN_EPSILON: f64 = 1e-5;
@@ -95,26 +95,6 @@ impl LnLstmConfig {
 
 super::single_name_config!(LnLstmConfig => LnLstm, "ln-lstm");
 
-/// Row-wise normalisation of `[batch, width]`: `(x̂, 1/√(var + ε))`, the latter `[batch, 1]`.
-fn normalize_rows<B: Backend>(x: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let centred = x.clone() - x.mean_dim(1);
-    let inv_std = (centred.clone().square().mean_dim(1) + LN_EPSILON)
-        .sqrt()
-        .recip();
-    (centred * inv_std.clone(), inv_std)
-}
-
-/// The gradient through [`normalize_rows`]: `inv_std · (g − mean(g) − x̂·mean(g⊙x̂))`.
-fn normalize_rows_backward<B: Backend>(
-    normalized: Tensor<B, 2>,
-    inv_std: Tensor<B, 2>,
-    grad: Tensor<B, 2>,
-) -> Tensor<B, 2> {
-    let mean_grad = grad.clone().mean_dim(1);
-    let mean_dot = (grad.clone() * normalized.clone()).mean_dim(1);
-    (grad - mean_grad - normalized * mean_dot) * inv_std
-}
-
 /// The LN-LSTM step. Params `[W_hh^T [H, 4H], γ_hh [1, 4H], γ_c [1, H], β_c [1, H]]`; state
 /// `[h | c]`; saved `[i, f, g, o | r̂ | ĉ | tanh(γ_c⊙ĉ + β_c) | 1/σ_r, 1/σ_c]` with `r̂` the
 /// normalised recurrent projection and `ĉ` the normalised new cell.
@@ -172,14 +152,14 @@ impl Recurrence for LnLstmKernel {
     ) -> StepOutput<B> {
         let hd = self.hidden;
         let (h, c) = (cols(&state, 0, hd), cols(&state, hd, hd));
-        let (r_hat, inv_std_r) = normalize_rows(h.matmul(params[0].clone()));
+        let (r_hat, inv_std_r) = norm::normalized(h.matmul(params[0].clone()), LN_EPSILON);
         let z = xp + r_hat.clone() * params[1].clone();
         let i = sigmoid(cols(&z, 0, hd));
         let f = sigmoid(cols(&z, hd, hd));
         let g = cols(&z, 2 * hd, hd).tanh();
         let o = sigmoid(cols(&z, 3 * hd, hd));
         let c_new = f.clone() * c + i.clone() * g.clone();
-        let (c_hat, inv_std_c) = normalize_rows(c_new.clone());
+        let (c_hat, inv_std_c) = norm::normalized(c_new.clone(), LN_EPSILON);
         let act = (c_hat.clone() * params[2].clone() + params[3].clone()).tanh();
         let h_new = o.clone() * act.clone();
         StepOutput {
@@ -224,7 +204,7 @@ impl Recurrence for LnLstmKernel {
         );
         accumulate(&mut param_grads[3], batch_sum(d_act.clone()));
         let grad_c = cols(&step.grad_state, hd, hd)
-            + normalize_rows_backward(c_hat, inv_std_c, d_act * params[2].clone());
+            + norm::normalized_backward(c_hat, inv_std_c, d_act * params[2].clone());
         let dz = Tensor::cat(
             vec![
                 grad_c.clone() * g.clone() * sigmoid_grad(i.clone()),
@@ -235,7 +215,7 @@ impl Recurrence for LnLstmKernel {
             1,
         );
         accumulate(&mut param_grads[1], batch_sum(dz.clone() * r_hat.clone()));
-        let dr = normalize_rows_backward(r_hat, inv_std_r, dz.clone() * params[1].clone());
+        let dr = norm::normalized_backward(r_hat, inv_std_r, dz.clone() * params[1].clone());
         accumulate(&mut param_grads[0], h.transpose().matmul(dr.clone()));
         let grad_h_prev = dr.matmul(params[0].clone().transpose());
         (dz, Tensor::cat(vec![grad_h_prev, grad_c * f], 1))

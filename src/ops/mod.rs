@@ -465,13 +465,28 @@ pub mod outputs {
 pub mod norm {
     use super::*;
 
-    /// `(x̂, 1/√(var + epsilon))` over the last axis, the latter `[T, batch, 1]`.
-    fn normalized<B: Backend>(x: Tensor<B, 3>, epsilon: f64) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let centred = x.clone() - x.mean_dim(2);
-        let inv_std = (centred.clone().square().mean_dim(2) + epsilon)
+    /// `(x̂, 1/√(var + epsilon))` over the last axis, the latter with that axis of size 1.
+    pub fn normalized<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        epsilon: f64,
+    ) -> (Tensor<B, D>, Tensor<B, D>) {
+        let centred = x.clone() - x.mean_dim(D - 1);
+        let inv_std = (centred.clone().square().mean_dim(D - 1) + epsilon)
             .sqrt()
             .recip();
         (centred * inv_std.clone(), inv_std)
+    }
+
+    /// The gradient through [`normalized`] from that of `x̂`:
+    /// `inv_std · (g − mean(g) − x̂·mean(g⊙x̂))`.
+    pub fn normalized_backward<B: Backend, const D: usize>(
+        normalized: Tensor<B, D>,
+        inv_std: Tensor<B, D>,
+        grad: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        let mean = grad.clone().mean_dim(D - 1);
+        let mean_dot = (grad.clone() * normalized.clone()).mean_dim(D - 1);
+        (grad - mean - normalized * mean_dot) * inv_std
     }
 
     /// `x̂ ⊙ gain` with tensor ops.
@@ -484,8 +499,8 @@ pub mod norm {
         primitive(normalized * float::<B, 1>(gain).unsqueeze::<3>())
     }
 
-    /// `(dx, dgain)`: `dgain = Σ dy ⊙ x̂` over steps and rows; with `g = dy ⊙ gain`,
-    /// `dx = inv_std · (g − mean(g) − x̂·mean(g⊙x̂))`.
+    /// `(dx, dgain)`: `dgain = Σ dy ⊙ x̂` over steps and rows; `dx` through [`normalized`]
+    /// from `dy ⊙ gain`.
     pub fn tensor_backward<B: Backend>(
         x: FloatTensor<B>,
         gain: FloatTensor<B>,
@@ -500,9 +515,7 @@ pub mod norm {
             .sum_dim(0)
             .reshape([width]);
         let g = grad * float::<B, 1>(gain).unsqueeze::<3>();
-        let mean = g.clone().mean_dim(2);
-        let mean_dot = (g.clone() * normalized.clone()).mean_dim(2);
-        let grad_x = (g - mean - normalized * mean_dot) * inv_std;
+        let grad_x = normalized_backward(normalized, inv_std, g);
         (primitive(grad_x), primitive(grad_gain))
     }
 }
