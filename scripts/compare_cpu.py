@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"A": (128, 100, 10, 128), "B": (128, 1000, 10, 128), "C": (64, 100, 512, 512)}
 ZOO_CELLS = "rnn,rnn-relu,lstm,peephole-lstm,cifg-lstm,gru,gru-cho,sru"
+LATER_CELLS = "irnn,indrnn,mgu,ln-lstm"
 TORCH_CELLS = "lstm,gru,rnn,rnn-relu"
 
 
@@ -47,13 +48,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--bench", default=str(ROOT / "target/release/bench"))
+    parser.add_argument("--later-cells", action="store_true",
+                        help=f"also time {LATER_CELLS} (no PyTorch peer)")
     args = parser.parse_args()
+    cells = ZOO_CELLS + ("," + LATER_CELLS if args.later_cells else "")
 
     best = {}
     for config in args.configs.split(","):
         shape = shape_args(config, args.threads, args.repeats)
         # burn's own modules only where the issue sets a target (A): they are slow.
-        zoo_cells = ZOO_CELLS + (",burn-lstm,burn-gru" if config == "A" else "")
+        zoo_cells = cells + (",burn-lstm,burn-gru" if config == "A" else "")
         for _ in range(args.rounds):
             keep_best(best, run_json([args.bench, "--cell", zoo_cells] + shape), (config, "zoo"))
             torch = [sys.executable, str(ROOT / "scripts/bench_pytorch.py"), "--cell", TORCH_CELLS]
@@ -65,7 +69,7 @@ def main():
     for config in args.configs.split(","):
         lstm = best[((config, "zoo"), "lstm")]
         burn = best.get(((config, "zoo"), "burn-lstm"))
-        for cell in ZOO_CELLS.split(",") + ["burn-lstm", "burn-gru"]:
+        for cell in cells.split(",") + ["burn-lstm", "burn-gru"]:
             ours = best.get(((config, "zoo"), cell))
             if ours is None:
                 continue
@@ -74,6 +78,16 @@ def main():
             burn_ratio = f"{burn / ours:.1f}" if burn else "–"
             torch_ms = f"{torch:.1f}" if torch else "–"
             print(f"| {config} | {cell} | {ours:.1f} | {torch_ms} | {ratio} | {ours / lstm:.2f} | {burn_ratio} |")
+
+    print_length_scaling(best, cells.split(","), args.configs.split(","))
+
+
+def print_length_scaling(best, cells, configs):
+    """time(B) / time(A): how the step grows with a ten times longer sequence."""
+    if "A" not in configs or "B" not in configs:
+        return
+    ratios = [f"{cell} {best[(('B', 'zoo'), cell)] / best[(('A', 'zoo'), cell)]:.1f}" for cell in cells]
+    print("\nB / A: " + ", ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -1408,11 +1408,8 @@ pub fn add_into<F: HostFloat>(acc: &mut [F], value: &[F]) {
 /// PyTorch's `LayerNorm`); returns `1/√(var + epsilon)`.
 pub fn normalize_in_place<F: HostFloat>(row: &mut [F], epsilon: F) -> F {
     let n = <F as num_traits::NumCast>::from(row.len()).expect("a width fits the float type");
-    let mean = row.iter().fold(F::zero(), |acc, &v| acc + v) / n;
-    let var = row
-        .iter()
-        .fold(F::zero(), |acc, &v| acc + (v - mean) * (v - mean))
-        / n;
+    let mean = lane_sum(row, row, |v, _| v) / n;
+    let var = lane_sum(row, row, |v, _| (v - mean) * (v - mean)) / n;
     let inv_std = F::one() / (var + epsilon).sqrt();
     for v in row.iter_mut() {
         *v = (*v - mean) * inv_std;
@@ -1424,15 +1421,34 @@ pub fn normalize_in_place<F: HostFloat>(row: &mut [F], epsilon: F) -> F {
 /// row `normalized`) becomes the input's, `inv_std · (g − mean(g) − x̂·mean(g⊙x̂))`.
 pub fn normalize_backward_in_place<F: HostFloat>(normalized: &[F], inv_std: F, grad: &mut [F]) {
     let n = <F as num_traits::NumCast>::from(grad.len()).expect("a width fits the float type");
-    let (mut sum, mut dot) = (F::zero(), F::zero());
-    for (&g, &x) in grad.iter().zip(normalized) {
-        sum += g;
-        dot += g * x;
-    }
-    let (mean, mean_dot) = (sum / n, dot / n);
+    let mean = lane_sum(grad, normalized, |g, _| g) / n;
+    let mean_dot = lane_sum(grad, normalized, |g, x| g * x) / n;
     for (g, &x) in grad.iter_mut().zip(normalized) {
         *g = (*g - mean - x * mean_dot) * inv_std;
     }
+}
+
+/// Partial sums per [`lane_sum`]: enough independent chains to fill a vector register.
+const SUM_LANES: usize = 16;
+
+/// `Σ_i term(a[i], b[i])` as `SUM_LANES` interleaved partial sums added at the end: a float sum
+/// taken in order is one dependent chain the compiler may not reorder, so it runs a scalar add
+/// per element; this one vectorises (and gives the same result for any thread count).
+fn lane_sum<F: HostFloat>(a: &[F], b: &[F], term: impl Fn(F, F) -> F) -> F {
+    assert_eq!(a.len(), b.len(), "lane_sum of rows of one width");
+    let (a_chunks, b_chunks) = (a.chunks_exact(SUM_LANES), b.chunks_exact(SUM_LANES));
+    let tail = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .fold(F::zero(), |sum, (&x, &y)| sum + term(x, y));
+    let mut lanes = [F::zero(); SUM_LANES];
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..SUM_LANES {
+            lanes[lane] += term(x[lane], y[lane]);
+        }
+    }
+    lanes.iter().fold(tail, |sum, &lane| sum + lane)
 }
 
 #[cfg(test)]
@@ -1484,5 +1500,38 @@ mod gemm_tests {
                 .fold(0.0, f64::max);
             assert!(worst < 1e-12, "accumulate {accumulate}: {worst}");
         }
+    }
+}
+
+#[cfg(test)]
+mod row_tests {
+    use super::*;
+
+    #[test]
+    fn lane_sums_match_sums_in_order() {
+        // Widths below one chunk, of whole chunks, and with a tail.
+        for width in [0, 1, 5, 16, 32, 37, 512] {
+            let a: Vec<f64> = (0..width).map(|i| ((i * 37) % 11) as f64 - 4.5).collect();
+            let b: Vec<f64> = (0..width).map(|i| ((i * 13) % 7) as f64 * 0.25).collect();
+            let in_order: f64 = a.iter().zip(&b).map(|(x, y)| x * y + x).sum();
+            let by_lanes = lane_sum(&a, &b, |x, y| x * y + x);
+            assert!(
+                (by_lanes - in_order).abs() < 1e-9,
+                "{width}: {by_lanes} vs {in_order}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_normalised_row_has_zero_mean_and_unit_variance() {
+        let mut row: Vec<f64> = (0..37).map(|i| ((i * 7) % 10) as f64 * 0.3 + 2.0).collect();
+        let inv_std = normalize_in_place(&mut row, 0.0);
+        let mean = row.iter().sum::<f64>() / 37.0;
+        let var = row.iter().map(|v| v * v).sum::<f64>() / 37.0;
+        assert!(
+            mean.abs() < 1e-12 && (var - 1.0).abs() < 1e-12,
+            "{mean} {var}"
+        );
+        assert!(inv_std > 0.0);
     }
 }

@@ -4,8 +4,10 @@
 //! repacks that weight at every call (a 4 MB copy per step at hidden 512), and on few rows its
 //! blocking fits badly: `gemm` ran the steps of config C at 44-68 GFLOP/s here. Packed once into
 //! panels of 16 columns, the weight is read by a small AVX2 kernel (6 rows × 16 columns held
-//! in registers) at 100-120 GFLOP/s on two threads. Each output element is one running sum
-//! over `k` in order, so the result does not depend on how the columns are split over threads.
+//! in registers) at 100-120 GFLOP/s on two threads, or where the CPU has AVX-512 by one that
+//! holds 8 rows × 32 columns. Each output element is one running sum over `k` in order (the
+//! same fused multiply-adds in both kernels), so the result depends neither on how the columns
+//! are split over threads nor on which kernel ran.
 
 use super::{HostFloat, MatRef};
 
@@ -28,7 +30,11 @@ pub struct Packed<F> {
 impl<F: HostFloat> Packed<F> {
     /// `m` packed, or `None` where `F` has no packed kernel on this CPU.
     pub fn of(m: MatRef<F>) -> Option<Self> {
-        let kernel = F::packed_kernel()?;
+        Some(Self::with_kernel(m, F::packed_kernel()?))
+    }
+
+    /// `m` packed for `kernel`, which the CPU must be able to run.
+    fn with_kernel(m: MatRef<F>, kernel: PackedKernel<F>) -> Self {
         let (rows, cols) = (m.rows, m.cols);
         let mut data = vec![F::zero(); cols.div_ceil(PANEL) * rows * PANEL];
         for p in 0..rows {
@@ -40,7 +46,7 @@ impl<F: HostFloat> Packed<F> {
                 }
             }
         }
-        Some(Self { data, rows, kernel })
+        Self { data, rows, kernel }
     }
 }
 
@@ -112,13 +118,26 @@ impl<'a, F> PackedRef<'a, F> {
     }
 }
 
-/// The `f32` kernel this CPU runs, if any.
+/// The fastest `f32` kernel this CPU runs, if any.
 pub fn f32_kernel() -> Option<PackedKernel<f32>> {
+    f32_kernels().first().copied()
+}
+
+/// Every `f32` kernel this CPU runs, fastest first.
+fn f32_kernels() -> Vec<PackedKernel<f32>> {
+    #[allow(unused_mut)]
+    let mut kernels: Vec<PackedKernel<f32>> = Vec::new();
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return Some(avx2::product);
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") {
+            kernels.push(avx512::product);
+        }
+        if has!("avx2") && has!("fma") {
+            kernels.push(avx2::product);
+        }
     }
-    None
+    kernels
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -230,6 +249,127 @@ pub mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MatRef, PackedRef, PANEL};
+
+    /// Rows per tile: 8 rows × 2 panels = 16 accumulators (enough independent fused
+    /// multiply-adds to keep both units busy), 2 registers of `b` and 1 of `a`: 19 of 32.
+    const ROWS: usize = 8;
+
+    /// As [`super::avx2::product`], two panels (32 columns) at a time, partial panels through
+    /// masked loads and stores.
+    ///
+    /// # Safety
+    /// As `gemm_raw`'s; and the CPU must have AVX-512F ([`super::f32_kernel`]).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn product(
+        dst: *mut f32,
+        row_stride: usize,
+        a: MatRef<f32>,
+        b: PackedRef<f32>,
+        n: usize,
+        accumulate: bool,
+    ) {
+        assert_eq!(a.col_stride, 1, "packed product of a transposed view");
+        b.check(a.cols, n);
+        let (m, k) = (a.rows, a.cols);
+        let panels = n.div_ceil(PANEL);
+        for j in (0..panels).step_by(2) {
+            let panel = (b.panel + j) * b.panel_rows + b.row;
+            let tile = Tile {
+                k,
+                a_stride: a.row_stride,
+                b: b.data[panel * PANEL..].as_ptr(),
+                next_panel: b.panel_rows * PANEL,
+                dst_stride: row_stride,
+                masks: [column_mask(n, j), column_mask(n, j + 1)],
+                accumulate,
+            };
+            for i in (0..m).step_by(ROWS) {
+                // SAFETY: rows `i..i + R` of `a` and of `dst`, the columns of panels `j` and
+                // `j + 1` below `n`: inside the views the caller vouched for.
+                unsafe {
+                    let a = a.data.as_ptr().add(i * a.row_stride);
+                    let dst = dst.add(i * row_stride + j * PANEL);
+                    match (m - i, j + 1 < panels) {
+                        (1, true) => tile.run::<1, 2>(a, dst),
+                        (2, true) => tile.run::<2, 2>(a, dst),
+                        (3, true) => tile.run::<3, 2>(a, dst),
+                        (4, true) => tile.run::<4, 2>(a, dst),
+                        (5, true) => tile.run::<5, 2>(a, dst),
+                        (6, true) => tile.run::<6, 2>(a, dst),
+                        (7, true) => tile.run::<7, 2>(a, dst),
+                        (_, true) => tile.run::<ROWS, 2>(a, dst),
+                        (1, false) => tile.run::<1, 1>(a, dst),
+                        (2, false) => tile.run::<2, 1>(a, dst),
+                        (3, false) => tile.run::<3, 1>(a, dst),
+                        (4, false) => tile.run::<4, 1>(a, dst),
+                        (5, false) => tile.run::<5, 1>(a, dst),
+                        (6, false) => tile.run::<6, 1>(a, dst),
+                        (7, false) => tile.run::<7, 1>(a, dst),
+                        (_, false) => tile.run::<ROWS, 1>(a, dst),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The columns of panel `j` below `n`, as a lane mask.
+    fn column_mask(n: usize, j: usize) -> __mmask16 {
+        let cols = n.saturating_sub(j * PANEL).min(PANEL);
+        ((1u32 << cols) - 1) as __mmask16
+    }
+
+    /// The product of `R` rows of `a` with `P` panels.
+    struct Tile {
+        k: usize,
+        a_stride: usize,
+        b: *const f32,
+        next_panel: usize,
+        dst_stride: usize,
+        masks: [__mmask16; 2],
+        accumulate: bool,
+    }
+
+    impl Tile {
+        #[inline(always)]
+        unsafe fn run<const R: usize, const P: usize>(&self, a: *const f32, dst: *mut f32) {
+            // SAFETY (whole body): `a` has `R` rows of `k` values, `self.b` `P` panels of `k`
+            // rows of 16, `dst` `R` rows with the masked columns of `P` panels (see
+            // `product`); the intrinsics need AVX-512F, enabled on the caller.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); P]; R];
+                for p in 0..self.k {
+                    let mut b = [_mm512_setzero_ps(); P];
+                    for (q, b) in b.iter_mut().enumerate() {
+                        *b = _mm512_loadu_ps(self.b.add(q * self.next_panel + p * PANEL));
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let a = _mm512_set1_ps(*a.add(r * self.a_stride + p));
+                        for (acc, &b) in acc.iter_mut().zip(&b) {
+                            *acc = _mm512_fmadd_ps(a, b, *acc);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    for (q, &sum) in acc.iter().enumerate() {
+                        let (out, mask) = (dst.add(r * self.dst_stride + q * PANEL), self.masks[q]);
+                        let sum = if self.accumulate {
+                            _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, out))
+                        } else {
+                            sum
+                        };
+                        _mm512_mask_storeu_ps(out, mask, sum);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{matmul, MatMut};
@@ -298,34 +438,50 @@ mod tests {
 
     #[test]
     fn packed_products_match_the_naive_product() {
-        // 13 rows (two kernel tiles and one row), 45 columns (two panels and a partial one),
-        // `a` with rows wider than it.
+        // 13 rows (tiles of 6 and 8 rows and a remainder), 45 columns (two panels and a partial
+        // one: a pair and a single for the two-panel kernel), `a` with rows wider than it.
         let (m, k, n) = (13, 37, 45);
         let a_data: Vec<f32> = (0..m * (k + 2)).map(value).collect();
         let b_data: Vec<f32> = (0..k * n).map(|i| value(i + 11)).collect();
         let a = MatRef::strided(&a_data, m, k, k + 2);
         let plain = MatRef::new(&b_data, k, n);
-        let packed = Packed::of(plain);
-        assert_eq!(packed.is_some(), f32_kernel().is_some());
-        let b = packed.as_ref().map_or(plain, |p| plain.with_packed(p));
-        for accumulate in [false, true] {
-            // The whole weight, columns from a panel's start (still packed), columns from
-            // inside a panel (not packed), and a range of its rows.
-            let cases = [
-                ("whole", a, b),
-                ("cols 16..45", a, b.cols(16, 29)),
-                ("cols 5..15", a, b.cols(5, 10)),
-                ("rows 4..24", a.cols(0, 20), b.rows_range(4, 20)),
-            ];
-            for (what, a, b) in cases {
-                assert_eq!(
-                    b.packed.is_some(),
-                    f32_kernel().is_some() && what != "cols 5..15"
-                );
-                let (fast, expected) = both(a, b, accumulate, 1);
-                assert_close(&fast, &expected, what);
+        assert_eq!(Packed::of(plain).is_some(), f32_kernel().is_some());
+        for kernel in f32_kernels() {
+            let packed = Packed::with_kernel(plain, kernel);
+            let b = plain.with_packed(&packed);
+            for accumulate in [false, true] {
+                // The whole weight, columns from a panel's start (still packed, one and a
+                // half panels), columns from inside a panel (not packed), a range of its rows.
+                let cases = [
+                    ("whole", a, b),
+                    ("cols 16..45", a, b.cols(16, 29)),
+                    ("cols 5..15", a, b.cols(5, 10)),
+                    ("rows 4..24", a.cols(0, 20), b.rows_range(4, 20)),
+                ];
+                for (what, a, b) in cases {
+                    assert_eq!(b.packed.is_some(), what != "cols 5..15");
+                    let (fast, expected) = both(a, b, accumulate, 1);
+                    assert_close(&fast, &expected, what);
+                }
             }
         }
+    }
+
+    #[test]
+    fn every_kernel_gives_the_same_sums() {
+        // A step's product, in panels split over two threads.
+        let (m, k, n) = (21, 128, 520);
+        let a_data: Vec<f32> = (0..m * k).map(value).collect();
+        let b_data: Vec<f32> = (0..k * n).map(|i| value(i + 3)).collect();
+        let (a, plain) = (MatRef::new(&a_data, m, k), MatRef::new(&b_data, k, n));
+        let results: Vec<Vec<f32>> = f32_kernels()
+            .into_iter()
+            .map(|kernel| {
+                let packed = Packed::with_kernel(plain, kernel);
+                both(a, plain.with_packed(&packed), true, 2).0
+            })
+            .collect();
+        assert!(results.windows(2).all(|pair| pair[0] == pair[1]));
     }
 
     #[test]
