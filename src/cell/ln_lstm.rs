@@ -62,6 +62,22 @@ pub struct LnLstm<B: Backend> {
     pub ln_cell_bias: Param<Tensor<B, 1>>,
 }
 
+/// Calls `$then!` with the cell's fields, whose names are also its tensors' names in a state
+/// dict (with the layer and direction suffix): one list for loading and saving.
+macro_rules! with_param_names {
+    ($then:ident) => {
+        $then!(
+            weight_ih,
+            weight_hh,
+            bias,
+            ln_ih_weight,
+            ln_hh_weight,
+            ln_cell_weight,
+            ln_cell_bias
+        )
+    };
+}
+
 impl LnLstmConfig {
     /// Builds the cell: weights `U(-1/√H, 1/√H)` as PyTorch's LSTM, gains 1 and shifts 0 as
     /// PyTorch's `LayerNorm`, the bias 0 but for the forget slice.
@@ -391,20 +407,13 @@ impl<B: Backend> Cell<B> for LnLstm<B> {
             .into_iter()
             .enumerate()
             .map(|(direction, cell)| {
-                let name = |base: &str| torch_name(base, layer, direction);
-                Ok(LnLstm {
-                    weight_ih: load_param(source, &name("weight_ih"), &cell.weight_ih)?,
-                    weight_hh: load_param(source, &name("weight_hh"), &cell.weight_hh)?,
-                    bias: load_param(source, &name("bias"), &cell.bias)?,
-                    ln_ih_weight: load_param(source, &name("ln_ih_weight"), &cell.ln_ih_weight)?,
-                    ln_hh_weight: load_param(source, &name("ln_hh_weight"), &cell.ln_hh_weight)?,
-                    ln_cell_weight: load_param(
-                        source,
-                        &name("ln_cell_weight"),
-                        &cell.ln_cell_weight,
-                    )?,
-                    ln_cell_bias: load_param(source, &name("ln_cell_bias"), &cell.ln_cell_bias)?,
-                })
+                let name = |field: &str| torch_name(field, layer, direction);
+                macro_rules! load {
+                    ($($field:ident),*) => {
+                        LnLstm { $($field: load_param(source, &name(stringify!($field)), &cell.$field)?),* }
+                    };
+                }
+                Ok(with_param_names!(load))
             })
             .collect()
     }
@@ -414,16 +423,13 @@ impl<B: Backend> Cell<B> for LnLstm<B> {
             .iter()
             .enumerate()
             .flat_map(|(direction, cell)| {
-                let name = |base: &str| torch_name(base, layer, direction);
-                vec![
-                    (name("weight_ih"), param_data(&cell.weight_ih)),
-                    (name("weight_hh"), param_data(&cell.weight_hh)),
-                    (name("bias"), param_data(&cell.bias)),
-                    (name("ln_ih_weight"), param_data(&cell.ln_ih_weight)),
-                    (name("ln_hh_weight"), param_data(&cell.ln_hh_weight)),
-                    (name("ln_cell_weight"), param_data(&cell.ln_cell_weight)),
-                    (name("ln_cell_bias"), param_data(&cell.ln_cell_bias)),
-                ]
+                let name = |field: &str| torch_name(field, layer, direction);
+                macro_rules! save {
+                    ($($field:ident),*) => {
+                        vec![$((name(stringify!($field)), param_data(&cell.$field))),*]
+                    };
+                }
+                with_param_names!(save)
             })
             .collect()
     }
