@@ -107,9 +107,12 @@ impl<'a, F> PackedRef<'a, F> {
         }
     }
 
-    /// Panics unless `[k, n]` from here lies inside the packed matrix.
+    /// Panics unless `a · self[.., ..n]` is a product a kernel can run: `a` with rows
+    /// contiguous, and `[a.cols, n]` from here inside the packed matrix.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn check(&self, k: usize, n: usize) {
+    fn check_product(&self, a: &MatRef<F>, n: usize) {
+        assert_eq!(a.col_stride, 1, "packed product of a transposed view");
+        let k = a.cols;
         let panels = self.panel + n.div_ceil(PANEL);
         assert!(
             self.row + k <= self.panel_rows && panels * self.panel_rows * PANEL <= self.data.len(),
@@ -164,8 +167,7 @@ pub mod avx2 {
         n: usize,
         accumulate: bool,
     ) {
-        assert_eq!(a.col_stride, 1, "packed product of a transposed view");
-        b.check(a.cols, n);
+        b.check_product(&a, n);
         let (m, k) = (a.rows, a.cols);
         for j in 0..n.div_ceil(PANEL) {
             let cols = PANEL.min(n - j * PANEL);
@@ -273,8 +275,7 @@ pub mod avx512 {
         n: usize,
         accumulate: bool,
     ) {
-        assert_eq!(a.col_stride, 1, "packed product of a transposed view");
-        b.check(a.cols, n);
+        b.check_product(&a, n);
         let (m, k) = (a.rows, a.cols);
         let panels = n.div_ceil(PANEL);
         for j in (0..panels).step_by(2) {
