@@ -82,19 +82,23 @@ mod fast_math {
     /// `1.5 · 2^23`: adding it rounds to an integer that can be read from the bits.
     const ROUND: f32 = 12_582_912.0;
 
+    /// `a·b + c`: one rounding (an FMA instruction) where the CPU has it, two elsewhere.
+    type MulAdd = fn(f32, f32, f32) -> f32;
+    const PLAIN: MulAdd = |a, b, c| a * b + c;
+    // Only inlined into functions compiled with FMA; elsewhere `mul_add` is a library call.
+    const FUSED: MulAdd = f32::mul_add;
+
     #[inline(always)]
-    fn exp(x: f32) -> f32 {
+    fn exp(x: f32, madd: MulAdd) -> f32 {
         // `clamp` keeps NaN (min/max would not).
         let x = x.clamp(-87.0, 88.0);
-        let shifted = x * LOG2E + ROUND;
+        let shifted = madd(x, LOG2E, ROUND);
         let n = shifted - ROUND;
-        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
-            * r
-            + 1.666_666_5e-1)
-            * r
-            + 5.000_000_1e-1;
-        let y = p * r * r + r + 1.0;
+        let r = madd(n, 2.121_944_4e-4, madd(n, -0.693_359_4, x));
+        let p = [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1]
+            .into_iter()
+            .fold(1.987_569_1e-4, |p, c| madd(p, r, c));
+        let y = madd(p * r, r, r + 1.0);
         let exponent = (shifted.to_bits() as i32)
             .wrapping_sub(0x4B40_0000)
             .wrapping_add(127);
@@ -102,23 +106,20 @@ mod fast_math {
     }
 
     #[inline(always)]
-    fn sigmoid_one(x: f32) -> f32 {
-        1.0 / (1.0 + exp(-x))
+    fn sigmoid_one(x: f32, madd: MulAdd) -> f32 {
+        1.0 / (1.0 + exp(-x, madd))
     }
 
     #[inline(always)]
-    fn tanh_one(x: f32) -> f32 {
+    fn tanh_one(x: f32, madd: MulAdd) -> f32 {
         let a = x.abs();
         let z = a * a;
         // Near 0 a polynomial keeps the relative accuracy that `1 − 2/(e^{2a}+1)` loses.
-        let small = ((((-5.704_988_7e-3 * z + 2.063_908_9e-2) * z - 5.373_971_6e-2) * z
-            + 1.333_144_2e-1)
-            * z
-            - 3.333_328_2e-1)
-            * z
-            * a
-            + a;
-        let large = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
+        let small = [2.063_908_9e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328_2e-1]
+            .into_iter()
+            .fold(-5.704_988_7e-3, |p, c| madd(p, z, c));
+        let small = madd(small * z, a, a);
+        let large = 1.0 - 2.0 / (exp(2.0 * a, madd) + 1.0);
         let magnitude = if a < 0.625 { small } else { large };
         magnitude.copysign(x)
     }
@@ -140,19 +141,19 @@ mod fast_math {
                         return;
                     }
                 }
-                xs.iter_mut().for_each(|x| *x = $one(*x));
+                xs.iter_mut().for_each(|x| *x = $one(*x, PLAIN));
             }
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             unsafe fn $avx2(xs: &mut [f32]) {
-                xs.iter_mut().for_each(|x| *x = $one(*x));
+                xs.iter_mut().for_each(|x| *x = $one(*x, FUSED));
             }
 
             #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f")]
+            #[target_feature(enable = "avx512f,fma")]
             unsafe fn $avx512(xs: &mut [f32]) {
-                xs.iter_mut().for_each(|x| *x = $one(*x));
+                xs.iter_mut().for_each(|x| *x = $one(*x, FUSED));
             }
         };
     }
