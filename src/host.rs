@@ -95,9 +95,15 @@ mod fast_math {
         let shifted = madd(x, LOG2E, ROUND);
         let n = shifted - ROUND;
         let r = madd(n, 2.121_944_4e-4, madd(n, -0.693_359_4, x));
-        let p = [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1]
-            .into_iter()
-            .fold(1.987_569_1e-4, |p, c| madd(p, r, c));
+        let p = [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.000_000_1e-1,
+        ]
+        .into_iter()
+        .fold(1.987_569_1e-4, |p, c| madd(p, r, c));
         let y = madd(p * r, r, r + 1.0);
         let exponent = (shifted.to_bits() as i32)
             .wrapping_sub(0x4B40_0000)
@@ -115,9 +121,14 @@ mod fast_math {
         let a = x.abs();
         let z = a * a;
         // Near 0 a polynomial keeps the relative accuracy that `1 − 2/(e^{2a}+1)` loses.
-        let small = [2.063_908_9e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328_2e-1]
-            .into_iter()
-            .fold(-5.704_988_7e-3, |p, c| madd(p, z, c));
+        let small = [
+            2.063_908_9e-2,
+            -5.373_971_6e-2,
+            1.333_144_2e-1,
+            -3.333_328_2e-1,
+        ]
+        .into_iter()
+        .fold(-5.704_988_7e-3, |p, c| madd(p, z, c));
         let small = madd(small * z, a, a);
         let large = 1.0 - 2.0 / (exp(2.0 * a, madd) + 1.0);
         let magnitude = if a < 0.625 { small } else { large };
@@ -440,14 +451,14 @@ fn zeroed<F: HostFloat>(row: &mut [MaybeUninit<F>]) -> &mut [F] {
     unsafe { &mut *(row as *mut [MaybeUninit<F>] as *mut [F]) }
 }
 
-/// A buffer of `chunks` chunks of `chunk_len` values, each written by `fill(index, chunk)`
-/// (zeroed first), chunks in parallel: no serial zero-fill of the whole buffer.
+/// A buffer of `total` values in chunks of `chunk_len` (the last one may be shorter), each
+/// written by `fill(index, chunk)` (zeroed first), chunks in parallel: no serial zero-fill of
+/// the whole buffer.
 pub fn filled_by_chunks<F: HostFloat>(
-    chunks: usize,
+    total: usize,
     chunk_len: usize,
     fill: impl Fn(usize, &mut [F]) + Send + Sync,
 ) -> Vec<F> {
-    let total = chunks * chunk_len;
     let mut values = Vec::with_capacity(total);
     if total > 0 {
         values.spare_capacity_mut()[..total]
@@ -1093,8 +1104,15 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             }
         };
         let grad_rows = step_rows(shared.grad, t, batch, &rows, grad_w);
+        let row = step_rows(shared.packed, t, batch, &rows, w.packed);
         for b in 0..n {
             let g = grad_rows.row(b);
+            // The rows the kernel reads below lie far apart in memory (one step is a whole
+            // `[batch, width]` slab): fetched here, a row at a time between the state
+            // gradient's loads, they arrive while this loop runs instead of stalling the kernel.
+            prefetch(&g[..w.output]);
+            prefetch(prev.row(b));
+            prefetch(row.row(b));
             let gs = &mut grad_state[b * w.state..(b + 1) * w.state];
             add_into(gs, &g[w.output..]);
             if let Some(mask) = input.mask {
@@ -1119,7 +1137,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
         let step = HostStep {
             xp,
             prev,
-            row: step_rows(shared.packed, t, batch, &rows, w.packed),
+            row,
             grad_output,
             grad_state: MatRef::new(&grad_state, n, w.state),
             params_t: shared.params_t,
@@ -1164,6 +1182,20 @@ fn backward_block<F: HostFloat, K: Recurrence>(
         }
     }
     (grad_state, grad_params, grad_projection)
+}
+
+/// Asks the CPU to bring `values` into its caches; a no-op where there is no such instruction.
+fn prefetch<F>(values: &[F]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        const LINE: usize = 64;
+        let start = values.as_ptr().cast::<i8>();
+        for offset in (0..std::mem::size_of_val(values)).step_by(LINE) {
+            // SAFETY: a prefetch only hints; the address lies inside `values`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
+        }
+    }
 }
 
 /// The kernel's weight products for one step's rows, added into the block's parameter

@@ -126,6 +126,10 @@ where
     }
 }
 
+/// Rows (batch rows or steps) per chunk of the layout changes between the recurrence's
+/// `[T, batch, ·]` and the layer's `[batch, T, ·]`.
+const GROUP: usize = 8;
+
 /// [`RnnBackend::rnn_outputs`] on host memory: one row copy per step and sequence, read where
 /// the recurrence wrote it.
 pub fn host_outputs<B: HostTensors>(
@@ -136,12 +140,19 @@ pub fn host_outputs<B: HostTensors>(
         let [len, batch, _] = dims3::<B>(&visible);
         let rows = B::host_rows::<F, 3>(&visible);
         let rows = rows.mat();
-        // One batch row's outputs per chunk, batch rows in parallel.
-        let outputs = host::filled_by_chunks(batch, len * out_w, |b, chunk| {
-            for (t, out) in chunk.chunks_exact_mut(out_w).enumerate() {
-                out.copy_from_slice(&rows.row(t * batch + b)[..out_w]);
-            }
-        });
+        // A few batch rows' outputs per chunk, chunks in parallel; step by step inside a
+        // chunk, so that the reads of a step are neighbouring rows (one far jump per step for
+        // the whole group instead of one per row).
+        let outputs =
+            host::filled_by_chunks(batch * len * out_w, GROUP * len * out_w, |i, chunk| {
+                let group = chunk.len() / (len * out_w);
+                for t in 0..len {
+                    for g in 0..group {
+                        let out = &mut chunk[(g * len + t) * out_w..][..out_w];
+                        out.copy_from_slice(&rows.row(t * batch + i * GROUP + g)[..out_w]);
+                    }
+                }
+            });
         from_host::<B, F, 3>(outputs, [batch, len, out_w], &B::float_device(&visible))
     }
     by_float_type!(&visible,
@@ -154,13 +165,19 @@ pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize)
     fn run<B: HostTensors, F: HostFloat>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
         let [batch, len, out_w] = dims3::<B>(&grad);
         let values = B::host_slice::<F, 3>(&grad);
-        // One step per chunk, steps in parallel; the state columns stay zero.
-        let full = host::filled_by_chunks(len, batch * width, |t, chunk| {
-            for (b, row) in chunk.chunks_exact_mut(width).enumerate() {
-                let start = (b * len + t) * out_w;
-                row[..out_w].copy_from_slice(&values[start..start + out_w]);
-            }
-        });
+        // A few steps per chunk, chunks in parallel; sequence by sequence inside a chunk, so
+        // that the reads of a sequence are neighbouring rows. The state columns stay zero.
+        let full =
+            host::filled_by_chunks(len * batch * width, GROUP * batch * width, |i, chunk| {
+                let group = chunk.len() / (batch * width);
+                for b in 0..batch {
+                    for g in 0..group {
+                        let start = (b * len + i * GROUP + g) * out_w;
+                        let row = &mut chunk[(g * batch + b) * width..][..out_w];
+                        row.copy_from_slice(&values[start..start + out_w]);
+                    }
+                }
+            });
         from_host::<B, F, 3>(full, [len, batch, width], &B::float_device(&grad))
     }
     by_float_type!(&grad,
@@ -971,16 +988,18 @@ mod tests {
                 &data::<1>(ops_b),
             ));
         }
-        // The recurrence hands over its output as a view of the wider packed sequence.
-        let visible = F64::leading_columns::<3>(random([4, 3, 9]), 7);
+        // The recurrence hands over its output as a view of the wider packed sequence; more
+        // steps and batch rows than a chunk of the layout change holds, and not a multiple.
+        let (len, batch) = (2 * GROUP + 3, GROUP + 5);
+        let visible = F64::leading_columns::<3>(random([len, batch, 9]), 7);
         let outputs = host_outputs::<F64>(visible.clone(), 2);
         let expected = float::<F64, 3>(visible).narrow(2, 0, 2).swap_dims(0, 1);
-        let grad = random([3, 4, 2]);
+        let grad = random([batch, len, 2]);
         let back = host_outputs_backward::<F64>(grad.clone(), 7);
         let expected_back = Tensor::cat(
             vec![
                 float::<F64, 3>(grad).swap_dims(0, 1),
-                Tensor::zeros([4, 3, 5], &Default::default()),
+                Tensor::zeros([len, batch, 5], &Default::default()),
             ],
             2,
         );
