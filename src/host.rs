@@ -452,23 +452,36 @@ fn zeroed<F: HostFloat>(row: &mut [MaybeUninit<F>]) -> &mut [F] {
 }
 
 /// A buffer of `total` values in chunks of `chunk_len` (the last one may be shorter), each
-/// written by `fill(index, chunk)` (zeroed first), chunks in parallel: no serial zero-fill of
-/// the whole buffer.
-pub fn filled_by_chunks<F: HostFloat>(
+/// written by `write(index, chunk)`, chunks in parallel. Nothing is zeroed first: a zero fill
+/// of a buffer of many MB before the copies that overwrite it only adds memory traffic.
+///
+/// # Safety
+/// `write` must initialise every element of the chunk it is given.
+pub unsafe fn written_by_chunks<F: HostFloat>(
     total: usize,
     chunk_len: usize,
-    fill: impl Fn(usize, &mut [F]) + Send + Sync,
+    write: impl Fn(usize, &mut [MaybeUninit<F>]) + Send + Sync,
 ) -> Vec<F> {
     let mut values = Vec::with_capacity(total);
     if total > 0 {
         values.spare_capacity_mut()[..total]
             .par_chunks_mut(chunk_len)
             .enumerate()
-            .for_each(|(index, chunk)| fill(index, zeroed(chunk)));
+            .for_each(|(index, chunk)| write(index, chunk));
     }
-    // SAFETY: the chunks cover all `total` elements, and `zeroed` initialised each of them.
+    // SAFETY: the chunks cover all `total` elements, and the caller's `write` initialised each
+    // of them.
     unsafe { values.set_len(total) };
     values
+}
+
+/// `dst ← src` into memory not yet initialised, as one `memcpy` (the standard library's
+/// `write_copy_of_slice` needs Rust 1.93).
+pub fn copy_uninit<F: Copy>(dst: &mut [MaybeUninit<F>], src: &[F]) {
+    assert_eq!(dst.len(), src.len(), "copy between slices of one length");
+    // SAFETY: the lengths are equal, a shared and a unique borrow cannot overlap, and
+    // `MaybeUninit<F>` has the layout of `F`.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<F>(), src.len()) }
 }
 
 fn rows_of<'a, F: Copy + Send + Sync>(m: &'a mut MatMut<'_, F>) -> Vec<&'a mut [F]> {

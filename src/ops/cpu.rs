@@ -4,6 +4,7 @@
 //! defaults of [`RnnBackend`].
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use burn::tensor::{backend::Backend, ops::FloatTensor, DType, Tensor};
 
@@ -143,16 +144,18 @@ pub fn host_outputs<B: HostTensors>(
         // A few batch rows' outputs per chunk, chunks in parallel; step by step inside a
         // chunk, so that the reads of a step are neighbouring rows (one far jump per step for
         // the whole group instead of one per row).
-        let outputs =
-            host::filled_by_chunks(batch * len * out_w, GROUP * len * out_w, |i, chunk| {
+        // SAFETY: every row of `out_w` values of every chunk is copied into.
+        let outputs = unsafe {
+            host::written_by_chunks(batch * len * out_w, GROUP * len * out_w, |i, chunk| {
                 let group = chunk.len() / (len * out_w);
                 for t in 0..len {
                     for g in 0..group {
                         let out = &mut chunk[(g * len + t) * out_w..][..out_w];
-                        out.copy_from_slice(&rows.row(t * batch + i * GROUP + g)[..out_w]);
+                        host::copy_uninit(out, &rows.row(t * batch + i * GROUP + g)[..out_w]);
                     }
                 }
-            });
+            })
+        };
         from_host::<B, F, 3>(outputs, [batch, len, out_w], &B::float_device(&visible))
     }
     by_float_type!(&visible,
@@ -167,17 +170,21 @@ pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize)
         let values = B::host_slice::<F, 3>(&grad);
         // A few steps per chunk, chunks in parallel; sequence by sequence inside a chunk, so
         // that the reads of a sequence are neighbouring rows. The state columns stay zero.
-        let full =
-            host::filled_by_chunks(len * batch * width, GROUP * batch * width, |i, chunk| {
+        // SAFETY: every row of `width` values of every chunk is copied into and zero-filled.
+        let full = unsafe {
+            host::written_by_chunks(len * batch * width, GROUP * batch * width, |i, chunk| {
                 let group = chunk.len() / (batch * width);
                 for b in 0..batch {
                     for g in 0..group {
                         let start = (b * len + i * GROUP + g) * out_w;
-                        let row = &mut chunk[(g * batch + b) * width..][..out_w];
-                        row.copy_from_slice(&values[start..start + out_w]);
+                        let row = &mut chunk[(g * batch + b) * width..][..width];
+                        let (shown, state) = row.split_at_mut(out_w);
+                        host::copy_uninit(shown, &values[start..start + out_w]);
+                        state.fill(MaybeUninit::new(F::zero()));
                     }
                 }
-            });
+            })
+        };
         from_host::<B, F, 3>(full, [len, batch, width], &B::float_device(&grad))
     }
     by_float_type!(&grad,
