@@ -183,6 +183,16 @@ mod fast_math {
             for ((&x, s), t) in xs.iter().zip(s).zip(t) {
                 let exact_s = 1.0 / (1.0 + (-(x as f64)).exp());
                 let exact_t = (x as f64).tanh();
+                // The portable fallback (two roundings where the SIMD versions fuse them).
+                let (plain_s, plain_t) = (
+                    super::sigmoid_one(x, super::PLAIN),
+                    super::tanh_one(x, super::PLAIN),
+                );
+                assert!((plain_s as f64 - exact_s).abs() <= 2e-7 * exact_s.max(1e-3));
+                assert!(
+                    (plain_t as f64 - exact_t).abs() <= 2e-7,
+                    "fallback tanh({x})"
+                );
                 assert!(
                     (s as f64 - exact_s).abs() <= 2e-7 * exact_s.max(1e-3),
                     "σ({x})"
@@ -1209,6 +1219,8 @@ fn prefetch<F>(values: &[F]) {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
 }
 
 /// The kernel's weight products for one step's rows, added into the block's parameter
