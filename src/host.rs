@@ -3,13 +3,12 @@
 //! Burn's generic tensor ops cost a dispatch and an allocation per op, and its matmul reaches a
 //! fraction of what the CPU can do; over hundreds of small steps that is most of a training step.
 //! Here a step is a few slice loops and at most two GEMMs (the `gemm` crate, which dispatches to
-//! AVX2/AVX-512 kernels at run time; the step's products with the recurrent weight and with
-//! the in-walk projection's weight through copies packed once per pass, module `packed`), and the weight gradients are
-//! summed over the whole sequence in one large GEMM at the end instead of one small one per
-//! step. For a narrow layer
-//! input the walk can also compute each step's input projection itself ([`Projection`]); the
-//! gradient of the projected input then lives only as long as its step, and the weight
-//! gradients are summed step by step.
+//! AVX2/AVX-512 kernels at run time; the step's products with the recurrent weight and with the
+//! in-walk projection's weight through copies packed once per pass, module `packed`), and the
+//! weight gradients are summed over the whole sequence in one large GEMM at the end instead of
+//! one small one per step. For a narrow layer input the walk can also compute each step's input
+//! projection itself ([`Projection`]); the gradient of the projected input then lives only as
+//! long as its step, and the weight gradients are summed step by step.
 //!
 //! Each cell's kernel writes its host step next to its tensor step (see
 //! [`Recurrence::host_step`]); this module owns time, masks, buffers and the final products.
