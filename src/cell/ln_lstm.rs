@@ -11,22 +11,23 @@
 //! `ln_hh_weight [4H]`, `ln_cell_weight [H]`, `ln_cell_bias [H]`, each with the layer and
 //! direction suffix of PyTorch's names (`weight_ih_l0`, `ln_cell_bias_l1_reverse`).
 //!
-//! The input projection and its normalisation run over the whole sequence at once; the
-//! recurrent normalisation and the cell's run inside the step, forward and backward.
+//! All three normalisations run inside the step, forward and backward: the input projection
+//! `W_ih x` reaches the step raw (the recurrence op may compute it step by step itself), so no
+//! sequence-long normalised copy of it is written and read back.
 
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::{
-    accumulate, batch_sum, cols, flatten_params, layer_norm, load_param, param_data,
-    project_sequence, sigmoid, sigmoid_grad, tanh_grad, torch_name, uniform_param, Cell,
+    accumulate, batch_sum, cols, flatten_params, load_param, param_data, sigmoid, sigmoid_grad,
+    tanh_grad, torch_name, uniform_param, Cell,
 };
 use crate::host::{
     self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand, WeightProduct,
 };
 use crate::import::{ImportError, TensorSource};
-use crate::ops::{norm, Recurrence, RnnBackend, StepOutput, StepRecord};
+use crate::ops::{norm, Recurrence, StepOutput, StepRecord};
 
 /// The variance floor of every normalisation (PyTorch's `LayerNorm` default).
 pub const LN_EPSILON: f64 = 1e-5;
@@ -111,9 +112,11 @@ impl LnLstmConfig {
 
 super::single_name_config!(LnLstmConfig => LnLstm, "ln-lstm");
 
-/// The LN-LSTM step. Params `[W_hh^T [H, 4H], γ_hh [1, 4H], γ_c [1, H], β_c [1, H]]`; state
-/// `[h | c]`; saved `[i, f, g, o | r̂ | ĉ | tanh(γ_c⊙ĉ + β_c) | 1/σ_r, 1/σ_c]` with `r̂` the
-/// normalised recurrent projection and `ĉ` the normalised new cell.
+/// The LN-LSTM step on the raw input projection `W_ih x`. Params `[W_hh^T [H, 4H], γ_ih [1, 4H],
+/// γ_hh [1, 4H], b [1, 4H], γ_c [1, H], β_c [1, H]]`; state `[h | c]`; saved `[i, f, g, o | r̂ |
+/// ĉ | tanh(γ_c⊙ĉ + β_c) | 1/σ_r, 1/σ_c]` with `r̂` the normalised recurrent projection and `ĉ`
+/// the normalised new cell. The normalised input `x̂` is not saved: the backward recomputes it
+/// from the step's input.
 #[derive(Debug, Clone)]
 pub struct LnLstmKernel {
     /// Width of the hidden state.
@@ -142,6 +145,23 @@ impl LnLstmKernel {
     }
 }
 
+/// The step's gain and shift rows `[γ_ih, γ_hh, b, γ_c, β_c]` (params 1-5).
+fn gains<'a, F: Copy>(params: &[MatRef<'a, F>]) -> [&'a [F]; 5] {
+    [1, 2, 3, 4, 5].map(|p| params[p].row(0))
+}
+
+/// [`LN_EPSILON`] in the host float type.
+fn epsilon<F: HostFloat>() -> F {
+    <F as num_traits::NumCast>::from(LN_EPSILON).expect("ε fits the float type")
+}
+
+/// `acc += a ⊙ b`.
+fn add_products<F: HostFloat>(acc: &mut [F], a: &[F], b: &[F]) {
+    for ((acc, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+        *acc += a * b;
+    }
+}
+
 impl Recurrence for LnLstmKernel {
     fn input_width(&self) -> usize {
         4 * self.hidden
@@ -157,7 +177,14 @@ impl Recurrence for LnLstmKernel {
     }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         let hd = self.hidden;
-        vec![[hd, 4 * hd], [1, 4 * hd], [1, hd], [1, hd]]
+        vec![
+            [hd, 4 * hd],
+            [1, 4 * hd],
+            [1, 4 * hd],
+            [1, 4 * hd],
+            [1, hd],
+            [1, hd],
+        ]
     }
 
     fn step<B: Backend>(
@@ -168,15 +195,16 @@ impl Recurrence for LnLstmKernel {
     ) -> StepOutput<B> {
         let hd = self.hidden;
         let (h, c) = (cols(&state, 0, hd), cols(&state, hd, hd));
+        let (x_hat, _) = norm::normalized(xp, LN_EPSILON);
         let (r_hat, inv_std_r) = norm::normalized(h.matmul(params[0].clone()), LN_EPSILON);
-        let z = xp + r_hat.clone() * params[1].clone();
+        let z = x_hat * params[1].clone() + r_hat.clone() * params[2].clone() + params[3].clone();
         let i = sigmoid(cols(&z, 0, hd));
         let f = sigmoid(cols(&z, hd, hd));
         let g = cols(&z, 2 * hd, hd).tanh();
         let o = sigmoid(cols(&z, 3 * hd, hd));
         let c_new = f.clone() * c + i.clone() * g.clone();
         let (c_hat, inv_std_c) = norm::normalized(c_new.clone(), LN_EPSILON);
-        let act = (c_hat.clone() * params[2].clone() + params[3].clone()).tanh();
+        let act = (c_hat.clone() * params[4].clone() + params[5].clone()).tanh();
         let h_new = o.clone() * act.clone();
         StepOutput {
             output: h_new.clone(),
@@ -215,12 +243,12 @@ impl Recurrence for LnLstmKernel {
 
         let d_act = grad_h.clone() * o.clone() * tanh_grad(act.clone());
         accumulate(
-            &mut param_grads[2],
+            &mut param_grads[4],
             batch_sum(d_act.clone() * c_hat.clone()),
         );
-        accumulate(&mut param_grads[3], batch_sum(d_act.clone()));
+        accumulate(&mut param_grads[5], batch_sum(d_act.clone()));
         let grad_c = cols(&step.grad_state, hd, hd)
-            + norm::normalized_backward(c_hat, inv_std_c, d_act * params[2].clone());
+            + norm::normalized_backward(c_hat, inv_std_c, d_act * params[4].clone());
         let dz = Tensor::cat(
             vec![
                 grad_c.clone() * g.clone() * sigmoid_grad(i.clone()),
@@ -230,11 +258,15 @@ impl Recurrence for LnLstmKernel {
             ],
             1,
         );
-        accumulate(&mut param_grads[1], batch_sum(dz.clone() * r_hat.clone()));
-        let dr = norm::normalized_backward(r_hat, inv_std_r, dz.clone() * params[1].clone());
+        let (x_hat, inv_std_x) = norm::normalized(step.xp, LN_EPSILON);
+        accumulate(&mut param_grads[1], batch_sum(dz.clone() * x_hat.clone()));
+        accumulate(&mut param_grads[2], batch_sum(dz.clone() * r_hat.clone()));
+        accumulate(&mut param_grads[3], batch_sum(dz.clone()));
+        let dr = norm::normalized_backward(r_hat, inv_std_r, dz.clone() * params[2].clone());
         accumulate(&mut param_grads[0], h.transpose().matmul(dr.clone()));
         let grad_h_prev = dr.matmul(params[0].clone().transpose());
-        (dz, Tensor::cat(vec![grad_h_prev, grad_c * f], 1))
+        let dxp = norm::normalized_backward(x_hat, inv_std_x, dz * params[1].clone());
+        (dxp, Tensor::cat(vec![grad_h_prev, grad_c * f], 1))
     }
 
     fn host_step<F: HostFloat>(
@@ -252,8 +284,8 @@ impl Recurrence for LnLstmKernel {
             params[0],
             false,
         );
-        let (gain_r, gain_c, shift_c) = (params[1].row(0), params[2].row(0), params[3].row(0));
-        let epsilon = <F as num_traits::NumCast>::from(LN_EPSILON).expect("ε fits the float type");
+        let [gain_x, gain_r, bias, gain_c, shift_c] = gains(params);
+        let epsilon = epsilon::<F>();
         out.for_each_row(|b, row| {
             let (head, saved) = row.split_at_mut(at.gates);
             let (gates, rest) = saved.split_at_mut(4 * hd);
@@ -261,9 +293,11 @@ impl Recurrence for LnLstmKernel {
             let (c_hat, rest) = rest.split_at_mut(hd);
             let (act, inv_std) = rest.split_at_mut(hd);
             inv_std[0] = host::normalize_in_place(r_hat, epsilon);
-            let x = xp.row(b);
+            // x̂ in the gates' slot, then the gates' pre-activations over it.
+            gates.copy_from_slice(xp.row(b));
+            host::normalize_in_place(gates, epsilon);
             for k in 0..4 * hd {
-                gates[k] = x[k] + gain_r[k] * r_hat[k];
+                gates[k] = gain_x[k] * gates[k] + gain_r[k] * r_hat[k] + bias[k];
             }
             F::sigmoid_in_place(&mut gates[..2 * hd]);
             F::tanh_in_place(&mut gates[2 * hd..3 * hd]);
@@ -293,7 +327,7 @@ impl Recurrence for LnLstmKernel {
         mut grads: HostStepGrads<F>,
     ) {
         let (hd, at, one) = (self.hidden, self.layout(), F::one());
-        let (gain_r, gain_c) = (params[1].row(0), params[2].row(0));
+        let [gain_x, gain_r, _, gain_c, _] = gains(params);
         let (_, dr) = &mut grads.products[0];
         // Per row: the gate gradients into dxp, dc_prev into its slot, and the gradient of the
         // recurrent projection into dr; d(γ_c ĉ + β_c) waits in the h_prev gradient's slot.
@@ -330,23 +364,26 @@ impl Recurrence for LnLstmKernel {
             }
             host::normalize_backward_in_place(r_hat, inv_std[0], dr);
         });
-        // The gains' and shift's gradients: sums over the batch, rows in order.
+        // The gains' and shifts' gradients, sums over the batch with rows in order; then each
+        // row's dz becomes the input projection's gradient through x̂ (recomputed here).
+        let epsilon = epsilon::<F>();
+        let mut x_hat = vec![F::zero(); 4 * hd];
         for b in 0..step.xp.rows() {
             let row = step.row.row(b);
             let (r_hat, c_hat) = (&row[at.r_hat..at.c_hat], &row[at.c_hat..at.act]);
-            let (dz, d_act) = (grads.xp.as_ref().row(b), &grads.prev.as_ref().row(b)[..hd]);
-            let grad_gain_r = grads.params[1].row_mut(0);
+            x_hat.copy_from_slice(step.xp.row(b));
+            let inv_std_x = host::normalize_in_place(&mut x_hat, epsilon);
+            let dz = grads.xp.row_mut(b);
+            let d_act = &grads.prev.as_ref().row(b)[..hd];
+            add_products(grads.params[1].row_mut(0), dz, &x_hat);
+            add_products(grads.params[2].row_mut(0), dz, r_hat);
+            host::add_into(grads.params[3].row_mut(0), dz);
+            add_products(grads.params[4].row_mut(0), d_act, c_hat);
+            host::add_into(grads.params[5].row_mut(0), d_act);
             for k in 0..4 * hd {
-                grad_gain_r[k] += dz[k] * r_hat[k];
+                dz[k] *= gain_x[k];
             }
-            let grad_gain_c = grads.params[2].row_mut(0);
-            for j in 0..hd {
-                grad_gain_c[j] += d_act[j] * c_hat[j];
-            }
-            let grad_shift_c = grads.params[3].row_mut(0);
-            for j in 0..hd {
-                grad_shift_c[j] += d_act[j];
-            }
+            host::normalize_backward_in_place(&x_hat, inv_std_x, dz);
         }
         let dr = grads.products[0].1.as_ref();
         host::matmul(&mut grads.prev.cols_mut(0, hd), dr, step.params_t[0], false);
@@ -381,18 +418,16 @@ impl<B: Backend> Cell<B> for LnLstm<B> {
             hidden: self.hidden_size(),
         }
     }
-    fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
-    where
-        B: RnnBackend,
-    {
-        let projected = project_sequence(input, self.weight_ih.val(), None, None);
-        layer_norm(projected, self.ln_ih_weight.val(), LN_EPSILON)
-            + self.bias.val().unsqueeze::<3>()
+    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+        // Only W_ih x: its normalisation and the bias are the step's.
+        Some((self.weight_ih.val(), None))
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {
         flatten_params(vec![
             self.weight_hh.val().transpose(),
+            self.ln_ih_weight.val().unsqueeze_dim(0),
             self.ln_hh_weight.val().unsqueeze_dim(0),
+            self.bias.val().unsqueeze_dim(0),
             self.ln_cell_weight.val().unsqueeze_dim(0),
             self.ln_cell_bias.val().unsqueeze_dim(0),
         ])

@@ -221,21 +221,6 @@ pub(crate) fn project_sequence<B: RnnBackend>(
     projected
 }
 
-/// `[T, batch, W]` normalised over `W` at every step (PyTorch's `LayerNorm` with variance floor
-/// `epsilon`), scaled by `gain` `[W]`, through [`RnnBackend::rnn_layer_norm`].
-pub(crate) fn layer_norm<B: RnnBackend>(
-    x: Tensor<B, 3>,
-    gain: Tensor<B, 1>,
-    epsilon: f64,
-) -> Tensor<B, 3> {
-    let normalized = B::rnn_layer_norm(
-        x.into_primitive().tensor(),
-        gain.into_primitive().tensor(),
-        epsilon,
-    );
-    Tensor::from_primitive(TensorPrimitive::Float(normalized))
-}
-
 /// Panics unless `input` (`[T, batch, width]`) has the width `weight` (`[out, width]`) projects.
 fn check_input_width<B: Backend>(input: &Tensor<B, 3>, weight: &Tensor<B, 2>) {
     let [len, batch, width] = input.dims();

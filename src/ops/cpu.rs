@@ -101,23 +101,6 @@ where
         host_linear_grad_params::<Self>(grad, x, passthrough)
     }
 
-    fn rnn_layer_norm(
-        x: FloatTensor<Self>,
-        gain: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> FloatTensor<Self> {
-        host_layer_norm::<Self>(x, gain, epsilon)
-    }
-
-    fn rnn_layer_norm_backward(
-        x: FloatTensor<Self>,
-        gain: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        host_layer_norm_backward::<Self>(x, gain, grad, epsilon)
-    }
-
     fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
         host_outputs::<Self>(visible, output_width)
     }
@@ -751,82 +734,6 @@ fn host_value<F: HostFloat>(value: f64) -> F {
     <F as num_traits::NumCast>::from(value).expect("a setting fits the float type")
 }
 
-/// [`RnnBackend::rnn_layer_norm`] on host memory: every row normalised in place and scaled,
-/// rows in parallel.
-pub fn host_layer_norm<B: HostTensors>(
-    x: FloatTensor<B>,
-    gain: FloatTensor<B>,
-    epsilon: f64,
-) -> FloatTensor<B> {
-    fn run<B: HostTensors, F: HostFloat>(
-        x: FloatTensor<B>,
-        gain: FloatTensor<B>,
-        epsilon: f64,
-    ) -> FloatTensor<B> {
-        let dims = dims3::<B>(&x);
-        let (gain, epsilon) = (B::host_slice::<F, 1>(&gain), host_value::<F>(epsilon));
-        let mut y = B::host_slice::<F, 3>(&x).into_owned();
-        MatMut::new(&mut y, dims[0] * dims[1], dims[2]).for_each_row(|_, row| {
-            host::normalize_in_place(row, epsilon);
-            row.iter_mut().zip(gain.iter()).for_each(|(v, &g)| *v *= g);
-        });
-        from_host::<B, F, 3>(y, dims, &B::float_device(&x))
-    }
-    by_float_type!(&x,
-        F => run::<B, F>(x, gain, epsilon),
-        other => norm::tensor_forward::<B>(x, gain, epsilon))
-}
-
-/// [`RnnBackend::rnn_layer_norm_backward`] on host memory: `x̂` and `1/σ` recomputed row by
-/// row, the gain's gradient summed over rows in order, the input's rows in parallel.
-pub fn host_layer_norm_backward<B: HostTensors>(
-    x: FloatTensor<B>,
-    gain: FloatTensor<B>,
-    grad: FloatTensor<B>,
-    epsilon: f64,
-) -> (FloatTensor<B>, FloatTensor<B>) {
-    fn run<B: HostTensors, F: HostFloat>(
-        x: FloatTensor<B>,
-        gain: FloatTensor<B>,
-        grad: FloatTensor<B>,
-        epsilon: f64,
-    ) -> (FloatTensor<B>, FloatTensor<B>) {
-        let dims = dims3::<B>(&x);
-        let (rows, width) = (dims[0] * dims[1], dims[2]);
-        let (gain, epsilon) = (B::host_slice::<F, 1>(&gain), host_value::<F>(epsilon));
-        let mut normalized = B::host_slice::<F, 3>(&x).into_owned();
-        let mut inv_std = vec![F::zero(); rows];
-        host::for_each_row_pair(
-            &mut MatMut::new(&mut normalized, rows, width),
-            &mut MatMut::new(&mut inv_std, rows, 1),
-            |_, row, inv_std| inv_std[0] = host::normalize_in_place(row, epsilon),
-        );
-        let mut grad_x = B::host_slice::<F, 3>(&grad).into_owned();
-        let mut grad_gain = vec![F::zero(); width];
-        for (g, x) in grad_x
-            .chunks_exact(width)
-            .zip(normalized.chunks_exact(width))
-        {
-            for ((acc, &g), &x) in grad_gain.iter_mut().zip(g).zip(x) {
-                *acc += g * x;
-            }
-        }
-        MatMut::new(&mut grad_x, rows, width).for_each_row(|r, row| {
-            row.iter_mut().zip(gain.iter()).for_each(|(v, &g)| *v *= g);
-            let normalized_row = &normalized[r * width..(r + 1) * width];
-            host::normalize_backward_in_place(normalized_row, inv_std[r], row);
-        });
-        let device = B::float_device(&x);
-        (
-            from_host::<B, F, 3>(grad_x, dims, &device),
-            from_host::<B, F, 1>(grad_gain, [width], &device),
-        )
-    }
-    by_float_type!(&x,
-        F => run::<B, F>(x, gain, grad, epsilon),
-        other => norm::tensor_backward::<B>(x, gain, grad, epsilon))
-}
-
 /// `grad · W` through the GEMM on host memory, plus the passed-through columns' share.
 pub fn host_linear_grad_input<B: HostTensors>(
     grad: FloatTensor<B>,
@@ -912,38 +819,6 @@ mod tests {
 
     /// The projection and the outputs op on host memory against their tensor-op defaults
     /// (what GPU backends run), with a strided (transposed) input as the layer passes it.
-    #[test]
-    fn host_layer_norm_matches_tensor_ops() {
-        // A strided input, as the projection hands it over after a transpose.
-        let x = primitive(float::<F64, 3>(random([4, 3, 5])).swap_dims(0, 1));
-        let (gain, grad, epsilon) = (random([5]), random([3, 4, 5]), 1e-5);
-        let forward = max_abs_diff(
-            "layer norm",
-            &data::<3>(host_layer_norm::<F64>(x.clone(), gain.clone(), epsilon)),
-            &data::<3>(norm::tensor_forward::<F64>(
-                x.clone(),
-                gain.clone(),
-                epsilon,
-            )),
-        );
-        let (host_x, host_gain) =
-            host_layer_norm_backward::<F64>(x.clone(), gain.clone(), grad.clone(), epsilon);
-        let (ops_x, ops_gain) = norm::tensor_backward::<F64>(x, gain, grad, epsilon);
-        let grad_x = max_abs_diff(
-            "layer norm input gradient",
-            &data::<3>(host_x),
-            &data::<3>(ops_x),
-        );
-        let grad_gain = max_abs_diff(
-            "layer norm gain gradient",
-            &data::<1>(host_gain),
-            &data::<1>(ops_gain),
-        );
-        for err in [forward, grad_x, grad_gain] {
-            assert!(err < 1e-12, "host against tensor ops: {err:e}");
-        }
-    }
-
     #[test]
     fn host_linear_and_outputs_match_tensor_ops() {
         let x = primitive(float::<F64, 3>(random([4, 3, 5])).swap_dims(0, 1));

@@ -400,27 +400,6 @@ pub trait RnnBackend: Backend {
         linear::tensor_grad_params::<Self>(grad, x, passthrough)
     }
 
-    /// Layer normalisation over the last axis of `x` `[T, batch, W]` (PyTorch's `LayerNorm`
-    /// with variance floor `epsilon`, without its shift), scaled by `gain` `[W]`.
-    fn rnn_layer_norm(
-        x: FloatTensor<Self>,
-        gain: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> FloatTensor<Self> {
-        norm::tensor_forward::<Self>(x, gain, epsilon)
-    }
-
-    /// The gradients of `x` and `gain` through [`rnn_layer_norm`](RnnBackend::rnn_layer_norm)
-    /// from that of its output.
-    fn rnn_layer_norm_backward(
-        x: FloatTensor<Self>,
-        gain: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        norm::tensor_backward::<Self>(x, gain, grad, epsilon)
-    }
-
     /// Each step's output, batch-major and contiguous: `[batch, T, O]` from the op's
     /// `[T, batch, W]` output (its first `O` columns).
     fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
@@ -487,36 +466,6 @@ pub mod norm {
         let mean = grad.clone().mean_dim(D - 1);
         let mean_dot = (grad.clone() * normalized.clone()).mean_dim(D - 1);
         (grad - mean - normalized * mean_dot) * inv_std
-    }
-
-    /// `x̂ ⊙ gain` with tensor ops.
-    pub fn tensor_forward<B: Backend>(
-        x: FloatTensor<B>,
-        gain: FloatTensor<B>,
-        epsilon: f64,
-    ) -> FloatTensor<B> {
-        let (normalized, _) = normalized(float::<B, 3>(x), epsilon);
-        primitive(normalized * float::<B, 1>(gain).unsqueeze::<3>())
-    }
-
-    /// `(dx, dgain)`: `dgain = Σ dy ⊙ x̂` over steps and rows; `dx` through [`normalized`]
-    /// from `dy ⊙ gain`.
-    pub fn tensor_backward<B: Backend>(
-        x: FloatTensor<B>,
-        gain: FloatTensor<B>,
-        grad: FloatTensor<B>,
-        epsilon: f64,
-    ) -> (FloatTensor<B>, FloatTensor<B>) {
-        let (normalized, inv_std) = normalized(float::<B, 3>(x), epsilon);
-        let grad = float::<B, 3>(grad);
-        let [len, batch, width] = grad.dims();
-        let grad_gain = (grad.clone() * normalized.clone())
-            .reshape([len * batch, width])
-            .sum_dim(0)
-            .reshape([width]);
-        let g = grad * float::<B, 1>(gain).unsqueeze::<3>();
-        let grad_x = normalized_backward(normalized, inv_std, g);
-        (primitive(grad_x), primitive(grad_gain))
     }
 }
 
@@ -964,29 +913,6 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
         }
     }
 
-    fn rnn_layer_norm(
-        x: FloatTensor<Self>,
-        gain: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> FloatTensor<Self> {
-        match LayerNormBackward
-            .prepare::<C>([x.node, gain.node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = (x.primitive.clone(), gain.primitive.clone(), epsilon);
-                prep.finish(
-                    state,
-                    B::rnn_layer_norm(x.primitive, gain.primitive, epsilon),
-                )
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::rnn_layer_norm(x.primitive, gain.primitive, epsilon))
-            }
-        }
-    }
-
     fn rnn_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -1115,27 +1041,6 @@ impl<B: RnnBackend> Backward<B, 1> for OutputsBackward {
         let grad = grads.consume::<B>(&ops.node);
         if let [Some(node)] = ops.parents {
             grads.register::<B>(node.id, B::rnn_outputs_backward(grad, ops.state));
-        }
-    }
-}
-
-/// The autodiff node of [`RnnBackend::rnn_layer_norm`] (parents: input, gain); its state is
-/// the input, the gain and the variance floor.
-#[derive(Debug)]
-struct LayerNormBackward;
-
-impl<B: RnnBackend> Backward<B, 2> for LayerNormBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>, f64);
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<B>(&ops.node);
-        let (x, gain, epsilon) = ops.state;
-        let (grad_x, grad_gain) = B::rnn_layer_norm_backward(x, gain, grad, epsilon);
-        let [node_x, node_gain] = ops.parents;
-        for (node, grad) in [(node_x, grad_x), (node_gain, grad_gain)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, grad);
-            }
         }
     }
 }
