@@ -1132,9 +1132,10 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             // The rows the kernel reads below lie far apart in memory (one step is a whole
             // `[batch, width]` slab): fetched here, a row at a time between the state
             // gradient's loads, they arrive while this loop runs instead of stalling the kernel.
+            // The packed row without its output columns: no kernel's backward reads them.
             prefetch(&g[..w.output]);
             prefetch(prev.row(b));
-            prefetch(row.row(b));
+            prefetch(&row.row(b)[w.output..]);
             let gs = &mut grad_state[b * w.state..(b + 1) * w.state];
             add_into(gs, &g[w.output..]);
             if let Some(mask) = input.mask {
