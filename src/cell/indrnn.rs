@@ -194,8 +194,8 @@ impl<B: Backend> Cell<B> for IndRnn<B> {
             hidden: self.hidden_size(),
         }
     }
-    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
-        Some((self.weight_ih.val(), Some(self.bias_ih.val())))
+    fn input_affine(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        (self.weight_ih.val(), Some(self.bias_ih.val()))
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {
         flatten_params(vec![self.weight_hh.val().unsqueeze_dim(0)])

@@ -418,9 +418,9 @@ impl<B: Backend> Cell<B> for LnLstm<B> {
             hidden: self.hidden_size(),
         }
     }
-    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+    fn input_affine(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
         // Only W_ih x: its normalisation and the bias are the step's.
-        Some((self.weight_ih.val(), None))
+        (self.weight_ih.val(), None)
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {
         flatten_params(vec![

@@ -561,9 +561,9 @@ impl<B: Backend> Cell<B> for Lstm<B> {
             coupled: self.coupled,
         }
     }
-    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+    fn input_affine(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
         let bias = self.bias_ih.val() + self.bias_hh.val();
-        Some((self.weight_ih.val(), Some(bias)))
+        (self.weight_ih.val(), Some(bias))
     }
     fn recurrent_params(&self) -> Tensor<B, 1> {
         let mut params = vec![self.weight_hh.val().transpose()];

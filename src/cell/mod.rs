@@ -40,26 +40,22 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
     fn kernel(&self) -> Self::Kernel;
     /// The input projection as one affine map `x · Wᵀ + b`: `W` `[kernel.input_width(),
     /// input]` and `b`. The recurrence op may then compute each step's projection itself (see
-    /// [`RnnBackend::rnn_projected_recurrence`]). `None` for a cell whose projection is more
-    /// than that (it defines [`project`](Cell::project) itself).
-    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
-        None
-    }
+    /// [`RnnBackend::rnn_projected_recurrence`]); anything more (a normalisation) is the
+    /// kernel's, inside the step.
+    fn input_affine(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>);
     /// Columns of the input that the kernel reads after [`input_affine`](Cell::input_affine)'s,
     /// unprojected (SRU's skip term when input and output widths agree); `None` for most cells.
     fn input_passthrough(&self) -> Option<Passthrough> {
         None
     }
     /// Projects a whole time-major input sequence `[T, batch, input]` at once into the
-    /// per-step kernel input `[T, batch, kernel.input_width()]`; by default through
+    /// per-step kernel input `[T, batch, kernel.input_width()]`, through
     /// [`input_affine`](Cell::input_affine) and [`input_passthrough`](Cell::input_passthrough).
     fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3>
     where
         B: RnnBackend,
     {
-        let (weight, bias) = self
-            .input_affine()
-            .expect("a cell without an affine input projection defines `project`");
+        let (weight, bias) = self.input_affine();
         project_sequence(input, weight, bias, self.input_passthrough())
     }
     /// The kernel's recurrent parameters, flattened and concatenated in its order.
@@ -112,7 +108,7 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
         // The projection and the recurrence as one op where the cell allows it (the backend
         // decides whether to fuse them); recurrent noise widens the projected input instead.
         let affine = match (noise, path) {
-            (None, RecurrencePath::Fused) => self.input_affine(),
+            (None, RecurrencePath::Fused) => Some(self.input_affine()),
             _ => None,
         };
         if let Some((weight, bias)) = affine {
@@ -547,7 +543,7 @@ macro_rules! register_cells {
             fn hidden_size(&self) -> usize { match self { $(Self::$variant(c) => c.hidden_size()),* } }
             fn state_names(&self) -> &'static [&'static str] { match self { $(Self::$variant(c) => c.state_names()),* } }
             fn kernel(&self) -> AnyKernel { match self { $(Self::$variant(c) => AnyKernel::$variant(c.kernel())),* } }
-            fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> { match self { $(Self::$variant(c) => c.input_affine()),* } }
+            fn input_affine(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) { match self { $(Self::$variant(c) => c.input_affine()),* } }
             fn input_passthrough(&self) -> Option<Passthrough> { match self { $(Self::$variant(c) => c.input_passthrough()),* } }
             fn project(&self, input: Tensor<B, 3>) -> Tensor<B, 3> where B: RnnBackend { match self { $(Self::$variant(c) => c.project(input)),* } }
             fn recurrent_params(&self) -> Tensor<B, 1> { match self { $(Self::$variant(c) => c.recurrent_params()),* } }

@@ -496,7 +496,7 @@ impl<B: Backend> Cell<B> for Sru<B> {
         }
     }
 
-    fn input_affine(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+    fn input_affine(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
         let (h, k) = (self.hidden, self.blocks());
         // [I, H·k] interleaved per unit -> [k·H, I] block-major, for one matmul.
         let weight = self
@@ -506,7 +506,7 @@ impl<B: Backend> Cell<B> for Sru<B> {
             .swap_dims(1, 2)
             .reshape([self.input_size(), k * h])
             .transpose();
-        Some((weight, None))
+        (weight, None)
     }
 
     fn input_passthrough(&self) -> Option<Passthrough> {

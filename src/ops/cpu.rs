@@ -994,9 +994,7 @@ mod tests {
     /// The host path's projected recurrence (projection computed in the walk) against the
     /// tensor projection, passthrough and recurrence, forward and every gradient.
     fn check_projected_host_path<C: Cell<F64>>(name: &str, cell: &C, len: usize, width: usize) {
-        let Some((weight, bias)) = cell.input_affine() else {
-            return;
-        };
+        let (weight, bias) = cell.input_affine();
         let (kernel, passthrough) = (cell.kernel(), cell.input_passthrough());
         let (weight, bias) = (primitive(weight), bias.map(primitive));
         let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
