@@ -155,10 +155,12 @@ fn epsilon<F: HostFloat>() -> F {
     <F as num_traits::NumCast>::from(LN_EPSILON).expect("ε fits the float type")
 }
 
-/// `acc += a ⊙ b`.
-fn add_products<F: HostFloat>(acc: &mut [F], a: &[F], b: &[F]) {
-    for ((acc, &a), &b) in acc.iter_mut().zip(a).zip(b) {
-        *acc += a * b;
+host::simd_dispatched! {
+    /// `acc += a ⊙ b`.
+    fn add_products<F: HostFloat>(acc: &mut [F], a: &[F], b: &[F]) {
+        for ((acc, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+            *acc += a * b;
+        }
     }
 }
 
@@ -329,8 +331,9 @@ impl Recurrence for LnLstmKernel {
         let (hd, at, one) = (self.hidden, self.layout(), F::one());
         let [gain_x, gain_r, _, gain_c, _] = gains(params);
         let (_, dr) = &mut grads.products[0];
-        // Per row: the gate gradients into dxp, dc_prev into its slot, and the gradient of the
-        // recurrent projection into dr; d(γ_c ĉ + β_c) waits in the h_prev gradient's slot.
+        // Per row: the gate gradients dz into dxp's slot (made dxp below), dc_prev into its
+        // slot, and the gradient of the recurrent projection into dr; d(γ_c ĉ + β_c) waits in
+        // the h_prev gradient's slot.
         host::for_each_row_triple(&mut grads.xp, &mut grads.prev, dr, |b, dz, gp, dr| {
             let row = step.row.row(b);
             let gates = &row[at.gates..at.r_hat];
