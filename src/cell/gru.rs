@@ -324,26 +324,40 @@ impl Recurrence for GruKernel {
             &mut grads.prev,
             written,
             |b, dxp, grad_prev, operand| {
+                // Every slice cut to `hd` first: the loops then run without bounds checks and
+                // vectorise.
                 let saved = &step.row.row(b)[2 * hd..];
-                let (h, h_read) = (step.prev.row(b), read.row(b));
-                let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
+                let (r, z, n) = (&saved[..hd], &saved[hd..2 * hd], &saved[2 * hd..3 * hd]);
+                let (h, go, gs) = (
+                    &step.prev.row(b)[..hd],
+                    &step.grad_output.row(b)[..hd],
+                    &step.grad_state.row(b)[..hd],
+                );
+                let (dx_r, rest) = dxp.split_at_mut(hd);
+                let (dx_z, dx_n) = rest.split_at_mut(hd);
+                let (dx_r, dx_n, grad_prev) =
+                    (&mut dx_r[..hd], &mut dx_n[..hd], &mut grad_prev[..hd]);
                 for j in 0..hd {
-                    let (r, z, n) = (saved[j], saved[hd + j], saved[2 * hd + j]);
                     let grad_h = go[j] + gs[j];
-                    let dn = grad_h * (one - z) * (one - n * n);
-                    dxp[hd + j] = grad_h * (h[j] - n) * (z * (one - z));
-                    dxp[2 * hd + j] = dn;
-                    grad_prev[j] = grad_h * z;
-                    if self.reset_after {
-                        dxp[j] = dn * saved[3 * hd + j] * (r * (one - r));
-                    } else {
-                        operand[j] = r * h_read[j];
-                    }
+                    dx_n[j] = grad_h * (one - z[j]) * (one - n[j] * n[j]);
+                    dx_z[j] = grad_h * (h[j] - n[j]) * (z[j] * (one - z[j]));
+                    grad_prev[j] = grad_h * z[j];
                 }
                 if self.reset_after {
-                    operand.copy_from_slice(&dxp[..3 * hd]);
+                    let hn = &saved[3 * hd..4 * hd];
                     for j in 0..hd {
-                        operand[2 * hd + j] = dxp[2 * hd + j] * saved[j];
+                        dx_r[j] = dx_n[j] * hn[j] * (r[j] * (one - r[j]));
+                    }
+                    let (o_rz, o_n) = operand.split_at_mut(2 * hd);
+                    o_rz[..hd].copy_from_slice(dx_r);
+                    o_rz[hd..].copy_from_slice(dx_z);
+                    for ((o, &dn), &r) in o_n[..hd].iter_mut().zip(dx_n.iter()).zip(r) {
+                        *o = dn * r;
+                    }
+                } else {
+                    let (operand, h_read) = (&mut operand[..hd], &read.row(b)[..hd]);
+                    for j in 0..hd {
+                        operand[j] = r[j] * h_read[j];
                     }
                 }
             },
@@ -363,11 +377,14 @@ impl Recurrence for GruKernel {
         );
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_prev| {
             let r = &step.row.row(b)[2 * hd..3 * hd];
-            let h_read = read.row(b);
+            let (h_read, grad) = (&read.row(b)[..hd], &grad_r_read[b * hd..(b + 1) * hd]);
+            let (dx_r, grad_prev) = (&mut dxp[..hd], &mut grad_prev[..hd]);
             for j in 0..hd {
-                let grad = grad_r_read[b * hd + j];
-                dxp[j] = grad * h_read[j] * (r[j] * (one - r[j]));
-                grad_prev[j] += grad * r[j] * keep.map_or(one, |k| k.row(b)[j]);
+                dx_r[j] = grad[j] * h_read[j] * (r[j] * (one - r[j]));
+            }
+            match keep.map(|k| &k.row(b)[..hd]) {
+                Some(k) => (0..hd).for_each(|j| grad_prev[j] += grad[j] * r[j] * k[j]),
+                None => (0..hd).for_each(|j| grad_prev[j] += grad[j] * r[j]),
             }
         });
         let d_rz = grads.xp.as_ref().cols(0, 2 * hd);

@@ -207,16 +207,24 @@ impl Recurrence for MguKernel {
             &mut grads.prev,
             fh,
             |b, dxp, grad_prev, operand| {
+                // Every slice cut to `hd` first: the loop then runs without bounds checks and
+                // vectorises.
                 let saved = &step.row.row(b)[2 * hd..];
-                let (h, h_read) = (step.prev.row(b), read.row(b));
-                let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
+                let (f, n) = (&saved[..hd], &saved[hd..2 * hd]);
+                let (h, h_read) = (&step.prev.row(b)[..hd], &read.row(b)[..hd]);
+                let (go, gs) = (
+                    &step.grad_output.row(b)[..hd],
+                    &step.grad_state.row(b)[..hd],
+                );
+                let (dx_f, dx_n) = dxp.split_at_mut(hd);
+                let (dx_n, grad_prev, operand) =
+                    (&mut dx_n[..hd], &mut grad_prev[..hd], &mut operand[..hd]);
                 for j in 0..hd {
-                    let (f, n) = (saved[j], saved[hd + j]);
                     let grad_h = go[j] + gs[j];
-                    dxp[hd + j] = grad_h * f * (one - n * n);
-                    dxp[j] = grad_h * (n - h[j]);
-                    grad_prev[j] = grad_h * (one - f);
-                    operand[j] = f * h_read[j];
+                    dx_n[j] = grad_h * f[j] * (one - n[j] * n[j]);
+                    dx_f[j] = grad_h * (n[j] - h[j]);
+                    grad_prev[j] = grad_h * (one - f[j]);
+                    operand[j] = f[j] * h_read[j];
                 }
             },
         );
@@ -230,11 +238,14 @@ impl Recurrence for MguKernel {
         );
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_prev| {
             let f = &step.row.row(b)[2 * hd..3 * hd];
-            let h_read = read.row(b);
+            let (h_read, grad) = (&read.row(b)[..hd], &grad_f_read[b * hd..(b + 1) * hd]);
+            let (dx_f, grad_prev) = (&mut dxp[..hd], &mut grad_prev[..hd]);
             for j in 0..hd {
-                let grad = grad_f_read[b * hd + j];
-                dxp[j] = (dxp[j] + grad * h_read[j]) * (f[j] * (one - f[j]));
-                grad_prev[j] += grad * f[j] * keep.map_or(one, |k| k.row(b)[j]);
+                dx_f[j] = (dx_f[j] + grad[j] * h_read[j]) * (f[j] * (one - f[j]));
+            }
+            match keep.map(|k| &k.row(b)[..hd]) {
+                Some(k) => (0..hd).for_each(|j| grad_prev[j] += grad[j] * f[j] * k[j]),
+                None => (0..hd).for_each(|j| grad_prev[j] += grad[j] * f[j]),
             }
         });
         let df = grads.xp.as_ref().cols(0, hd);
