@@ -183,6 +183,30 @@ pub(crate) fn host_masked<'a, F: HostFloat>(
     MatRef::new(buffer, rows, width)
 }
 
+/// `grad_prev += grad ⊙ gate ⊙ keep` on one row: what a gate's product with the state it read
+/// (`gate ⊙ h`, masked under dropout: GRU's `r`, MGU's `f`) sends back to that state. The
+/// dropout choice is made once per row, so that the loop vectorises.
+pub(crate) fn host_add_gated_read<F: HostFloat>(
+    grad_prev: &mut [F],
+    grad: &[F],
+    gate: &[F],
+    keep: Option<&[F]>,
+) {
+    let terms = grad_prev.iter_mut().zip(grad.iter().zip(gate));
+    match keep {
+        Some(keep) => {
+            for ((acc, (&g, &gate)), &k) in terms.zip(keep) {
+                *acc += g * gate * k;
+            }
+        }
+        None => {
+            for (acc, (&g, &gate)) in terms {
+                *acc += g * gate;
+            }
+        }
+    }
+}
+
 /// `grad_prev += (a · b) ⊙ keep`: a gradient reaching the previous state through a product
 /// that read it masked (plain `+= a · b` without dropout).
 pub(crate) fn host_add_masked_product<F: HostFloat>(

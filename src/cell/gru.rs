@@ -22,8 +22,8 @@ use crate::host::{
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
 use crate::regularisation::{
-    host_add_masked_product, host_backward_reads, host_masked, host_product_keep, masked,
-    product_keep, with_zero_noise_grad,
+    host_add_gated_read, host_add_masked_product, host_backward_reads, host_masked,
+    host_product_keep, masked, product_keep, with_zero_noise_grad,
 };
 
 /// Configuration of a [`Gru`] cell.
@@ -378,14 +378,11 @@ impl Recurrence for GruKernel {
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_prev| {
             let r = &step.row.row(b)[2 * hd..3 * hd];
             let (h_read, grad) = (&read.row(b)[..hd], &grad_r_read[b * hd..(b + 1) * hd]);
-            let (dx_r, grad_prev) = (&mut dxp[..hd], &mut grad_prev[..hd]);
+            let dx_r = &mut dxp[..hd];
             for j in 0..hd {
                 dx_r[j] = grad[j] * h_read[j] * (r[j] * (one - r[j]));
             }
-            match keep.map(|k| &k.row(b)[..hd]) {
-                Some(k) => (0..hd).for_each(|j| grad_prev[j] += grad[j] * r[j] * k[j]),
-                None => (0..hd).for_each(|j| grad_prev[j] += grad[j] * r[j]),
-            }
+            host_add_gated_read(grad_prev, grad, r, keep.map(|k| k.row(b)));
         });
         let d_rz = grads.xp.as_ref().cols(0, 2 * hd);
         host_add_masked_product(

@@ -20,8 +20,8 @@ use crate::host::{
 use crate::import::{ImportError, TensorSource};
 use crate::ops::{Recurrence, StepOutput, StepRecord};
 use crate::regularisation::{
-    host_add_masked_product, host_backward_reads, host_masked, host_product_keep, masked,
-    product_keep, with_zero_noise_grad,
+    host_add_gated_read, host_add_masked_product, host_backward_reads, host_masked,
+    host_product_keep, masked, product_keep, with_zero_noise_grad,
 };
 
 /// Configuration of an [`Mgu`] cell.
@@ -239,14 +239,11 @@ impl Recurrence for MguKernel {
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_prev| {
             let f = &step.row.row(b)[2 * hd..3 * hd];
             let (h_read, grad) = (&read.row(b)[..hd], &grad_f_read[b * hd..(b + 1) * hd]);
-            let (dx_f, grad_prev) = (&mut dxp[..hd], &mut grad_prev[..hd]);
+            let dx_f = &mut dxp[..hd];
             for j in 0..hd {
                 dx_f[j] = (dx_f[j] + grad[j] * h_read[j]) * (f[j] * (one - f[j]));
             }
-            match keep.map(|k| &k.row(b)[..hd]) {
-                Some(k) => (0..hd).for_each(|j| grad_prev[j] += grad[j] * f[j] * k[j]),
-                None => (0..hd).for_each(|j| grad_prev[j] += grad[j] * f[j]),
-            }
+            host_add_gated_read(grad_prev, grad, f, keep.map(|k| k.row(b)));
         });
         let df = grads.xp.as_ref().cols(0, hd);
         host_add_masked_product(
