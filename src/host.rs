@@ -716,9 +716,11 @@ pub struct HostStep<'a, F> {
     pub xp: MatRef<'a, F>,
     /// The state the step started from, `[batch, state_width]`.
     pub prev: MatRef<'a, F>,
-    /// The step's packed row `[batch, output | state | saved]`.
+    /// The step's packed row `[batch, output | state | saved]` (`[batch, state | saved]` for
+    /// a kernel whose output is in its state).
     pub row: MatRef<'a, F>,
-    /// Gradient arriving at the output, `[batch, output_width]`.
+    /// Gradient arriving at the output, `[batch, output_width]` (empty for a kernel whose
+    /// output is in its state: `grad_state` holds it then).
     pub grad_output: MatRef<'a, F>,
     /// Gradient arriving at the new state, `[batch, state_width]`.
     pub grad_state: MatRef<'a, F>,
@@ -905,20 +907,41 @@ struct Widths {
     output: usize,
     state: usize,
     input: usize,
-    /// A packed row: output, state and saved values.
+    /// First column of the state in a packed row: after the output, or 0 when the row leaves
+    /// the output out (see [`Recurrence::host_output_in_state`]).
+    state_at: usize,
+    /// First column of the part of a row that the kernel writes: 0, or `state_at` when the
+    /// driver copies the output out of the kernel's state (a mask then zeroes it apart).
+    kernel_at: usize,
+    /// A packed row: output (unless left out), state and saved values.
     packed: usize,
 }
 
 impl Widths {
-    fn of<K: Recurrence>(kernel: &K) -> Self {
+    fn of<K: Recurrence>(kernel: &K, masked: bool) -> Self {
         let (output, state) = (kernel.output_width(), kernel.state_width());
+        let in_state = kernel.host_output_in_state();
+        let state_at = if in_state && !masked { 0 } else { output };
         Self {
             output,
             state,
             input: kernel.input_width(),
-            packed: output + state + kernel.host_saved_width(),
+            state_at,
+            kernel_at: if in_state { state_at } else { 0 },
+            packed: state_at + state + kernel.host_saved_width(),
         }
     }
+
+    /// Width of the op's output: a packed row less its saved values.
+    fn visible(&self) -> usize {
+        self.state_at + self.state
+    }
+}
+
+/// Width of the op's output on the host path, `[output | state]` or `[state]` (see
+/// [`Recurrence::host_output_in_state`]); `masked`: the recurrence has a mask.
+pub fn visible_width<K: Recurrence>(kernel: &K, masked: bool) -> usize {
+    Widths::of(kernel, masked).visible()
 }
 
 /// Rows `rows` of `[batch, width]` step `t` of a time-major buffer.
@@ -965,7 +988,7 @@ fn with_packed_projection<'a, F: HostFloat>(
 pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> Vec<F> {
     let projection = packed_projection(&input);
     let input = with_packed_projection(input, &projection);
-    let w = Widths::of(kernel);
+    let w = Widths::of(kernel, input.mask.is_some());
     let (len, batch) = (input.len, input.batch);
     let shapes = kernel.param_shapes();
     let params = param_views(&shapes, input.params);
@@ -991,16 +1014,20 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
                 let (xp, _) = step_input(&input, t, &rows, w.input, &mut scratch);
                 let prev = match prev_row {
                     None => step_rows(input.state0, 0, batch, &rows, w.state),
-                    Some(row) => MatRef::strided(&row[w.output..], n, w.state, w.packed),
+                    Some(row) => MatRef::strided(&row[w.state_at..], n, w.state, w.packed),
                 };
                 let out_row = zeroed(std::mem::take(&mut outputs[t]));
                 let mut out = MatMut::new(&mut *out_row, n, w.packed);
-                kernel.host_step(&params, xp, prev, out.reborrow());
+                let kernel_part = out.cols_mut(w.kernel_at, w.packed - w.kernel_at);
+                kernel.host_step(&params, xp, prev, kernel_part);
                 if let Some(mask) = input.mask {
                     let keep = &mask[t * batch + rows.start..t * batch + rows.end];
                     out.for_each_row(|b, row| {
+                        let (output, rest) = row.split_at_mut(w.state_at);
+                        if w.kernel_at > 0 {
+                            output.copy_from_slice(&rest[..w.output]);
+                        }
                         if keep[b] != F::one() {
-                            let (output, rest) = row.split_at_mut(w.output);
                             output.iter_mut().for_each(|o| *o *= keep[b]);
                             for (s, &p) in rest[..w.state].iter_mut().zip(prev.row(b)) {
                                 *s = p + (*s - p) * keep[b];
@@ -1094,7 +1121,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
         kernel, input, w, ..
     } = *shared;
     let (n, batch) = (rows.len(), input.batch);
-    let grad_w = w.output + w.state;
+    let grad_w = w.visible();
     let mut grad_params = vec![F::zero(); input.params.len()];
     let mut grad_state = vec![F::zero(); n * w.state];
     let mut grad_prev = vec![F::zero(); n * w.state];
@@ -1121,7 +1148,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
         let prev = match position {
             0 => step_rows(input.state0, 0, batch, &rows, w.state),
             _ => {
-                let start = (steps[position - 1] * batch + rows.start) * w.packed + w.output;
+                let start = (steps[position - 1] * batch + rows.start) * w.packed + w.state_at;
                 MatRef::strided(&shared.packed[start..], n, w.state, w.packed)
             }
         };
@@ -1133,11 +1160,11 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             // `[batch, width]` slab): fetched here, a row at a time between the state
             // gradient's loads, they arrive while this loop runs instead of stalling the kernel.
             // The packed row without its output columns: no kernel's backward reads them.
-            prefetch(&g[..w.output]);
+            prefetch(&g[..w.state_at]);
             prefetch(prev.row(b));
-            prefetch(&row.row(b)[w.output..]);
+            prefetch(&row.row(b)[w.state_at..]);
             let gs = &mut grad_state[b * w.state..(b + 1) * w.state];
-            add_into(gs, &g[w.output..]);
+            add_into(gs, &g[w.state_at..]);
             if let Some(mask) = input.mask {
                 let keep = mask[t * batch + rows.start + b];
                 let carry = &mut carried[b * w.state..(b + 1) * w.state];
@@ -1149,10 +1176,16 @@ fn backward_block<F: HostFloat, K: Recurrence>(
                 for (o, &g) in masked.iter_mut().zip(g) {
                     *o = g * keep;
                 }
+                if w.kernel_at > 0 {
+                    // The kernel's output is its state's first columns.
+                    add_into(&mut gs[..w.output], masked);
+                }
             }
         }
-        // Unmasked, the step reads its output gradient where it lies in `grad`.
+        // Unmasked, the step reads its output gradient where it lies in `grad`; a kernel
+        // whose output is in its state found it added into the state's.
         let grad_output = match input.mask {
+            _ if kernel.host_output_in_state() => grad_rows.cols(0, 0),
             Some(_) => MatRef::new(&masked_output, n, w.output),
             None => grad_rows.cols(0, w.output),
         };
@@ -1160,7 +1193,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
         let step = HostStep {
             xp,
             prev,
-            row,
+            row: row.cols(w.kernel_at, w.packed - w.kernel_at),
             grad_output,
             grad_state: MatRef::new(&grad_state, n, w.state),
             params_t: shared.params_t,
@@ -1273,7 +1306,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
 ) -> HostGrads<F> {
     let projection = packed_projection(&input);
     let input = with_packed_projection(input, &projection);
-    let w = Widths::of(kernel);
+    let w = Widths::of(kernel, input.mask.is_some());
     let (len, batch) = (input.len, input.batch);
     let shapes = kernel.param_shapes();
     let params = param_views(&shapes, input.params);
@@ -1472,7 +1505,7 @@ impl<'a, F: HostFloat> ProductSources<'a, F> {
                 Block::Rest => {
                     // The previous state of step t lies in packed row t − 1 (t + 1 in reverse).
                     let prev0 = if self.reverse { t0 + 1 } else { t0 - 1 };
-                    let start = prev0 * batch * w.packed + w.output + col;
+                    let start = prev0 * batch * w.packed + w.state_at + col;
                     MatRef::strided(&self.packed[start..], rows, width, w.packed)
                 }
             },

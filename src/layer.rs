@@ -501,13 +501,16 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
                     path,
                     noise.map(|noise| &noise[index]),
                 );
-                // The final state is the last row the recurrence visited.
+                // The final state is the last row the recurrence visited, in its last columns
+                // (the output columns come first, unless left out: `host_output_in_state`).
                 let last = if reverse { 0 } else { len - 1 };
+                let state_width = hidden * n_components;
+                let state_at = packed.dims()[2] - state_width;
                 let final_state = packed
                     .clone()
                     .narrow(0, last, 1)
-                    .narrow(2, hidden, hidden * n_components)
-                    .reshape([batch, hidden * n_components]);
+                    .narrow(2, state_at, state_width)
+                    .reshape([batch, state_width]);
                 for (k, parts) in finals.iter_mut().enumerate() {
                     parts.push(final_state.clone().narrow(1, k * hidden, hidden));
                 }

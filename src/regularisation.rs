@@ -279,6 +279,17 @@ impl<K: Recurrence> Regularised<K> {
         let (i, _, s, _) = self.widths();
         self.zoneout.then(|| i + if self.dropout { s } else { 0 })
     }
+    /// Where the inner kernel's state starts in the row it writes on the host, and the width
+    /// of that row (see [`Recurrence::host_output_in_state`]).
+    fn inner_row(&self) -> (usize, usize) {
+        let (_, o, s, _) = self.widths();
+        let state_at = if self.inner.host_output_in_state() {
+            0
+        } else {
+            o
+        };
+        (state_at, state_at + s + self.inner.host_saved_width())
+    }
     fn noise_width(&self) -> usize {
         self.inner.state_width() * (usize::from(self.dropout) + usize::from(self.zoneout))
     }
@@ -312,8 +323,8 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
         o + s + v
     }
     fn host_saved_width(&self) -> usize {
-        let (_, o, s, _) = self.widths();
-        o + s + self.inner.host_saved_width()
+        // The inner kernel's whole row.
+        self.inner_row().1
     }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         self.inner.param_shapes()
@@ -395,17 +406,17 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
         mut out: MatMut<F>,
     ) {
         let (i, o, s, _) = self.widths();
-        let v = self.inner.host_saved_width();
+        let (state_at, inner_w) = self.inner_row();
         let mut buffer = Vec::new();
         let read = self.host_read(xp, prev, &mut buffer);
         self.inner
-            .host_step(params, xp.cols(0, i), read, out.cols_mut(o + s, o + s + v));
+            .host_step(params, xp.cols(0, i), read, out.cols_mut(o + s, inner_w));
         let zone = self.zone_col().map(|col| xp.cols(col, s));
         out.for_each_row(|b, row| {
             let (visible, cell) = row.split_at_mut(o + s);
             let (output, state) = visible.split_at_mut(o);
             output.copy_from_slice(&cell[..o]);
-            let cell_state = &cell[o..o + s];
+            let cell_state = &cell[state_at..state_at + s];
             match zone {
                 Some(zone) => {
                     for (((new, &c), &p), &z) in state
@@ -429,12 +440,12 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
         grads: HostStepGrads<F>,
     ) {
         let (i, o, s, _) = self.widths();
-        let v = self.inner.host_saved_width();
+        let (state_at, inner_w) = self.inner_row();
         let batch = step.xp.rows();
         let mut buffer = Vec::new();
         let read = self.host_read(step.xp, step.prev, &mut buffer);
         let zone = self.zone_col().map(|col| step.xp.cols(col, s));
-        let grad_cell_state: Vec<F> = (0..batch)
+        let mut grad_cell_state: Vec<F> = (0..batch)
             .flat_map(|b| {
                 let g = step.grad_state.row(b);
                 (0..s).map(move |j| match zone {
@@ -443,6 +454,17 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
                 })
             })
             .collect();
+        // An inner kernel whose output is its state's first columns takes the output's
+        // gradient added into the state's.
+        let grad_output = match state_at {
+            0 => {
+                for (b, g) in grad_cell_state.chunks_exact_mut(s).enumerate() {
+                    host::add_into(&mut g[..o], step.grad_output.row(b));
+                }
+                step.grad_output.cols(0, 0)
+            }
+            _ => step.grad_output,
+        };
 
         // Products over the state the inner step read: the wrapper writes that state, since
         // with dropout it is not the packed previous state the driver would read.
@@ -475,8 +497,8 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
             HostStep {
                 xp: step.xp.cols(0, i),
                 prev: read,
-                row: step.row.cols(o + s, o + s + v),
-                grad_output: step.grad_output,
+                row: step.row.cols(o + s, inner_w),
+                grad_output,
                 grad_state: MatRef::new(&grad_cell_state, batch, s),
                 params_t: step.params_t,
             },

@@ -78,6 +78,9 @@ impl Recurrence for IndRnnKernel {
     fn saved_width(&self) -> usize {
         0
     }
+    fn host_output_in_state(&self) -> bool {
+        true
+    }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         vec![[1, self.hidden]]
     }
@@ -119,17 +122,15 @@ impl Recurrence for IndRnnKernel {
         prev: MatRef<F>,
         mut out: MatMut<F>,
     ) {
-        let (hd, u) = (self.hidden, params[0].row(0));
-        // Row layout: [h out | h].
-        out.for_each_row(|b, row| {
+        let u = params[0].row(0);
+        // Row layout: [h] (the output is the state).
+        out.for_each_row(|b, h_new| {
             let (x, h) = (xp.row(b), prev.row(b));
-            let (h_out, h_new) = row.split_at_mut(hd);
             // Zipped rather than indexed, so that the loop vectorises (as the backward's).
             for (h_new, ((&x, &u), &h)) in h_new.iter_mut().zip(x.iter().zip(u).zip(h)) {
                 let pre = x + u * h;
                 *h_new = if pre > F::zero() { pre } else { F::zero() };
             }
-            h_out.copy_from_slice(h_new);
         });
     }
 
@@ -139,15 +140,15 @@ impl Recurrence for IndRnnKernel {
         step: HostStep<F>,
         mut grads: HostStepGrads<F>,
     ) {
-        let (hd, u) = (self.hidden, params[0].row(0));
+        let u = params[0].row(0);
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, d_pre, grad_prev| {
-            let h_new = &step.row.row(b)[hd..2 * hd];
-            let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
+            // The state's gradient holds the output's too.
+            let (h_new, g) = (step.row.row(b), step.grad_state.row(b));
             // Zipped rather than indexed: without bounds checks the loop vectorises (the
             // branch becomes a select).
             let rows = d_pre.iter_mut().zip(grad_prev.iter_mut());
-            for ((d, gp), (((&h, &go), &gs), &u)) in rows.zip(h_new.iter().zip(go).zip(gs).zip(u)) {
-                *d = if h > F::zero() { go + gs } else { F::zero() };
+            for ((d, gp), ((&h, &g), &u)) in rows.zip(h_new.iter().zip(g).zip(u)) {
+                *d = if h > F::zero() { g } else { F::zero() };
                 *gp = *d * u;
             }
         });

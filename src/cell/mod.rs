@@ -489,6 +489,7 @@ macro_rules! register_cells {
             fn output_width(&self) -> usize { match self { $(Self::$variant(k) => k.output_width()),* } }
             fn saved_width(&self) -> usize { match self { $(Self::$variant(k) => k.saved_width()),* } }
             fn host_saved_width(&self) -> usize { match self { $(Self::$variant(k) => k.host_saved_width()),* } }
+            fn host_output_in_state(&self) -> bool { match self { $(Self::$variant(k) => k.host_output_in_state()),* } }
             fn param_shapes(&self) -> Vec<[usize; 2]> { match self { $(Self::$variant(k) => k.param_shapes()),* } }
             fn step<B: Backend>(
                 &self,

@@ -498,7 +498,7 @@ impl<'a, F: HostFloat> HostView<'a, F> {
         device: &B::Device,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let [len, batch, _] = self.dims;
-        let shown = kernel.output_width() + kernel.state_width();
+        let shown = host::visible_width(kernel, self.mask.is_some());
         let width = shown + kernel.host_saved_width();
         let packed = host::forward(kernel, self.view());
         let packed = from_host::<B, F, 3>(packed, [len, batch, width], device);
@@ -933,7 +933,8 @@ mod tests {
     }
 
     /// The host path (what burn-ndarray runs) against the plain-tensor default bodies (what
-    /// the GPU backends run), forward and backward, for every cell, both directions, masked;
+    /// the GPU backends run), forward and backward, for every cell, both directions, masked
+    /// and not (a kernel whose output is in its state then leaves it out of the host rows);
     /// and the same with each kind of recurrent noise around the cell (random noise values:
     /// the formulas hold for any).
     #[test]
@@ -970,7 +971,7 @@ mod tests {
 
     /// The projected recurrence on host memory (each step's projection computed in the walk,
     /// the weight products summed step by step) against the projection and the recurrence as
-    /// separate tensor ops: forward and every gradient, masked, both directions, one block of
+    /// separate tensor ops: forward and every gradient, masked and not, both directions, one block of
     /// rows and two, the input contiguous and transposed (as the layer passes it).
     #[test]
     fn projected_host_path_matches_projection_then_recurrence() {
@@ -998,8 +999,14 @@ mod tests {
         let (kernel, passthrough) = (cell.kernel(), cell.input_passthrough());
         let (weight, bias) = (primitive(weight), bias.map(primitive));
         let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
-        for (batch, reverse, transposed) in [(3, false, true), (3, true, false), (131, true, true)]
-        {
+        let cases = [
+            (3, false, true, true),
+            (3, true, false, true),
+            (131, true, true, true),
+            (3, false, true, false),
+            (131, true, false, false),
+        ];
+        for (batch, reverse, transposed, masked) in cases {
             let x = match transposed {
                 true => primitive(float::<F64, 3>(random([batch, len, width])).swap_dims(0, 1)),
                 false => random([len, batch, width]),
@@ -1014,10 +1021,12 @@ mod tests {
                 passthrough,
                 state0: random([batch, kernel.state_width()]),
                 params: random([param_len]),
-                mask: Some(primitive(Tensor::<F64, 2>::from_data(
-                    TensorData::new(mask, [len, batch]),
-                    &Default::default(),
-                ))),
+                mask: masked.then(|| {
+                    primitive(Tensor::<F64, 2>::from_data(
+                        TensorData::new(mask, [len, batch]),
+                        &Default::default(),
+                    ))
+                }),
                 reverse,
             };
             let xp =
@@ -1031,19 +1040,22 @@ mod tests {
             };
             let tensor_out = recurrence_forward::<F64, _>(&kernel, apart.clone());
             let (host_out, host_visible) = host_projected_forward::<F64, _>(&kernel, input.clone());
+            let in_state = host::visible_width(&kernel, masked) == kernel.state_width();
             let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
             let tensor =
                 recurrence_backward::<F64, _>(&kernel, apart, tensor_out.clone(), grad.clone());
+            let grad = folded_grad(&kernel, in_state, grad);
             let (tensor_w, tensor_b) =
                 linear::tensor_grad_params::<F64>(tensor.xp.clone(), x.clone(), passthrough);
             let tensor_x = linear::tensor_grad_input::<F64>(tensor.xp, weight.clone(), passthrough);
             let host = host_projected_backward::<F64, _>(&kernel, input, host_out, grad, true);
-            let case = format!("{name} (batch {batch}, reverse {reverse})");
+            let case = format!("{name} (batch {batch}, reverse {reverse}, masked {masked})");
+            let tensor_visible = visible::<F64, _>(&kernel, tensor_out);
             let mut diffs = vec![
                 max_abs_diff(
                     &case,
                     &data::<3>(host_visible),
-                    &data::<3>(visible::<F64, _>(&kernel, tensor_out)),
+                    &data::<3>(host_layout(&kernel, in_state, tensor_visible)),
                 ),
                 max_abs_diff(&case, &data::<3>(host.x.unwrap()), &data::<3>(tensor_x)),
                 max_abs_diff(&case, &data::<2>(host.weight), &data::<2>(tensor_w)),
@@ -1068,52 +1080,101 @@ mod tests {
     }
 
     /// Sequence `b` of the batch ends after step `4 - b % 3` of 5 (a full sequence, then
-    /// shorter ones).
+    /// shorter ones), or (unmasked) every sequence is whole.
     fn compare_host_and_tensor_batch<K: Recurrence>(name: &str, kernel: &K, batch: usize) {
         let len = 5;
         let mask: Vec<f64> = (0..len)
             .flat_map(|t| (0..batch).map(move |b| if t <= 4 - b % 3 { 1.0 } else { 0.0 }))
             .collect();
         let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
-        for reverse in [false, true] {
+        for (reverse, masked) in [(false, true), (true, true), (false, false), (true, false)] {
+            let case = format!("{name} (reverse {reverse}, masked {masked})");
             let input = RecurrenceInput::<F64> {
                 xp: random([len, batch, kernel.input_width()]),
                 state0: random([batch, kernel.state_width()]),
                 params: random([param_len]),
-                mask: Some(primitive(Tensor::<F64, 2>::from_data(
-                    TensorData::new(mask.clone(), [len, batch]),
-                    &Default::default(),
-                ))),
+                mask: masked.then(|| {
+                    primitive(Tensor::<F64, 2>::from_data(
+                        TensorData::new(mask.clone(), [len, batch]),
+                        &Default::default(),
+                    ))
+                }),
                 reverse,
             };
             let tensor_out = recurrence_forward::<F64, _>(kernel, input.clone());
             let (host_out, host_visible) = host_recurrence_forward::<F64, _>(kernel, input.clone());
+            let in_state = host::visible_width(kernel, masked) == kernel.state_width();
             // The whole packed rows where both paths save the same values; else (a host step
             // that recomputes in its backward what it does not save) the op's output.
             let forward = if kernel.host_saved_width() == kernel.saved_width() {
                 max_abs_diff(
-                    name,
+                    &case,
                     &data::<3>(host_out.clone()),
-                    &data::<3>(tensor_out.clone()),
+                    &data::<3>(host_layout(kernel, in_state, tensor_out.clone())),
                 )
             } else {
+                let tensor_visible = visible::<F64, _>(kernel, tensor_out.clone());
                 max_abs_diff(
-                    name,
+                    &case,
                     &data::<3>(host_visible),
-                    &data::<3>(visible::<F64, _>(kernel, tensor_out.clone())),
+                    &data::<3>(host_layout(kernel, in_state, tensor_visible)),
                 )
             };
             let grad = random([len, batch, kernel.output_width() + kernel.state_width()]);
             let tensor =
                 recurrence_backward::<F64, _>(kernel, input.clone(), tensor_out, grad.clone());
-            let host = host_recurrence_backward::<F64, _>(kernel, input, host_out, grad);
+            let host_grad = folded_grad(kernel, in_state, grad);
+            let host = host_recurrence_backward::<F64, _>(kernel, input, host_out, host_grad);
             let backward = [
-                max_abs_diff(name, &data::<3>(host.xp), &data::<3>(tensor.xp)),
-                max_abs_diff(name, &data::<2>(host.state0), &data::<2>(tensor.state0)),
-                max_abs_diff(name, &data::<1>(host.params), &data::<1>(tensor.params)),
+                max_abs_diff(&case, &data::<3>(host.xp), &data::<3>(tensor.xp)),
+                max_abs_diff(&case, &data::<2>(host.state0), &data::<2>(tensor.state0)),
+                max_abs_diff(&case, &data::<1>(host.params), &data::<1>(tensor.params)),
             ];
             let worst = backward.into_iter().fold(forward, f64::max);
-            assert!(worst < 1e-12, "{name} (reverse {reverse}): {worst:e}");
+            assert!(worst < 1e-12, "{case}: {worst:e}");
+        }
+    }
+
+    /// The tensor path's packed rows (or op output) as the host path lays them out: without
+    /// the output columns when the host leaves them out, after checking that they are the
+    /// state's first columns, as [`Recurrence::host_output_in_state`] promises.
+    fn host_layout<K: Recurrence>(
+        kernel: &K,
+        in_state: bool,
+        rows: FloatTensor<F64>,
+    ) -> FloatTensor<F64> {
+        if !in_state {
+            return rows;
+        }
+        let rows = float::<F64, 3>(rows);
+        let (o, width) = (kernel.output_width(), rows.dims()[2]);
+        let output = data::<3>(primitive(rows.clone().narrow(2, 0, o)));
+        let state_head = data::<3>(primitive(rows.clone().narrow(2, o, o)));
+        assert_eq!(
+            output, state_head,
+            "the output is the state's first columns"
+        );
+        primitive(rows.narrow(2, o, width - o))
+    }
+
+    /// The op output's gradient `[output | state]` as the host path takes it: the output's
+    /// gradient added into the state's first columns when the host leaves the output out.
+    fn folded_grad<K: Recurrence>(
+        kernel: &K,
+        in_state: bool,
+        grad: FloatTensor<F64>,
+    ) -> FloatTensor<F64> {
+        if !in_state {
+            return grad;
+        }
+        let grad = float::<F64, 3>(grad);
+        let (o, s) = (kernel.output_width(), kernel.state_width());
+        let output = grad.clone().narrow(2, 0, o);
+        let state = grad.narrow(2, o, s);
+        let head = state.clone().narrow(2, 0, o) + output;
+        match s - o {
+            0 => primitive(head),
+            rest => primitive(Tensor::cat(vec![head, state.narrow(2, o, rest)], 2)),
         }
     }
 }

@@ -58,6 +58,15 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
     fn host_saved_width(&self) -> usize {
         self.saved_width()
     }
+    /// Whether the host path may leave the output out of its packed rows, because it is the
+    /// first `output_width` columns of the new state (an RNN's `h`; an LSTM's `h` of
+    /// `[h | c]`): the rows are then `[state | saved]`, less memory to write and read back.
+    /// Such a kernel's [`host_step`](Recurrence::host_step) writes no output columns, and its
+    /// [`host_step_backward`](Recurrence::host_step_backward) finds the output's gradient
+    /// added into the state's (`grad_output` is empty). False by default.
+    fn host_output_in_state(&self) -> bool {
+        false
+    }
     /// Shapes of the recurrent parameters, in the order the step receives them.
     fn param_shapes(&self) -> Vec<[usize; 2]>;
     /// One step forward.
@@ -78,8 +87,9 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
 
     /// [`step`](Recurrence::step) on host memory (the CPU fast path): reads `xp` `[batch,
     /// input_width]` and `prev` `[batch, state_width]`, writes the packed row
-    /// `[batch, output | state | saved]` into `out` (`host_saved_width` saved values, at least:
-    /// a wrapper may lend a wider row). Must compute what `step` computes.
+    /// `[batch, output | state | saved]` into `out` (`[batch, state | saved]` where
+    /// [`host_output_in_state`](Recurrence::host_output_in_state); `host_saved_width` saved
+    /// values, at least: a wrapper may lend a wider row). Must compute what `step` computes.
     fn host_step<F: HostFloat>(
         &self,
         params: &[MatRef<F>],
@@ -306,7 +316,10 @@ pub trait RnnBackend: Backend {
     }
 
     /// The recurrence op: each step's output and new state, `[T, batch, O + S]` (the packed
-    /// sequence without the saved values, which only the backward needs).
+    /// sequence without the saved values, which only the backward needs). The state is always
+    /// the last `S` columns; the host path leaves out the output columns, `[T, batch, S]`, when
+    /// the output is the state's first columns and no mask sets them apart
+    /// ([`Recurrence::host_output_in_state`]).
     fn rnn_recurrence<K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<Self>,
