@@ -493,6 +493,47 @@ pub fn copy_uninit<F: Copy>(dst: &mut [MaybeUninit<F>], src: &[F]) {
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<F>(), src.len()) }
 }
 
+/// Sequences larger than this many bytes are written with streaming stores where they can
+/// be: they cannot stay in the cache until they are read back (32 MiB, the last-level cache of
+/// the CPUs measured), so fetching each line before overwriting it would only add traffic.
+const STREAMED_BYTES: usize = 32 << 20;
+
+/// `dst ← src` as [`copy_uninit`] does, through streaming (non-temporal) stores where `dst`
+/// starts on a 16-byte boundary and holds whole 16-byte lanes: they write past the caches
+/// without reading the lines first. The writing thread calls [`streamed`] when done.
+fn stream_uninit<F: Copy>(dst: &mut [MaybeUninit<F>], src: &[F]) {
+    assert_eq!(dst.len(), src.len(), "copy between slices of one length");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        const LANE: usize = 16;
+        let bytes = std::mem::size_of_val(src);
+        let (to, from) = (dst.as_mut_ptr().cast::<u8>(), src.as_ptr().cast::<u8>());
+        if (to as usize).is_multiple_of(LANE) && bytes.is_multiple_of(LANE) {
+            for offset in (0..bytes).step_by(LANE) {
+                // SAFETY: both ranges hold `bytes` bytes (equal lengths, asserted), `to + offset`
+                // is 16-byte aligned, and SSE2 is part of every x86_64 CPU.
+                unsafe {
+                    let lane = _mm_loadu_si128(from.add(offset).cast::<__m128i>());
+                    _mm_stream_si128(to.add(offset).cast::<__m128i>(), lane);
+                }
+            }
+            return;
+        }
+    }
+    copy_uninit(dst, src);
+}
+
+/// Orders the calling thread's streaming stores before its later stores, so that whoever it
+/// hands its work to reads them (a no-op off x86_64).
+fn streamed() {
+    // SAFETY: a store fence has no preconditions; SSE is part of every x86_64 CPU.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
 fn rows_of<'a, F: Copy + Send + Sync>(m: &'a mut MatMut<'_, F>) -> Vec<&'a mut [F]> {
     let (rows, cols, stride) = (m.rows, m.cols, m.row_stride.max(1));
     if cols == 0 {
@@ -960,6 +1001,122 @@ fn step_rows<'a, F: Copy>(
     )
 }
 
+/// Where the rows of a `[T, batch, width]` sequence lie in a buffer: step `t`'s row of
+/// sequence `b` starts at element `t * step + b * row`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowStrides {
+    /// Elements from one step's row to the next step's, of one sequence.
+    pub step: usize,
+    /// Elements from one sequence's row to the next sequence's, at one step.
+    pub row: usize,
+}
+
+impl RowStrides {
+    /// Step by step: a contiguous `[T, batch, width]`.
+    pub fn time_major(batch: usize, width: usize) -> Self {
+        Self {
+            step: batch * width,
+            row: width,
+        }
+    }
+
+    /// Sequence by sequence: a contiguous `[batch, T, width]`.
+    pub fn batch_major(len: usize, width: usize) -> Self {
+        Self {
+            step: width,
+            row: len * width,
+        }
+    }
+
+    /// Rows `rows` of step `t`, `width` values each.
+    fn step_rows<'a, F: Copy>(
+        self,
+        values: &'a [F],
+        t: usize,
+        rows: &Range<usize>,
+        width: usize,
+    ) -> MatRef<'a, F> {
+        let start = t * self.step + rows.start * self.row;
+        MatRef::strided(&values[start..], rows.len(), width, self.row)
+    }
+}
+
+/// Whether the packed sequence of `kernel`'s recurrence on `input` is batch-major (`[batch, T,
+/// ·]`): when its rows are the outputs alone (the output is the state, nothing is saved and no
+/// mask sets them apart) and the projection is computed in the walk. The layer's batch-major
+/// output is then the packed sequence itself, a view rather than a transposed copy, and so is
+/// the gradient it sends back. Otherwise time-major: a step's rows lie together, which the
+/// walks over wider rows read faster, and the weight products after a walk without projection
+/// read the previous states as `[T · batch, ·]` rows one stride apart.
+pub fn packs_batch_major<F, K: Recurrence>(kernel: &K, input: &HostInput<F>) -> bool {
+    let w = Widths::of(kernel, input.mask.is_some());
+    input.projection.is_some() && w.packed == w.output
+}
+
+/// Where one block of batch rows of the forward writes: its rows of each step (a time-major
+/// buffer cut by [`block_rows`]), or its sequences one after another (batch-major).
+enum BlockRows<'a, F> {
+    Steps(Vec<&'a mut [MaybeUninit<F>]>),
+    Sequences(&'a mut [MaybeUninit<F>]),
+}
+
+/// Cuts the packed buffer into the blocks' [`BlockRows`].
+fn block_destinations<'a, F>(
+    buffer: &'a mut [MaybeUninit<F>],
+    blocks: &[Range<usize>],
+    len: usize,
+    width: usize,
+    batch_major: bool,
+) -> Vec<BlockRows<'a, F>> {
+    if !batch_major {
+        return block_rows(buffer, blocks, len, width)
+            .into_iter()
+            .map(BlockRows::Steps)
+            .collect();
+    }
+    let mut rest = buffer;
+    blocks
+        .iter()
+        .map(|block| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(block.len() * len * width);
+            rest = tail;
+            BlockRows::Sequences(head)
+        })
+        .collect()
+}
+
+/// One step of a block: the kernel writes its rows into `out` (`[n, packed]`, zeroed), then
+/// `keep` (the mask's column of the step) zeroes the padded rows' outputs and carries their
+/// state.
+#[allow(clippy::too_many_arguments)]
+fn write_step<F: HostFloat, K: Recurrence>(
+    kernel: &K,
+    params: &[MatRef<F>],
+    w: Widths,
+    xp: MatRef<F>,
+    prev: MatRef<F>,
+    out: &mut [F],
+    keep: Option<&[F]>,
+) {
+    let mut out = MatMut::new(out, prev.rows(), w.packed);
+    let kernel_part = out.cols_mut(w.kernel_at, w.packed - w.kernel_at);
+    kernel.host_step(params, xp, prev, kernel_part);
+    if let Some(keep) = keep {
+        out.for_each_row(|b, row| {
+            let (output, rest) = row.split_at_mut(w.state_at);
+            if w.kernel_at > 0 {
+                output.copy_from_slice(&rest[..w.output]);
+            }
+            if keep[b] != F::one() {
+                output.iter_mut().for_each(|o| *o *= keep[b]);
+                for (s, &p) in rest[..w.state].iter_mut().zip(prev.row(b)) {
+                    *s = p + (*s - p) * keep[b];
+                }
+            }
+        });
+    }
+}
+
 /// The input projection's weights packed for the step product, where it has them: its
 /// per-step product (a few rows by `k` = the input width, often ~10) then skips `gemm`'s
 /// repacking of the weight at every call.
@@ -984,8 +1141,10 @@ fn with_packed_projection<'a, F: HostFloat>(
     }
 }
 
-/// The forward of the recurrence op: the packed `[T, batch, O + S + V]` sequence.
+/// The forward of the recurrence op: the packed `[T, batch, O + S + V]` sequence (stored
+/// `[batch, T, O + S + V]` where [`packs_batch_major`]).
 pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> Vec<F> {
+    let batch_major = packs_batch_major(kernel, &input);
     let projection = packed_projection(&input);
     let input = with_packed_projection(input, &projection);
     let w = Widths::of(kernel, input.mask.is_some());
@@ -998,49 +1157,70 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
     let blocks = batch_blocks(batch);
     let total = len * batch * w.packed;
     let mut packed = Vec::with_capacity(total);
-    let block_outputs = block_rows(
+    let destinations = block_destinations(
         &mut packed.spare_capacity_mut()[..total],
         &blocks,
         len,
         w.packed,
+        batch_major,
     );
     for_each_block(
-        blocks.into_iter().zip(block_outputs).collect(),
-        |(rows, mut outputs)| {
+        blocks.into_iter().zip(destinations).collect(),
+        |(rows, destination)| {
             let n = rows.len();
             let mut scratch = StepScratch::for_block(&input, n, w.input);
-            let mut prev_row: Option<&[F]> = None;
-            for &t in &steps {
-                let (xp, _) = step_input(&input, t, &rows, w.input, &mut scratch);
-                let prev = match prev_row {
-                    None => step_rows(input.state0, 0, batch, &rows, w.state),
-                    Some(row) => MatRef::strided(&row[w.state_at..], n, w.state, w.packed),
-                };
-                let out_row = zeroed(std::mem::take(&mut outputs[t]));
-                let mut out = MatMut::new(&mut *out_row, n, w.packed);
-                let kernel_part = out.cols_mut(w.kernel_at, w.packed - w.kernel_at);
-                kernel.host_step(&params, xp, prev, kernel_part);
-                if let Some(mask) = input.mask {
-                    let keep = &mask[t * batch + rows.start..t * batch + rows.end];
-                    out.for_each_row(|b, row| {
-                        let (output, rest) = row.split_at_mut(w.state_at);
-                        if w.kernel_at > 0 {
-                            output.copy_from_slice(&rest[..w.output]);
-                        }
-                        if keep[b] != F::one() {
-                            output.iter_mut().for_each(|o| *o *= keep[b]);
-                            for (s, &p) in rest[..w.state].iter_mut().zip(prev.row(b)) {
-                                *s = p + (*s - p) * keep[b];
+            let keep = |t: usize| {
+                let start = t * batch;
+                input
+                    .mask
+                    .map(|mask| &mask[start + rows.start..start + rows.end])
+            };
+            let state0 = step_rows(input.state0, 0, batch, &rows, w.state);
+            match destination {
+                BlockRows::Steps(mut outputs) => {
+                    let mut prev_row: Option<&[F]> = None;
+                    for &t in &steps {
+                        let (xp, _) = step_input(&input, t, &rows, w.input, &mut scratch);
+                        let prev = match prev_row {
+                            None => state0,
+                            Some(row) => MatRef::strided(&row[w.state_at..], n, w.state, w.packed),
+                        };
+                        let out = zeroed(std::mem::take(&mut outputs[t]));
+                        write_step(kernel, &params, w, xp, prev, out, keep(t));
+                        prev_row = Some(out);
+                    }
+                }
+                BlockRows::Sequences(sequences) => {
+                    // Each step is written here first, then copied to its rows of the block's
+                    // sequences; it stays here as the next step's previous state.
+                    let mut current = vec![F::zero(); n * w.packed];
+                    let mut last = current.clone();
+                    let stream = total * std::mem::size_of::<F>() > STREAMED_BYTES;
+                    for (position, &t) in steps.iter().enumerate() {
+                        let (xp, _) = step_input(&input, t, &rows, w.input, &mut scratch);
+                        let prev = match position {
+                            0 => state0,
+                            _ => MatRef::strided(&last[w.state_at..], n, w.state, w.packed),
+                        };
+                        current.fill(F::zero());
+                        write_step(kernel, &params, w, xp, prev, &mut current, keep(t));
+                        for (g, row) in current.chunks_exact(w.packed).enumerate() {
+                            let at = (g * len + t) * w.packed;
+                            let dst = &mut sequences[at..at + w.packed];
+                            match stream {
+                                true => stream_uninit(dst, row),
+                                false => copy_uninit(dst, row),
                             }
                         }
-                    });
+                        std::mem::swap(&mut current, &mut last);
+                    }
+                    streamed();
                 }
-                prev_row = Some(out_row);
             }
         },
     );
-    // SAFETY: every block zeroed (and then wrote) its rows of every step, and the blocks
-    // cover the batch: all `total` elements are initialised.
+    // SAFETY: every block wrote its rows of every step, and the blocks cover the batch: all
+    // `total` elements are initialised.
     unsafe { packed.set_len(total) };
     packed
 }
@@ -1085,7 +1265,9 @@ struct BackwardShared<'a, F, K> {
     shapes: &'a [[usize; 2]],
     products: &'a [WeightProduct],
     packed: &'a [F],
+    packed_strides: RowStrides,
     grad: &'a [F],
+    grad_strides: RowStrides,
     steps: &'a [usize],
     w: Widths,
     /// How many steps' rows a written product operand keeps: all of them, or (with a
@@ -1145,21 +1327,31 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     for (position, &t) in steps.iter().enumerate().rev() {
         // Where this step finds its rows of the written operands.
         let slot = t % shared.kept_steps;
+        let packed_rows = |t| {
+            let strides = shared.packed_strides;
+            strides.step_rows(shared.packed, t, &rows, w.packed)
+        };
         let prev = match position {
             0 => step_rows(input.state0, 0, batch, &rows, w.state),
-            _ => {
-                let start = (steps[position - 1] * batch + rows.start) * w.packed + w.state_at;
-                MatRef::strided(&shared.packed[start..], n, w.state, w.packed)
-            }
+            _ => packed_rows(steps[position - 1]).cols(w.state_at, w.state),
         };
-        let grad_rows = step_rows(shared.grad, t, batch, &rows, grad_w);
-        let row = step_rows(shared.packed, t, batch, &rows, w.packed);
+        let grad_rows = shared.grad_strides.step_rows(shared.grad, t, &rows, grad_w);
+        let next_grad_rows = (position > 0).then(|| {
+            let strides = shared.grad_strides;
+            strides.step_rows(shared.grad, steps[position - 1], &rows, grad_w)
+        });
+        let row = packed_rows(t);
         for b in 0..n {
             let g = grad_rows.row(b);
-            // The rows the kernel reads below lie far apart in memory (one step is a whole
-            // `[batch, width]` slab): fetched here, a row at a time between the state
-            // gradient's loads, they arrive while this loop runs instead of stalling the kernel.
-            // The packed row without its output columns: no kernel's backward reads them.
+            // The rows read below lie far apart in memory (a whole `[batch, width]` slab, or
+            // in a batch-major buffer a whole sequence, where the hardware's prefetcher loses
+            // track): fetched here, a row at a time between the state gradient's loads, they
+            // arrive while this loop runs instead of stalling the kernel. So do the gradient's
+            // rows of the next step, which this loop reads first there. The packed row without
+            // its output columns: no kernel's backward reads them.
+            if let Some(next) = &next_grad_rows {
+                prefetch(next.row(b));
+            }
             prefetch(&g[..w.state_at]);
             prefetch(prev.row(b));
             prefetch(&row.row(b)[w.state_at..]);
@@ -1296,18 +1488,24 @@ fn operand_rows<'a, F: Copy + Send + Sync>(
     MatMut::new(rows, n, width)
 }
 
-/// The backward of the recurrence op, from its inputs, the full packed sequence and the
-/// gradient of the op's output (`[T, batch, O + S]`).
+/// The backward of the recurrence op, from its inputs, the full packed sequence (as
+/// [`forward`] lays it out) and the gradient of the op's output (`[T, batch, O + S]`, its rows
+/// where `grad_strides` says).
 pub fn backward<F: HostFloat, K: Recurrence>(
     kernel: &K,
     input: HostInput<F>,
     packed: &[F],
     grad: &[F],
+    grad_strides: RowStrides,
 ) -> HostGrads<F> {
     let projection = packed_projection(&input);
     let input = with_packed_projection(input, &projection);
     let w = Widths::of(kernel, input.mask.is_some());
     let (len, batch) = (input.len, input.batch);
+    let packed_strides = match packs_batch_major(kernel, &input) {
+        true => RowStrides::batch_major(len, w.packed),
+        false => RowStrides::time_major(batch, w.packed),
+    };
     let shapes = kernel.param_shapes();
     let params = param_views(&shapes, input.params);
     let transposed: Vec<Vec<F>> = params.iter().map(|p| transpose(*p)).collect();
@@ -1378,7 +1576,9 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         shapes: &shapes,
         products: &products,
         packed,
+        packed_strides,
         grad,
+        grad_strides,
         steps: &steps,
         w,
         kept_steps,

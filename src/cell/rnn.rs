@@ -140,6 +140,9 @@ impl Recurrence for RnnKernel {
     fn saved_width(&self) -> usize {
         0
     }
+    fn host_output_in_state(&self) -> bool {
+        true
+    }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         vec![[self.hidden, self.hidden]]
     }
@@ -191,17 +194,15 @@ impl Recurrence for RnnKernel {
         prev: MatRef<F>,
         mut out: MatMut<F>,
     ) {
-        let hd = self.hidden;
-        host::matmul(&mut out.cols_mut(0, hd), prev, params[0], false);
-        out.for_each_row(|b, row| {
-            let (h_out, h_state) = row.split_at_mut(hd);
-            host::add_into(h_out, xp.row(b));
+        // Row layout: [h] (the output is the state).
+        host::matmul(&mut out, prev, params[0], false);
+        out.for_each_row(|b, h| {
+            host::add_into(h, xp.row(b));
             if self.relu {
-                h_out.iter_mut().for_each(|h| *h = h.max(F::zero()));
+                h.iter_mut().for_each(|h| *h = h.max(F::zero()));
             } else {
-                F::tanh_in_place(h_out);
+                F::tanh_in_place(h);
             }
-            h_state.copy_from_slice(h_out);
         });
     }
 
@@ -213,11 +214,8 @@ impl Recurrence for RnnKernel {
     ) {
         let hd = self.hidden;
         grads.xp.for_each_row(|b, grad_pre| {
-            let (h, gs, go) = (
-                &step.row.row(b)[hd..],
-                step.grad_state.row(b),
-                step.grad_output.row(b),
-            );
+            // The state's gradient holds the output's too.
+            let (h, g) = (step.row.row(b), step.grad_state.row(b));
             for j in 0..hd {
                 let slope = if self.relu {
                     if h[j] > F::zero() {
@@ -228,7 +226,7 @@ impl Recurrence for RnnKernel {
                 } else {
                     F::one() - h[j] * h[j]
                 };
-                grad_pre[j] = (go[j] + gs[j]) * slope;
+                grad_pre[j] = g[j] * slope;
             }
         });
         host::matmul(&mut grads.prev, grads.xp.as_ref(), step.params_t[0], false);

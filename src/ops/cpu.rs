@@ -114,16 +114,20 @@ where
 /// `[T, batch, ·]` and the layer's `[batch, T, ·]`.
 const GROUP: usize = 8;
 
-/// [`RnnBackend::rnn_outputs`] on host memory: one row copy per step and sequence, read where
-/// the recurrence wrote it.
+/// [`RnnBackend::rnn_outputs`] on host memory: the op's output itself, its first two axes
+/// swapped, when it is a batch-major sequence of outputs alone (a view, no copy); else one row
+/// copy per step and sequence, read where the recurrence wrote it.
 pub fn host_outputs<B: HostTensors>(
     visible: FloatTensor<B>,
     output_width: usize,
 ) -> FloatTensor<B> {
     fn run<B: HostTensors, F: HostFloat>(visible: FloatTensor<B>, out_w: usize) -> FloatTensor<B> {
-        let [len, batch, _] = dims3::<B>(&visible);
-        let rows = B::host_rows::<F, 3>(&visible);
-        let rows = rows.mat();
+        let [len, batch, width] = dims3::<B>(&visible);
+        let (values, strides) = host_sequence::<B, F>(&visible);
+        if width == out_w && strides == host::RowStrides::batch_major(len, width) {
+            drop(values);
+            return B::float_swap_dims(visible, 0, 1);
+        }
         // A few batch rows' outputs per chunk, chunks in parallel; step by step inside a
         // chunk, so that the reads of a step are neighbouring rows (one far jump per step for
         // the whole group instead of one per row).
@@ -134,7 +138,8 @@ pub fn host_outputs<B: HostTensors>(
                 for t in 0..len {
                     for g in 0..group {
                         let out = &mut chunk[(g * len + t) * out_w..][..out_w];
-                        host::copy_uninit(out, &rows.row(t * batch + i * GROUP + g)[..out_w]);
+                        let at = t * strides.step + (i * GROUP + g) * strides.row;
+                        host::copy_uninit(out, &values[at..at + out_w]);
                     }
                 }
             })
@@ -146,10 +151,15 @@ pub fn host_outputs<B: HostTensors>(
         other => outputs::tensor_forward::<B>(visible, output_width))
 }
 
-/// [`RnnBackend::rnn_outputs_backward`] on host memory.
+/// [`RnnBackend::rnn_outputs_backward`] on host memory: the gradient itself, its first two axes
+/// swapped, when the op's output has no state columns beside the outputs (a view, no copy: the
+/// host backward reads its rows where they lie); else a time-major copy.
 pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
     fn run<B: HostTensors, F: HostFloat>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
         let [batch, len, out_w] = dims3::<B>(&grad);
+        if out_w == width {
+            return B::float_swap_dims(grad, 0, 1);
+        }
         let values = B::host_slice::<F, 3>(&grad);
         // A few steps per chunk, chunks in parallel; sequence by sequence inside a chunk, so
         // that the reads of a sequence are neighbouring rows. The state columns stay zero.
@@ -500,11 +510,21 @@ impl<'a, F: HostFloat> HostView<'a, F> {
         let [len, batch, _] = self.dims;
         let shown = host::visible_width(kernel, self.mask.is_some());
         let width = shown + kernel.host_saved_width();
-        let packed = host::forward(kernel, self.view());
-        let packed = from_host::<B, F, 3>(packed, [len, batch, width], device);
-        // The op's output is the packed sequence less its saved columns: a view, not a copy.
+        let view = self.view();
+        let batch_major = host::packs_batch_major(kernel, &view);
+        let packed = host::forward(kernel, view);
+        let shape = match batch_major {
+            true => [batch, len, width],
+            false => [len, batch, width],
+        };
+        let packed = from_host::<B, F, 3>(packed, shape, device);
+        // The op's output is the packed sequence less its saved columns: a view, not a copy
+        // (of a batch-major sequence, with its first two axes swapped).
         let output = B::leading_columns::<3>(packed.clone(), shown);
-        (packed, output)
+        match batch_major {
+            true => (packed, B::float_swap_dims(output, 0, 1)),
+            false => (packed, output),
+        }
     }
 }
 
@@ -556,8 +576,8 @@ pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
         let device = B::float_device(&input.xp);
         let view = HostView::<F>::read(&input);
         let packed = B::host_slice::<F, 3>(&packed);
-        let grad = B::host_slice::<F, 3>(&grad);
-        let grads = host::backward(kernel, view.view(), &packed, &grad);
+        let (grad, grad_strides) = host_sequence::<B, F>(&grad);
+        let grads = host::backward(kernel, view.view(), &packed, &grad, grad_strides);
         let [len, batch, width] = view.dims;
         let param_len = grads.params.len();
         RecurrenceGrads {
@@ -651,8 +671,8 @@ pub fn host_projected_backward<B: HostTensors + RnnBackend, K: Recurrence>(
         let device = B::float_device(&input.x);
         let view = HostView::<F>::read_projected(&input, grad_x);
         let packed = B::host_slice::<F, 3>(&packed);
-        let grad = B::host_slice::<F, 3>(&grad);
-        let grads = host::backward(kernel, view.view(), &packed, &grad);
+        let (grad, grad_strides) = host_sequence::<B, F>(&grad);
+        let grads = host::backward(kernel, view.view(), &packed, &grad, grad_strides);
         let ([len, batch, width], [input_width, _]) =
             (dims3::<B>(&input.x), dims::<B>(&input.weight));
         let (mut weight, mut bias) = grads.projection.expect("a projected backward");
@@ -674,6 +694,19 @@ pub fn host_projected_backward<B: HostTensors + RnnBackend, K: Recurrence>(
     by_float_type!(&input.x,
         F => run::<B, F, K>(kernel, input, packed, grad, grad_x),
         other => projected_backward_in_parts::<B, K>(kernel, input, packed, grad, grad_x))
+}
+
+/// The rows of a `[T, batch, width]` tensor where they lie (burn-ndarray: in place, whether
+/// time- or batch-major), or else a time-major copy.
+fn host_sequence<B: HostTensors, F: HostFloat>(
+    tensor: &FloatTensor<B>,
+) -> (Cow<'_, [F]>, host::RowStrides) {
+    if let Some((values, [step, row, 1])) = B::host_strided::<F>(tensor) {
+        return (Cow::Borrowed(values), host::RowStrides { step, row });
+    }
+    let [_, batch, width] = dims3::<B>(tensor);
+    let values = B::host_slice::<F, 3>(tensor);
+    (values, host::RowStrides::time_major(batch, width))
 }
 
 fn dims3<B: Backend>(tensor: &FloatTensor<B>) -> [usize; 3] {
@@ -797,6 +830,7 @@ pub fn host_linear_grad_params<B: HostTensors>(
 
 #[cfg(test)]
 mod tests {
+    use burn::tensor::ops::FloatTensorOps;
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
@@ -899,6 +933,44 @@ mod tests {
                 &expected_back.into_data(),
             ));
         assert!(worst < 1e-12, "host and tensor ops differ by {worst:e}");
+    }
+
+    /// A batch-major op output of outputs alone becomes the layer's output without a copy, and
+    /// its gradient goes back without one, read where it lies; a batch-major output with more
+    /// columns (or any other) is copied, its rows read where they lie.
+    #[test]
+    fn batch_major_outputs_pass_as_views() {
+        let (len, batch) = (2 * GROUP + 3, GROUP + 5);
+        let sequences = random([batch, len, 2]);
+        let visible = F64::float_swap_dims(sequences.clone(), 0, 1);
+        let outputs = host_outputs::<F64>(visible, 2);
+        let first = |t: &FloatTensor<F64>| F64::host_strided::<f64>(t).map(|(v, _)| v.as_ptr());
+        assert_eq!(
+            first(&outputs),
+            first(&sequences),
+            "the outputs are the sequences"
+        );
+        assert_eq!(data::<3>(outputs), data::<3>(sequences.clone()));
+
+        let wide = random([batch, len, 5]);
+        let visible = F64::float_swap_dims(F64::leading_columns::<3>(wide.clone(), 3), 0, 1);
+        let outputs = host_outputs::<F64>(visible, 2);
+        let expected = float::<F64, 3>(wide).narrow(2, 0, 2);
+        assert_eq!(data::<3>(outputs), expected.into_data());
+
+        let back = host_outputs_backward::<F64>(sequences.clone(), 2);
+        let (values, strides) = host_sequence::<F64, f64>(&back);
+        assert_eq!(
+            strides,
+            host::RowStrides::batch_major(len, 2),
+            "read in place"
+        );
+        let swapped = float::<F64, 3>(sequences).swap_dims(0, 1);
+        let read: Vec<f64> = (0..len)
+            .flat_map(|t| (0..batch).map(move |b| (t, b)))
+            .flat_map(|(t, b)| values[t * strides.step + b * strides.row..][..2].to_vec())
+            .collect();
+        assert_eq!(read, swapped.into_data().to_vec::<f64>().unwrap());
     }
 
     /// Rows are read in place exactly when they lie one stride apart with a contiguous last
