@@ -138,6 +138,9 @@ impl Recurrence for GruKernel {
             3 * self.hidden
         }
     }
+    fn host_output_in_state(&self) -> bool {
+        true
+    }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         let h = self.hidden;
         if self.reset_after {
@@ -240,14 +243,13 @@ impl Recurrence for GruKernel {
         let hd = self.hidden;
         let mut buffer = Vec::new();
         let read = host_masked(prev, host_product_keep(xp, self.dropout, hd), &mut buffer);
-        // Row layout: [h out | h | r, z, n (, W_hn h + b_hn)].
+        // Row layout: [h | r, z, n (, W_hn h + b_hn)] (the output is the state).
         if self.reset_after {
-            host::matmul(&mut out.cols_mut(2 * hd, 3 * hd), read, params[0], false);
+            host::matmul(&mut out.cols_mut(hd, 3 * hd), read, params[0], false);
             let bias = params[1].row(0);
             out.for_each_row(|b, row| {
                 let (x, h) = (xp.row(b), prev.row(b));
-                let (h_out, rest) = row.split_at_mut(hd);
-                let (h_new, saved) = rest.split_at_mut(hd);
+                let (h_new, saved) = row.split_at_mut(hd);
                 host::add_into(&mut saved[..3 * hd], bias);
                 let (gates, hn) = saved.split_at_mut(3 * hd);
                 hn.copy_from_slice(&gates[2 * hd..]);
@@ -258,23 +260,23 @@ impl Recurrence for GruKernel {
                 }
                 F::tanh_in_place(&mut gates[2 * hd..]);
                 blend(h_new, h, gates);
-                h_out.copy_from_slice(h_new);
             });
         } else {
             let w = params[0];
             host::matmul(
-                &mut out.cols_mut(2 * hd, 2 * hd),
+                &mut out.cols_mut(hd, 2 * hd),
                 read,
                 w.cols(0, 2 * hd),
                 false,
             );
             out.for_each_row(|b, row| {
-                let (h_out, rest) = row.split_at_mut(hd);
-                let gates = &mut rest[hd..3 * hd];
+                let (h_new, rest) = row.split_at_mut(hd);
+                let gates = &mut rest[..2 * hd];
                 host::add_into(gates, &xp.row(b)[..2 * hd]);
                 F::sigmoid_in_place(gates);
-                // r ⊙ h goes into the output slot until the candidate's matmul has read it.
-                for ((o, r), h) in h_out.iter_mut().zip(&gates[..hd]).zip(read.row(b)) {
+                // r ⊙ h goes into the new state's slot until the candidate's matmul has read
+                // it.
+                for ((o, r), h) in h_new.iter_mut().zip(&gates[..hd]).zip(read.row(b)) {
                     *o = *r * *h;
                 }
             });
@@ -291,8 +293,7 @@ impl Recurrence for GruKernel {
                 false,
             );
             out.for_each_row(|b, row| {
-                let (h_out, rest) = row.split_at_mut(hd);
-                let (h_new, gates) = rest.split_at_mut(hd);
+                let (h_new, gates) = row.split_at_mut(hd);
                 let x_n = &xp.row(b)[2 * hd..];
                 let n = &mut gates[2 * hd..3 * hd];
                 for j in 0..hd {
@@ -300,7 +301,6 @@ impl Recurrence for GruKernel {
                 }
                 F::tanh_in_place(n);
                 blend(h_new, prev.row(b), gates);
-                h_out.copy_from_slice(h_new);
             });
         }
     }
@@ -326,19 +326,16 @@ impl Recurrence for GruKernel {
             |b, dxp, grad_prev, operand| {
                 // Every slice cut to `hd` first: the loops then run without bounds checks and
                 // vectorise.
-                let saved = &step.row.row(b)[2 * hd..];
+                let saved = &step.row.row(b)[hd..];
                 let (r, z, n) = (&saved[..hd], &saved[hd..2 * hd], &saved[2 * hd..3 * hd]);
-                let (h, go, gs) = (
-                    &step.prev.row(b)[..hd],
-                    &step.grad_output.row(b)[..hd],
-                    &step.grad_state.row(b)[..hd],
-                );
+                // The state's gradient holds the output's too.
+                let (h, grad_state) = (&step.prev.row(b)[..hd], &step.grad_state.row(b)[..hd]);
                 let (dx_r, rest) = dxp.split_at_mut(hd);
                 let (dx_z, dx_n) = rest.split_at_mut(hd);
                 let (dx_r, dx_n, grad_prev) =
                     (&mut dx_r[..hd], &mut dx_n[..hd], &mut grad_prev[..hd]);
                 for j in 0..hd {
-                    let grad_h = go[j] + gs[j];
+                    let grad_h = grad_state[j];
                     dx_n[j] = grad_h * (one - z[j]) * (one - n[j] * n[j]);
                     dx_z[j] = grad_h * (h[j] - n[j]) * (z[j] * (one - z[j]));
                     grad_prev[j] = grad_h * z[j];
@@ -376,7 +373,7 @@ impl Recurrence for GruKernel {
             false,
         );
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_prev| {
-            let r = &step.row.row(b)[2 * hd..3 * hd];
+            let r = &step.row.row(b)[hd..2 * hd];
             let (h_read, grad) = (&read.row(b)[..hd], &grad_r_read[b * hd..(b + 1) * hd]);
             let dx_r = &mut dxp[..hd];
             for j in 0..hd {

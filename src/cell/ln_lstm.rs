@@ -123,7 +123,7 @@ pub struct LnLstmKernel {
     pub hidden: usize,
 }
 
-/// Where each saved value starts in a packed row `[h out | h' | c' | saved]`.
+/// Where each saved value starts in a packed row `[h' | c' | saved]` (the output is `h'`).
 struct Layout {
     gates: usize,
     r_hat: usize,
@@ -136,11 +136,11 @@ impl LnLstmKernel {
     fn layout(&self) -> Layout {
         let hd = self.hidden;
         Layout {
-            gates: 3 * hd,
-            r_hat: 7 * hd,
-            c_hat: 11 * hd,
-            act: 12 * hd,
-            inv_std: 13 * hd,
+            gates: 2 * hd,
+            r_hat: 6 * hd,
+            c_hat: 10 * hd,
+            act: 11 * hd,
+            inv_std: 12 * hd,
         }
     }
 }
@@ -176,6 +176,9 @@ impl Recurrence for LnLstmKernel {
     }
     fn saved_width(&self) -> usize {
         10 * self.hidden + 2
+    }
+    fn host_output_in_state(&self) -> bool {
+        true
     }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         let hd = self.hidden;
@@ -308,7 +311,7 @@ impl Recurrence for LnLstmKernel {
             for j in 0..hd {
                 c_hat[j] = gates[hd + j] * c[j] + gates[j] * gates[2 * hd + j];
             }
-            head[2 * hd..].copy_from_slice(c_hat);
+            head[hd..].copy_from_slice(c_hat);
             inv_std[1] = host::normalize_in_place(c_hat, epsilon);
             for j in 0..hd {
                 act[j] = gain_c[j] * c_hat[j] + shift_c[j];
@@ -317,8 +320,6 @@ impl Recurrence for LnLstmKernel {
             for j in 0..hd {
                 head[j] = gates[3 * hd + j] * act[j];
             }
-            let (h_out, h_new) = head.split_at_mut(hd);
-            h_new[..hd].copy_from_slice(h_out);
         });
     }
 
@@ -340,10 +341,11 @@ impl Recurrence for LnLstmKernel {
             let (r_hat, c_hat) = (&row[at.r_hat..at.c_hat], &row[at.c_hat..at.act]);
             let (act, inv_std) = (&row[at.act..at.inv_std], &row[at.inv_std..]);
             let c = &step.prev.row(b)[hd..];
-            let (go, gs) = (step.grad_output.row(b), step.grad_state.row(b));
+            // The state's gradient holds the output's too.
+            let gs = step.grad_state.row(b);
             let (d_act, grad_c) = gp.split_at_mut(hd);
             for j in 0..hd {
-                let grad_h = go[j] + gs[j];
+                let grad_h = gs[j];
                 d_act[j] = grad_h * gates[3 * hd + j] * (one - act[j] * act[j]);
                 grad_c[j] = d_act[j] * gain_c[j];
             }
@@ -359,7 +361,7 @@ impl Recurrence for LnLstmKernel {
                 dz[j] = dc * g * (i * (one - i));
                 dz[hd + j] = dc * c[j] * (f * (one - f));
                 dz[2 * hd + j] = dc * i * (one - g * g);
-                dz[3 * hd + j] = (go[j] + gs[j]) * act[j] * (o * (one - o));
+                dz[3 * hd + j] = gs[j] * act[j] * (o * (one - o));
                 grad_c[j] = dc * f;
             }
             for k in 0..4 * hd {

@@ -175,9 +175,8 @@ struct LstmRowGrads<'a, F> {
     /// The activated gates, `[i | f | g | o]` (`[i | g | o]` when coupled).
     saved: &'a [F],
     c_prev: &'a [F],
-    /// `[h | c]`.
+    /// `[h | c]`, the output's gradient added into `h`'s.
     grad_state: &'a [F],
-    grad_output: &'a [F],
     /// `[i | f | o]` peephole weights (empty for a cell without them).
     peephole: &'a [F],
 }
@@ -206,11 +205,7 @@ fn lstm_row_backward<F: HostFloat, const COUPLED: bool, const PEEPHOLE: bool>(
         )
     };
     let (gs_h, gs_c) = (&r.grad_state[..hd], &r.grad_state[hd..2 * hd]);
-    let (go, c_prev, grad_c_prev) = (
-        &r.grad_output[..hd],
-        &r.c_prev[..hd],
-        &mut grad_c_prev[..hd],
-    );
+    let (c_prev, grad_c_prev) = (&r.c_prev[..hd], &mut grad_c_prev[..hd]);
     let (p_i, p_f, p_o) = if PEEPHOLE {
         (
             &r.peephole[..hd],
@@ -233,7 +228,7 @@ fn lstm_row_backward<F: HostFloat, const COUPLED: bool, const PEEPHOLE: bool>(
         let tanh_c = dz_0[j];
         let (ij, gate, oj) = (i[j], g[j], o[j]);
         let fj = if COUPLED { one - ij } else { f[j] };
-        let grad_h = go[j] + gs_h[j];
+        let grad_h = gs_h[j];
         let dz_o = grad_h * tanh_c * (oj * (one - oj));
         let grad_c = gs_c[j] + grad_h * oj * (one - tanh_c * tanh_c) + dz_o * peep(p_o, j);
         let d_i = grad_c * gate;
@@ -267,6 +262,9 @@ impl Recurrence for LstmKernel {
     }
     fn saved_width(&self) -> usize {
         self.gates() * self.hidden
+    }
+    fn host_output_in_state(&self) -> bool {
+        true
     }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         let mut shapes = vec![[self.hidden, self.gates() * self.hidden]];
@@ -405,17 +403,16 @@ impl Recurrence for LstmKernel {
     ) {
         let hd = self.hidden;
         let peephole = self.peephole.then(|| params[1].row(0));
-        // Row layout: [h out | h, c | gates]; the gates start as h_prev · W.
+        // Row layout: [h, c | gates] (the output is h); the gates start as h_prev · W.
         host::matmul(
-            &mut out.cols_mut(3 * hd, self.gates() * hd),
+            &mut out.cols_mut(2 * hd, self.gates() * hd),
             prev.cols(0, hd),
             params[0],
             false,
         );
         out.for_each_row(|b, row| {
             let c_prev = &prev.row(b)[hd..2 * hd];
-            let (h_out, rest) = row.split_at_mut(hd);
-            let (state, z) = rest.split_at_mut(2 * hd);
+            let (state, z) = row.split_at_mut(2 * hd);
             let (h_new, c_new) = state.split_at_mut(hd);
             host::add_into(z, xp.row(b));
             let (f_slot, o_slot) = if self.coupled {
@@ -464,7 +461,6 @@ impl Recurrence for LstmKernel {
             for j in 0..hd {
                 h_new[j] *= o[j];
             }
-            h_out.copy_from_slice(h_new);
         });
     }
 
@@ -485,11 +481,10 @@ impl Recurrence for LstmKernel {
         let row_backward = |b: usize, dz: &mut [F], grad_prev: &mut [F]| {
             let row = step.row.row(b);
             let rows = LstmRowGrads {
-                c_new: &row[2 * hd..3 * hd],
-                saved: &row[3 * hd..],
+                c_new: &row[hd..2 * hd],
+                saved: &row[2 * hd..],
                 c_prev: &step.prev.row(b)[hd..2 * hd],
                 grad_state: step.grad_state.row(b),
-                grad_output: step.grad_output.row(b),
                 peephole,
             };
             let grad_c_prev = &mut grad_prev[hd..2 * hd];
@@ -510,7 +505,7 @@ impl Recurrence for LstmKernel {
                 let dz = grads.xp.as_ref().row(b);
                 let (dz_i, dz_f, dz_o) = (&dz[..hd], &dz[hd..2 * hd], &dz[3 * hd..4 * hd]);
                 let c_prev = &step.prev.row(b)[hd..2 * hd];
-                let c_new = &step.row.row(b)[2 * hd..3 * hd];
+                let c_new = &step.row.row(b)[hd..2 * hd];
                 for j in 0..hd {
                     grad_i[j] += dz_i[j] * c_prev[j];
                     grad_f[j] += dz_f[j] * c_prev[j];

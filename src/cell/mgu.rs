@@ -86,6 +86,9 @@ impl Recurrence for MguKernel {
     fn saved_width(&self) -> usize {
         2 * self.hidden
     }
+    fn host_output_in_state(&self) -> bool {
+        true
+    }
     fn param_shapes(&self) -> Vec<[usize; 2]> {
         vec![[self.hidden, 2 * self.hidden]]
     }
@@ -152,17 +155,17 @@ impl Recurrence for MguKernel {
         let w = params[0];
         let mut buffer = Vec::new();
         let read = host_masked(prev, host_product_keep(xp, self.dropout, hd), &mut buffer);
-        // Row layout: [h out | h | f, h̃].
-        host::matmul(&mut out.cols_mut(2 * hd, hd), read, w.cols(0, hd), false);
+        // Row layout: [h | f, h̃] (the output is the state).
+        host::matmul(&mut out.cols_mut(hd, hd), read, w.cols(0, hd), false);
         let batch = prev.rows();
         let mut fh = vec![F::zero(); batch * hd];
         out.for_each_row(|b, row| {
-            let f = &mut row[2 * hd..3 * hd];
+            let f = &mut row[hd..2 * hd];
             host::add_into(f, &xp.row(b)[..hd]);
             F::sigmoid_in_place(f);
         });
         for b in 0..batch {
-            let (f, h) = (&out.row_mut(b)[2 * hd..3 * hd], read.row(b));
+            let (f, h) = (&out.row_mut(b)[hd..2 * hd], read.row(b));
             for j in 0..hd {
                 fh[b * hd + j] = f[j] * h[j];
             }
@@ -175,8 +178,7 @@ impl Recurrence for MguKernel {
             false,
         );
         out.for_each_row(|b, row| {
-            let (h_out, rest) = row.split_at_mut(hd);
-            let (h_new, saved) = rest.split_at_mut(hd);
+            let (h_new, saved) = row.split_at_mut(hd);
             let (f, n) = saved.split_at_mut(hd);
             let (x_n, h) = (&xp.row(b)[hd..], prev.row(b));
             for j in 0..hd {
@@ -186,7 +188,6 @@ impl Recurrence for MguKernel {
             for j in 0..hd {
                 h_new[j] = h[j] + (n[j] - h[j]) * f[j];
             }
-            h_out.copy_from_slice(h_new);
         });
     }
 
@@ -209,18 +210,16 @@ impl Recurrence for MguKernel {
             |b, dxp, grad_prev, operand| {
                 // Every slice cut to `hd` first: the loop then runs without bounds checks and
                 // vectorises.
-                let saved = &step.row.row(b)[2 * hd..];
+                let saved = &step.row.row(b)[hd..];
                 let (f, n) = (&saved[..hd], &saved[hd..2 * hd]);
                 let (h, h_read) = (&step.prev.row(b)[..hd], &read.row(b)[..hd]);
-                let (go, gs) = (
-                    &step.grad_output.row(b)[..hd],
-                    &step.grad_state.row(b)[..hd],
-                );
+                // The state's gradient holds the output's too.
+                let grad_state = &step.grad_state.row(b)[..hd];
                 let (dx_f, dx_n) = dxp.split_at_mut(hd);
                 let (dx_n, grad_prev, operand) =
                     (&mut dx_n[..hd], &mut grad_prev[..hd], &mut operand[..hd]);
                 for j in 0..hd {
-                    let grad_h = go[j] + gs[j];
+                    let grad_h = grad_state[j];
                     dx_n[j] = grad_h * f[j] * (one - n[j] * n[j]);
                     dx_f[j] = grad_h * (n[j] - h[j]);
                     grad_prev[j] = grad_h * (one - f[j]);
@@ -237,7 +236,7 @@ impl Recurrence for MguKernel {
             false,
         );
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_prev| {
-            let f = &step.row.row(b)[2 * hd..3 * hd];
+            let f = &step.row.row(b)[hd..2 * hd];
             let (h_read, grad) = (&read.row(b)[..hd], &grad_f_read[b * hd..(b + 1) * hd]);
             let dx_f = &mut dxp[..hd];
             for j in 0..hd {
