@@ -1324,6 +1324,9 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     let mut grad_projection =
         vec![F::zero(); input.projection.map_or(0, |p| p.weights.rows * w.input)];
     let steps = shared.steps;
+    // A batch-major gradient (the layer's own, passed as a view) lies a sequence apart from
+    // one batch row to the next: its rows are fetched a step ahead.
+    let batch_major_grad = shared.grad_strides.step < shared.grad_strides.row;
     for (position, &t) in steps.iter().enumerate().rev() {
         // Where this step finds its rows of the written operands.
         let slot = t % shared.kept_steps;
@@ -1336,7 +1339,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             _ => packed_rows(steps[position - 1]).cols(w.state_at, w.state),
         };
         let grad_rows = shared.grad_strides.step_rows(shared.grad, t, &rows, grad_w);
-        let next_grad_rows = (position > 0).then(|| {
+        let next_grad_rows = (position > 0 && batch_major_grad).then(|| {
             let strides = shared.grad_strides;
             strides.step_rows(shared.grad, steps[position - 1], &rows, grad_w)
         });
@@ -1346,9 +1349,8 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             // The rows read below lie far apart in memory (a whole `[batch, width]` slab, or
             // in a batch-major buffer a whole sequence, where the hardware's prefetcher loses
             // track): fetched here, a row at a time between the state gradient's loads, they
-            // arrive while this loop runs instead of stalling the kernel. So do the gradient's
-            // rows of the next step, which this loop reads first there. The packed row without
-            // its output columns: no kernel's backward reads them.
+            // arrive while this loop runs instead of stalling the kernel. The packed row
+            // without its output columns: no kernel's backward reads them.
             if let Some(next) = &next_grad_rows {
                 prefetch(next.row(b));
             }
