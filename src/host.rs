@@ -524,9 +524,22 @@ fn stream_uninit<F: Copy>(dst: &mut [MaybeUninit<F>], src: &[F]) {
     copy_uninit(dst, src);
 }
 
+/// Whether a new buffer of `bytes` is written with streaming stores (see [`STREAMED_BYTES`]).
+pub fn streams(bytes: usize) -> bool {
+    bytes > STREAMED_BYTES
+}
+
+/// `dst ← src` through [`stream_uninit`] when `stream`, else [`copy_uninit`].
+pub fn write_uninit<F: Copy>(dst: &mut [MaybeUninit<F>], src: &[F], stream: bool) {
+    match stream {
+        true => stream_uninit(dst, src),
+        false => copy_uninit(dst, src),
+    }
+}
+
 /// Orders the calling thread's streaming stores before its later stores, so that whoever it
 /// hands its work to reads them (a no-op off x86_64).
-fn streamed() {
+pub fn streamed() {
     // SAFETY: a store fence has no preconditions; SSE is part of every x86_64 CPU.
     #[cfg(target_arch = "x86_64")]
     unsafe {
@@ -1042,15 +1055,16 @@ impl RowStrides {
 }
 
 /// Whether the packed sequence of `kernel`'s recurrence on `input` is batch-major (`[batch, T,
-/// ·]`): when its rows are the outputs alone (the output is the state, nothing is saved and no
-/// mask sets them apart) and the projection is computed in the walk. The layer's batch-major
-/// output is then the packed sequence itself, a view rather than a transposed copy, and so is
-/// the gradient it sends back. Otherwise time-major: a step's rows lie together, which the
-/// walks over wider rows read faster, and the weight products after a walk without projection
-/// read the previous states as `[T · batch, ·]` rows one stride apart.
+/// ·]`): when its rows are at most twice as wide as the outputs in them (the outputs alone for
+/// IndRNN and the RNNs unmasked, `[h | c]` for the SRU) and the projection is computed in the
+/// walk. The layer's batch-major output is then a view of the packed sequence rather than a
+/// transposed copy (and for outputs alone so is the gradient it sends back), which saves more
+/// than the walk's copy of each step's rows costs. Otherwise time-major: a step's rows lie
+/// together, which the walks over wide rows read faster, and the weight products after a walk
+/// without projection read the previous states as `[T · batch, ·]` rows one stride apart.
 pub fn packs_batch_major<F, K: Recurrence>(kernel: &K, input: &HostInput<F>) -> bool {
     let w = Widths::of(kernel, input.mask.is_some());
-    input.projection.is_some() && w.packed == w.output
+    input.projection.is_some() && w.packed <= 2 * w.output
 }
 
 /// Where one block of batch rows of the forward writes: its rows of each step (a time-major
@@ -1491,8 +1505,8 @@ fn operand_rows<'a, F: Copy + Send + Sync>(
 }
 
 /// The backward of the recurrence op, from its inputs, the full packed sequence (as
-/// [`forward`] lays it out) and the gradient of the op's output (`[T, batch, O + S]`, its rows
-/// where `grad_strides` says).
+/// [`forward`] lays it out) and the gradient of the op's output (`[T, batch, O + S]`, or
+/// `[T, batch, S]` where the rows leave the output out; its rows where `grad_strides` says).
 pub fn backward<F: HostFloat, K: Recurrence>(
     kernel: &K,
     input: HostInput<F>,

@@ -4,7 +4,6 @@
 //! defaults of [`RnnBackend`].
 
 use std::borrow::Cow;
-use std::mem::MaybeUninit;
 
 use burn::tensor::{backend::Backend, ops::FloatTensor, DType, Tensor};
 
@@ -114,19 +113,23 @@ where
 /// `[T, batch, ·]` and the layer's `[batch, T, ·]`.
 const GROUP: usize = 8;
 
-/// [`RnnBackend::rnn_outputs`] on host memory: the op's output itself, its first two axes
-/// swapped, when it is a batch-major sequence of outputs alone (a view, no copy); else one row
-/// copy per step and sequence, read where the recurrence wrote it.
+/// [`RnnBackend::rnn_outputs`] on host memory: a view of the op's output, its first two axes
+/// swapped and its output columns, when it is batch-major (no copy: a consumer reads the rows
+/// one stride apart); else one row copy per step and sequence, read where the recurrence wrote
+/// it.
 pub fn host_outputs<B: HostTensors>(
     visible: FloatTensor<B>,
     output_width: usize,
 ) -> FloatTensor<B> {
     fn run<B: HostTensors, F: HostFloat>(visible: FloatTensor<B>, out_w: usize) -> FloatTensor<B> {
-        let [len, batch, width] = dims3::<B>(&visible);
+        let [len, batch, _] = dims3::<B>(&visible);
         let (values, strides) = host_sequence::<B, F>(&visible);
-        if width == out_w && strides == host::RowStrides::batch_major(len, width) {
+        // Sequences one after another, each row's outputs first: a view of their first
+        // columns, rows one stride apart.
+        if strides.row == len * strides.step {
             drop(values);
-            return B::float_swap_dims(visible, 0, 1);
+            let sequences = B::float_swap_dims(visible, 0, 1);
+            return B::leading_columns::<3>(sequences, out_w);
         }
         // A few batch rows' outputs per chunk, chunks in parallel; step by step inside a
         // chunk, so that the reads of a step are neighbouring rows (one far jump per step for
@@ -153,7 +156,8 @@ pub fn host_outputs<B: HostTensors>(
 
 /// [`RnnBackend::rnn_outputs_backward`] on host memory: the gradient itself, its first two axes
 /// swapped, when the op's output has no state columns beside the outputs (a view, no copy: the
-/// host backward reads its rows where they lie); else a time-major copy.
+/// host backward reads its rows where they lie); else a batch-major copy with zero state
+/// columns, written by streaming stores when large.
 pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
     fn run<B: HostTensors, F: HostFloat>(grad: FloatTensor<B>, width: usize) -> FloatTensor<B> {
         let [batch, len, out_w] = dims3::<B>(&grad);
@@ -161,24 +165,24 @@ pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize)
             return B::float_swap_dims(grad, 0, 1);
         }
         let values = B::host_slice::<F, 3>(&grad);
-        // A few steps per chunk, chunks in parallel; sequence by sequence inside a chunk, so
-        // that the reads of a sequence are neighbouring rows. The state columns stay zero.
+        // Batch-major, row for row (the host backward reads it where it lies), sequences in
+        // parallel. The state columns stay zero.
         // SAFETY: every row of `width` values of every chunk is copied into and zero-filled.
+        let stream = host::streams(batch * len * width * std::mem::size_of::<F>());
         let full = unsafe {
-            host::written_by_chunks(len * batch * width, GROUP * batch * width, |i, chunk| {
-                let group = chunk.len() / (batch * width);
-                for b in 0..batch {
-                    for g in 0..group {
-                        let start = (b * len + i * GROUP + g) * out_w;
-                        let row = &mut chunk[(g * batch + b) * width..][..width];
-                        let (shown, state) = row.split_at_mut(out_w);
-                        host::copy_uninit(shown, &values[start..start + out_w]);
-                        state.fill(MaybeUninit::new(F::zero()));
-                    }
+            host::written_by_chunks(batch * len * width, len * width, |b, sequence| {
+                let rows = values[b * len * out_w..(b + 1) * len * out_w].chunks_exact(out_w);
+                let zeros = vec![F::zero(); width - out_w];
+                for (row, values) in sequence.chunks_exact_mut(width).zip(rows) {
+                    let (shown, state) = row.split_at_mut(out_w);
+                    host::write_uninit(shown, values, stream);
+                    host::write_uninit(state, &zeros, stream);
                 }
+                host::streamed();
             })
         };
-        from_host::<B, F, 3>(full, [len, batch, width], &B::float_device(&grad))
+        let full = from_host::<B, F, 3>(full, [batch, len, width], &B::float_device(&grad));
+        B::float_swap_dims(full, 0, 1)
     }
     by_float_type!(&grad,
         F => run::<B, F>(grad, width),
@@ -935,9 +939,9 @@ mod tests {
         assert!(worst < 1e-12, "host and tensor ops differ by {worst:e}");
     }
 
-    /// A batch-major op output of outputs alone becomes the layer's output without a copy, and
-    /// its gradient goes back without one, read where it lies; a batch-major output with more
-    /// columns (or any other) is copied, its rows read where they lie.
+    /// A batch-major op output becomes the layer's output without a copy (of outputs alone: the
+    /// same buffer; with more columns: a view of the first), and a gradient of outputs alone
+    /// goes back without one, read where it lies.
     #[test]
     fn batch_major_outputs_pass_as_views() {
         let (len, batch) = (2 * GROUP + 3, GROUP + 5);
@@ -955,6 +959,7 @@ mod tests {
         let wide = random([batch, len, 5]);
         let visible = F64::float_swap_dims(F64::leading_columns::<3>(wide.clone(), 3), 0, 1);
         let outputs = host_outputs::<F64>(visible, 2);
+        assert_eq!(first(&outputs), first(&wide), "a view of the sequences");
         let expected = float::<F64, 3>(wide).narrow(2, 0, 2);
         assert_eq!(data::<3>(outputs), expected.into_data());
 

@@ -328,7 +328,7 @@ pub trait RnnBackend: Backend {
     }
 
     /// The backward of [`rnn_recurrence`](RnnBackend::rnn_recurrence), from its inputs, the
-    /// full packed sequence and the gradient of the op's output (`[T, batch, O + S]`).
+    /// full packed sequence and the gradient of the op's output (of its shape).
     fn rnn_recurrence_backward<K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<Self>,
