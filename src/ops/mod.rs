@@ -1289,7 +1289,9 @@ pub fn projected_recurrence<B: RnnBackend, K: Recurrence>(
 }
 
 /// Runs the recurrence op on high-level tensors along the chosen [`RecurrencePath`]: the
-/// entry point the layer uses.
+/// entry point the layer uses. Its output is `[T, batch, O + S]`, or `[T, batch, S]` where the
+/// host path leaves out output columns that are the state's first ([`with_output_columns`]
+/// puts them back).
 pub fn recurrence_with<B: RnnBackend, K: Recurrence>(
     path: RecurrencePath,
     kernel: &K,
@@ -1310,4 +1312,19 @@ pub fn recurrence_with<B: RnnBackend, K: Recurrence>(
         RecurrencePath::Fused => B::rnn_recurrence(kernel, input),
         RecurrencePath::Plain => visible::<B, K>(kernel, recurrence_forward::<B, K>(kernel, input)),
     })
+}
+
+/// The recurrence op's output with its output columns, `[T, batch, O + S]`, whichever layout
+/// the backend returned: the host path leaves them out where they are the state's first
+/// columns and no mask sets them apart ([`Recurrence::host_output_in_state`]); this puts them
+/// back, through autodiff.
+pub fn with_output_columns<B: Backend, K: Recurrence>(
+    kernel: &K,
+    output: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let (o, s) = (kernel.output_width(), kernel.state_width());
+    if output.dims()[2] == o + s {
+        return output;
+    }
+    Tensor::cat(vec![output.clone().narrow(2, 0, o), output], 2)
 }
