@@ -524,12 +524,15 @@ fn stream_uninit<F: Copy>(dst: &mut [MaybeUninit<F>], src: &[F]) {
     copy_uninit(dst, src);
 }
 
-/// Whether a new buffer of `bytes` is written with streaming stores (see [`STREAMED_BYTES`]).
+/// Whether a new buffer of `bytes` is written with streaming stores: above 32 MiB, which
+/// cannot stay in the cache until it is read back.
 pub fn streams(bytes: usize) -> bool {
     bytes > STREAMED_BYTES
 }
 
-/// `dst ← src` through [`stream_uninit`] when `stream`, else [`copy_uninit`].
+/// `dst ← src` through streaming stores when `stream` (where `dst` is 16-byte aligned and
+/// whole 16-byte lanes; the writing thread then calls [`streamed`] when done), else
+/// [`copy_uninit`].
 pub fn write_uninit<F: Copy>(dst: &mut [MaybeUninit<F>], src: &[F], stream: bool) {
     match stream {
         true => stream_uninit(dst, src),

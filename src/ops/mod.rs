@@ -413,8 +413,9 @@ pub trait RnnBackend: Backend {
         linear::tensor_grad_params::<Self>(grad, x, passthrough)
     }
 
-    /// Each step's output, batch-major and contiguous: `[batch, T, O]` from the op's
-    /// `[T, batch, W]` output (its first `O` columns).
+    /// Each step's output, batch-major: `[batch, T, O]` from the op's `[T, batch, W]` output
+    /// (its first `O` columns); contiguous, or (on the host path, where the op's output is
+    /// stored batch-major) a view of it, rows one stride apart.
     fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
         outputs::tensor_forward::<Self>(visible, output_width)
     }
@@ -1250,8 +1251,8 @@ pub enum RecurrencePath {
     Plain,
 }
 
-/// Each step's output, batch-major and contiguous (`[batch, T, O]`), from the recurrence
-/// op's `[T, batch, O + S]` output: what the layer returns.
+/// Each step's output, batch-major (`[batch, T, O]`, see [`RnnBackend::rnn_outputs`]), from
+/// the recurrence op's output: what the layer returns.
 pub fn outputs_batch_major<B: RnnBackend>(
     visible: Tensor<B, 3>,
     output_width: usize,
@@ -1260,9 +1261,9 @@ pub fn outputs_batch_major<B: RnnBackend>(
 }
 
 /// The projected recurrence op ([`RnnBackend::rnn_projected_recurrence`]) on high-level
-/// tensors: the recurrence op's output `[T, batch, O + S]` from the layer input `x`
-/// `[T, batch, width]`, the projection `x · weightᵀ + bias` and the columns of `x` that
-/// `passthrough` appends to it.
+/// tensors: the recurrence op's output `[T, batch, O + S]` (or `[T, batch, S]`, see
+/// [`with_output_columns`]) from the layer input `x` `[T, batch, width]`, the projection
+/// `x · weightᵀ + bias` and the columns of `x` that `passthrough` appends to it.
 #[allow(clippy::too_many_arguments)]
 pub fn projected_recurrence<B: RnnBackend, K: Recurrence>(
     kernel: &K,
