@@ -1906,6 +1906,23 @@ mod gemm_tests {
 mod row_tests {
     use super::*;
 
+    /// Streaming stores write what a plain copy writes, into aligned and unaligned rows, of
+    /// whole 16-byte lanes or not (those fall back to the copy).
+    #[test]
+    fn streamed_rows_hold_the_copied_values() {
+        let src: Vec<f32> = (0..67).map(|i| i as f32 * 0.5 - 3.0).collect();
+        for (start, len) in [(0, 64), (1, 64), (4, 63), (0, 67), (3, 1)] {
+            let mut dst = Vec::<f32>::with_capacity(start + len);
+            let spare = &mut dst.spare_capacity_mut()[..start + len];
+            write_uninit(&mut spare[start..], &src[..len], true);
+            write_uninit(&mut spare[..start], &src[..start], false);
+            streamed();
+            // SAFETY: both writes above cover all `start + len` elements.
+            unsafe { dst.set_len(start + len) };
+            assert_eq!(&dst[start..], &src[..len], "rows from {start}, {len} long");
+        }
+    }
+
     #[test]
     fn lane_sums_match_sums_in_order() {
         // Widths below one chunk, of whole chunks, and with a tail.
