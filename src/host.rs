@@ -900,7 +900,10 @@ fn step_input<'a, F: HostFloat>(
             matmul(&mut xp, x, projection.weights, false);
             (MatRef::new(&scratch.xp, rows.len(), width), Some(x))
         }
-        None => (step_rows(input.xp, t, input.batch, rows, width), None),
+        None => {
+            let strides = RowStrides::time_major(input.batch, width);
+            (strides.step_rows(input.xp, t, rows, width), None)
+        }
     }
 }
 
@@ -977,15 +980,21 @@ struct Widths {
 impl Widths {
     fn of<K: Recurrence>(kernel: &K, masked: bool) -> Self {
         let (output, state) = (kernel.output_width(), kernel.state_width());
-        let in_state = kernel.host_output_in_state();
-        let state_at = if in_state && !masked { 0 } else { output };
+        // The driver puts the output columns back before the kernel's row where a mask needs
+        // them and the kernel leaves them out.
+        let kernel_at = if kernel.host_output_in_state() && masked {
+            output
+        } else {
+            0
+        };
+        let packed = kernel_at + kernel.host_row_width();
         Self {
             output,
             state,
             input: kernel.input_width(),
-            state_at,
-            kernel_at: if in_state { state_at } else { 0 },
-            packed: state_at + state + kernel.host_saved_width(),
+            state_at: packed - state - kernel.host_saved_width(),
+            kernel_at,
+            packed,
         }
     }
 
@@ -999,22 +1008,6 @@ impl Widths {
 /// [`Recurrence::host_output_in_state`]); `masked`: the recurrence has a mask.
 pub fn visible_width<K: Recurrence>(kernel: &K, masked: bool) -> usize {
     Widths::of(kernel, masked).visible()
-}
-
-/// Rows `rows` of `[batch, width]` step `t` of a time-major buffer.
-fn step_rows<'a, F: Copy>(
-    values: &'a [F],
-    t: usize,
-    batch: usize,
-    rows: &Range<usize>,
-    width: usize,
-) -> MatRef<'a, F> {
-    let start = (t * batch + rows.start) * width;
-    MatRef::new(
-        &values[start..start + rows.len() * width],
-        rows.len(),
-        width,
-    )
 }
 
 /// Where the rows of a `[T, batch, width]` sequence lie in a buffer: step `t`'s row of
@@ -1192,7 +1185,8 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
                     .mask
                     .map(|mask| &mask[start + rows.start..start + rows.end])
             };
-            let state0 = step_rows(input.state0, 0, batch, &rows, w.state);
+            let state0 =
+                RowStrides::time_major(batch, w.state).step_rows(input.state0, 0, &rows, w.state);
             match destination {
                 BlockRows::Steps(mut outputs) => {
                     let mut prev_row: Option<&[F]> = None;
@@ -1212,7 +1206,7 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
                     // sequences; it stays here as the next step's previous state.
                     let mut current = vec![F::zero(); n * w.packed];
                     let mut last = current.clone();
-                    let stream = total * std::mem::size_of::<F>() > STREAMED_BYTES;
+                    let stream = streams(total * std::mem::size_of::<F>());
                     for (position, &t) in steps.iter().enumerate() {
                         let (xp, _) = step_input(&input, t, &rows, w.input, &mut scratch);
                         let prev = match position {
@@ -1223,11 +1217,7 @@ pub fn forward<F: HostFloat, K: Recurrence>(kernel: &K, input: HostInput<F>) -> 
                         write_step(kernel, &params, w, xp, prev, &mut current, keep(t));
                         for (g, row) in current.chunks_exact(w.packed).enumerate() {
                             let at = (g * len + t) * w.packed;
-                            let dst = &mut sequences[at..at + w.packed];
-                            match stream {
-                                true => stream_uninit(dst, row),
-                                false => copy_uninit(dst, row),
-                            }
+                            write_uninit(&mut sequences[at..at + w.packed], row, stream);
                         }
                         std::mem::swap(&mut current, &mut last);
                     }
@@ -1352,7 +1342,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             strides.step_rows(shared.packed, t, &rows, w.packed)
         };
         let prev = match position {
-            0 => step_rows(input.state0, 0, batch, &rows, w.state),
+            0 => RowStrides::time_major(batch, w.state).step_rows(input.state0, 0, &rows, w.state),
             _ => packed_rows(steps[position - 1]).cols(w.state_at, w.state),
         };
         let grad_rows = shared.grad_strides.step_rows(shared.grad, t, &rows, grad_w);

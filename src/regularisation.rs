@@ -280,15 +280,11 @@ impl<K: Recurrence> Regularised<K> {
         self.zoneout.then(|| i + if self.dropout { s } else { 0 })
     }
     /// Where the inner kernel's state starts in the row it writes on the host, and the width
-    /// of that row (see [`Recurrence::host_output_in_state`]).
+    /// of that row (see [`Recurrence::host_row_width`]).
     fn inner_row(&self) -> (usize, usize) {
-        let (_, o, s, _) = self.widths();
-        let state_at = if self.inner.host_output_in_state() {
-            0
-        } else {
-            o
-        };
-        (state_at, state_at + s + self.inner.host_saved_width())
+        let width = self.inner.host_row_width();
+        let state_at = width - self.inner.state_width() - self.inner.host_saved_width();
+        (state_at, width)
     }
     fn noise_width(&self) -> usize {
         self.inner.state_width() * (usize::from(self.dropout) + usize::from(self.zoneout))

@@ -67,6 +67,16 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
     fn host_output_in_state(&self) -> bool {
         false
     }
+    /// Width of the row [`host_step`](Recurrence::host_step) writes: `[output | state |
+    /// saved]`, or `[state | saved]` where [`host_output_in_state`](Recurrence::host_output_in_state).
+    fn host_row_width(&self) -> usize {
+        let output = if self.host_output_in_state() {
+            0
+        } else {
+            self.output_width()
+        };
+        output + self.state_width() + self.host_saved_width()
+    }
     /// Shapes of the recurrent parameters, in the order the step receives them.
     fn param_shapes(&self) -> Vec<[usize; 2]>;
     /// One step forward.
