@@ -550,15 +550,16 @@ pub fn streamed() {
     };
 }
 
-fn rows_of<'a, F: Copy + Send + Sync>(m: &'a mut MatMut<'_, F>) -> Vec<&'a mut [F]> {
-    let (rows, cols, stride) = (m.rows, m.cols, m.row_stride.max(1));
-    if cols == 0 {
-        return (0..rows).map(|_| <&mut [F]>::default()).collect();
-    }
-    m.data[..(rows - 1) * stride + cols]
-        .chunks_mut(stride)
-        .map(|chunk| &mut chunk[..cols])
-        .collect()
+/// The rows of `m`, one after another (no allocation: the walks call this at every step).
+fn rows_mut<'a, F>(m: &'a mut MatMut<'_, F>) -> impl Iterator<Item = &'a mut [F]> {
+    let (cols, stride) = (m.cols, m.row_stride.max(m.cols));
+    let mut rest: &'a mut [F] = &mut m.data[..];
+    (0..m.rows).map(move |_| {
+        let at = stride.min(rest.len());
+        let (row, tail) = std::mem::take(&mut rest).split_at_mut(at);
+        rest = tail;
+        &mut row[..cols]
+    })
 }
 
 /// Runs `f(row index, row of a, row of b)` on every row of two views with as many rows, in
@@ -571,7 +572,7 @@ pub fn for_each_row_pair<F: Copy + Send + Sync>(
 ) {
     assert_eq!(a.rows, b.rows, "row counts differ");
     let parallel = worth_parallel(a.rows, a.cols + b.cols);
-    let pairs = rows_of(a).into_iter().zip(rows_of(b)).enumerate();
+    let pairs = rows_mut(a).zip(rows_mut(b)).enumerate();
     if parallel {
         pairs
             .collect::<Vec<_>>()
@@ -591,11 +592,7 @@ pub fn for_each_row_triple<F: Copy + Send + Sync>(
 ) {
     assert!(a.rows == b.rows && b.rows == c.rows, "row counts differ");
     let parallel = worth_parallel(a.rows, a.cols + b.cols + c.cols);
-    let triples = rows_of(a)
-        .into_iter()
-        .zip(rows_of(b))
-        .zip(rows_of(c))
-        .enumerate();
+    let triples = rows_mut(a).zip(rows_mut(b)).zip(rows_mut(c)).enumerate();
     if parallel {
         triples
             .collect::<Vec<_>>()
