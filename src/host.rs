@@ -416,13 +416,16 @@ fn for_each_block<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + Send + 
     let serial = blocks.len() >= rayon::current_num_threads();
     blocks
         .into_par_iter()
-        .map(|block| {
-            let outer = SERIAL.with(|flag| flag.replace(serial));
-            let result = f(block);
-            SERIAL.with(|flag| flag.set(outer));
-            result
-        })
+        .map(|block| with_serial(serial, || f(block)))
         .collect()
+}
+
+/// Runs `f` with the loops and GEMMs inside it kept on this thread (`serial`) or not.
+fn with_serial<R>(serial: bool, f: impl FnOnce() -> R) -> R {
+    let outer = SERIAL.with(|flag| flag.replace(serial));
+    let result = f();
+    SERIAL.with(|flag| flag.set(outer));
+    result
 }
 
 /// Cuts a time-major `[T, batch, width]` buffer into each block's rows at every step
@@ -609,6 +612,61 @@ pub fn matmul<F: HostFloat>(dst: &mut MatMut<F>, a: MatRef<F>, b: MatRef<F>, acc
     // SAFETY: `dst` is a bounds-checked view of that shape, borrowed mutably (so it cannot
     // alias `a` or `b`) and initialised.
     unsafe { gemm_raw(dst.data.as_mut_ptr(), dst.row_stride, a, b, accumulate) }
+}
+
+/// Rows per task of [`linear_grads`].
+const LINEAR_ROWS: usize = 512;
+
+/// Both gradients of a linear map `x · wᵀ (+ b)` from the gradient `g` of its output (`g`
+/// `[rows, out]`, `x` `[rows, inner]`, `w` `[out, inner]`): `(g · w, gᵀ · x, g's column
+/// sums)`, in one pass over the rows, a chunk of rows per task. On a long sequence (more rows
+/// than the cache holds) the weight gradient's reads of `x` and the input gradient's writes
+/// then overlap, where two passes would each wait on memory in turn. Each chunk's share of the
+/// weight and bias gradients is summed in chunk order: no dependence on the thread count.
+pub fn linear_grads<F: HostFloat>(
+    g: MatRef<F>,
+    x: MatRef<F>,
+    w: MatRef<F>,
+) -> (Vec<F>, Vec<F>, Vec<F>) {
+    let (rows, out, inner) = (g.rows, g.cols, x.cols);
+    assert!(
+        x.rows == rows && (w.rows, w.cols) == (out, inner),
+        "linear shapes"
+    );
+    let share = out * inner + out;
+    if rows == 0 || inner == 0 {
+        return (
+            Vec::new(),
+            vec![F::zero(); out * inner],
+            vec![F::zero(); out],
+        );
+    }
+    let mut shares = vec![F::zero(); rows.div_ceil(LINEAR_ROWS) * share];
+    let mut dx = Vec::with_capacity(rows * inner);
+    dx.spare_capacity_mut()[..rows * inner]
+        .par_chunks_mut(LINEAR_ROWS * inner)
+        .zip(shares.par_chunks_mut(share))
+        .enumerate()
+        .for_each(|(chunk, (dx, share))| {
+            let (start, n) = (chunk * LINEAR_ROWS, dx.len() / inner);
+            let (g, x) = (g.rows_range(start, n), x.rows_range(start, n));
+            let (dw, db) = share.split_at_mut(out * inner);
+            with_serial(true, || {
+                // SAFETY: `dx` holds `n × inner` elements, borrowed mutably; `gemm_raw`
+                // without `accumulate` writes every one of them and reads none.
+                unsafe { gemm_raw(dx.as_mut_ptr().cast::<F>(), inner, g, w, false) };
+                matmul(&mut MatMut::new(dw, out, inner), g.t(), x, false);
+                add_column_sums(db, g);
+            });
+        });
+    // SAFETY: the chunks cover all `rows × inner` elements, each written by its GEMM.
+    unsafe { dx.set_len(rows * inner) };
+    let mut dw = vec![F::zero(); share];
+    shares
+        .chunks_exact(share)
+        .for_each(|share| add_into(&mut dw, share));
+    let db = dw.split_off(out * inner);
+    (dx, dw, db)
 }
 
 /// `a · b` in a new row-major buffer, which the GEMM writes without it being zeroed first.

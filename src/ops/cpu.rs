@@ -100,6 +100,15 @@ where
         host_linear_grad_params::<Self>(grad, x, passthrough)
     }
 
+    fn rnn_linear_grads(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        passthrough: Option<Passthrough>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        host_linear_grads::<Self>(grad, x, weight, passthrough)
+    }
+
     fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
         host_outputs::<Self>(visible, output_width)
     }
@@ -832,6 +841,49 @@ pub fn host_linear_grad_params<B: HostTensors>(
         other => linear::tensor_grad_params::<B>(grad, x, passthrough))
 }
 
+/// [`host_linear_grad_input`] and [`host_linear_grad_params`] as one pass over the rows
+/// ([`host::linear_grads`]); with a passthrough, the two.
+pub fn host_linear_grads<B: HostTensors>(
+    grad: FloatTensor<B>,
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    passthrough: Option<Passthrough>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    fn run<B: HostTensors, F: HostFloat>(
+        grad: FloatTensor<B>,
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let ([len, batch, out], [out_w, inner]) = (dims3::<B>(&grad), dims::<B>(&weight));
+        let rows = len * batch;
+        let (gs, ws) = (B::host_slice::<F, 3>(&grad), B::host_slice::<F, 2>(&weight));
+        let xs = B::host_rows::<F, 3>(&x);
+        let (dx, dw, db) = host::linear_grads(
+            MatRef::new(&gs, rows, out),
+            xs.mat(),
+            MatRef::new(&ws, out_w, inner),
+        );
+        let device = B::float_device(&grad);
+        (
+            from_host::<B, F, 3>(dx, [len, batch, inner], &device),
+            from_host::<B, F, 2>(dw, [out, inner], &device),
+            from_host::<B, F, 1>(db, [out], &device),
+        )
+    }
+    if passthrough.is_some() {
+        let grad_x = host_linear_grad_input::<B>(grad.clone(), weight, passthrough);
+        let (grad_weight, grad_bias) = host_linear_grad_params::<B>(grad, x, passthrough);
+        return (grad_x, grad_weight, grad_bias);
+    }
+    by_float_type!(&grad,
+    F => run::<B, F>(grad, x, weight),
+    other => {
+        let grad_x = linear::tensor_grad_input::<B>(grad.clone(), weight, None);
+        let (grad_weight, grad_bias) = linear::tensor_grad_params::<B>(grad, x, None);
+        (grad_x, grad_weight, grad_bias)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::ops::FloatTensorOps;
@@ -853,6 +905,47 @@ mod tests {
 
     fn data<const D: usize>(tensor: FloatTensor<F64>) -> TensorData {
         float::<F64, D>(tensor).into_data()
+    }
+
+    /// The projection's two gradient ops run as one pass over the rows, against the tensor
+    /// ops: a strided input (the layer's batch-major view), more rows than one chunk holds and
+    /// not a multiple of it; with a passthrough, the two ops it falls back on.
+    #[test]
+    fn host_linear_grads_match_tensor_ops() {
+        let x = primitive(float::<F64, 3>(random([41, 30, 5])).swap_dims(0, 1));
+        let weight = random([6, 5]);
+        let passed = Passthrough {
+            start: 2,
+            width: 2,
+            scale: 0.5,
+        };
+        let mut worst = 0.0f64;
+        for passthrough in [None, Some(passed)] {
+            let grad = random([30, 41, 6 + passthrough.map_or(0, |p| p.width)]);
+            let (dx, dw, db) =
+                host_linear_grads::<F64>(grad.clone(), x.clone(), weight.clone(), passthrough);
+            let expected_dx =
+                linear::tensor_grad_input::<F64>(grad.clone(), weight.clone(), passthrough);
+            let (expected_dw, expected_db) =
+                linear::tensor_grad_params::<F64>(grad, x.clone(), passthrough);
+            worst = worst
+                .max(max_abs_diff(
+                    "input gradient",
+                    &data::<3>(dx),
+                    &data::<3>(expected_dx),
+                ))
+                .max(max_abs_diff(
+                    "weight gradient",
+                    &data::<2>(dw),
+                    &data::<2>(expected_dw),
+                ))
+                .max(max_abs_diff(
+                    "bias gradient",
+                    &data::<1>(db),
+                    &data::<1>(expected_db),
+                ));
+        }
+        assert!(worst < 1e-12, "host linear gradients differ by {worst}");
     }
 
     /// The projection and the outputs op on host memory against their tensor-op defaults

@@ -292,9 +292,16 @@ pub fn projected_backward_in_parts<B: RnnBackend, K: Recurrence>(
     let (x, weight, has_bias) = (input.x.clone(), input.weight.clone(), input.bias.is_some());
     let passthrough = input.passthrough;
     let grads = B::rnn_recurrence_backward(kernel, input.projected(), packed, grad);
-    let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grads.xp.clone(), x, passthrough);
+    let (x_grad, grad_weight, grad_bias) = if grad_x {
+        let (x_grad, grad_weight, grad_bias) =
+            B::rnn_linear_grads(grads.xp, x, weight, passthrough);
+        (Some(x_grad), grad_weight, grad_bias)
+    } else {
+        let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grads.xp, x, passthrough);
+        (None, grad_weight, grad_bias)
+    };
     ProjectedGrads {
-        x: grad_x.then(|| B::rnn_linear_grad_input(grads.xp, weight, passthrough)),
+        x: x_grad,
         weight: grad_weight,
         bias: has_bias.then_some(grad_bias),
         state0: grads.state0,
@@ -421,6 +428,19 @@ pub trait RnnBackend: Backend {
         passthrough: Option<Passthrough>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         linear::tensor_grad_params::<Self>(grad, x, passthrough)
+    }
+
+    /// Both of the projection's gradient ops at once, `(input, weight, bias)` gradients: the
+    /// host path runs them as one pass over the rows.
+    fn rnn_linear_grads(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        passthrough: Option<Passthrough>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let grad_x = Self::rnn_linear_grad_input(grad.clone(), weight, passthrough);
+        let (grad_weight, grad_bias) = Self::rnn_linear_grad_params(grad, x, passthrough);
+        (grad_x, grad_weight, grad_bias)
     }
 
     /// Each step's output, batch-major: `[batch, T, O]` from the op's `[T, batch, W]` output
@@ -1083,14 +1103,24 @@ impl LinearBackward {
         let mut parents = ops.parents.into_iter();
         let (node_x, node_weight) = (parents.next().flatten(), parents.next().flatten());
         let node_bias = parents.next().flatten();
-        if let Some(node) = node_x {
-            grads.register::<B>(
-                node.id,
-                B::rnn_linear_grad_input(grad.clone(), weight, passthrough),
-            );
+        let params = node_weight.is_some() || node_bias.is_some();
+        let (grad_x, grad_params) = match (node_x.is_some(), params) {
+            (true, true) => {
+                let (grad_x, grad_weight, grad_bias) =
+                    B::rnn_linear_grads(grad, x, weight, passthrough);
+                (Some(grad_x), Some((grad_weight, grad_bias)))
+            }
+            (true, false) => (
+                Some(B::rnn_linear_grad_input(grad, weight, passthrough)),
+                None,
+            ),
+            (false, true) => (None, Some(B::rnn_linear_grad_params(grad, x, passthrough))),
+            (false, false) => (None, None),
+        };
+        if let (Some(node), Some(grad_x)) = (node_x, grad_x) {
+            grads.register::<B>(node.id, grad_x);
         }
-        if node_weight.is_some() || node_bias.is_some() {
-            let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grad, x, passthrough);
+        if let Some((grad_weight, grad_bias)) = grad_params {
             if let Some(node) = node_weight {
                 grads.register::<B>(node.id, grad_weight);
             }
