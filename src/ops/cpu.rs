@@ -747,12 +747,12 @@ pub fn host_linear<B: HostTensors>(
         let (rows, full) = (len * batch, out + passthrough.map_or(0, |p| p.width));
         let (xs, ws) = (B::host_rows::<F, 3>(&x), B::host_slice::<F, 2>(&weight));
         let (xs, ws) = (xs.mat(), MatRef::new(&ws, out, inner).t());
-        if bias.is_none() && passthrough.is_none() {
-            let y = host::product(xs, ws);
+        let bias = bias.map(|bias| B::host_slice::<F, 1>(&bias).into_owned());
+        if passthrough.is_none() {
+            let y = host::product_by_rows(xs, ws, bias.as_deref());
             return from_host::<B, F, 3>(y, [len, batch, out], &B::float_device(&x));
         }
         // Each row: the bias (or zeros) for the GEMM to add to, then the copied columns.
-        let bias = bias.map(|bias| B::host_slice::<F, 1>(&bias).into_owned());
         let bias = bias.unwrap_or_else(|| vec![F::zero(); out]);
         let copied = passthrough.map(|p| (p.start..p.start + p.width, host_scale::<F>(p)));
         let mut y = Vec::with_capacity(rows * full);
@@ -946,6 +946,39 @@ mod tests {
                 ));
         }
         assert!(worst < 1e-12, "host linear gradients differ by {worst}");
+    }
+
+    /// The per-step head's product in chunks of rows, in `f32` (the packed kernel's type, where
+    /// the CPU has one) and `f64`, with and without a bias: more rows than one chunk holds,
+    /// and not a multiple of it, read through the layer's strided view.
+    #[test]
+    fn host_linear_by_rows_matches_tensor_ops() {
+        fn worst<B: HostTensors>() -> f64 {
+            let device = Default::default();
+            let random = |shape: [usize; 3]| {
+                Tensor::<B, 3>::random(shape, Distribution::Uniform(-1.0, 1.0), &device)
+            };
+            let x = primitive(random([41, 30, 24]).narrow(2, 0, 19).swap_dims(0, 1));
+            let weight = primitive(random([1, 7, 19]).squeeze::<2>());
+            let bias = primitive(random([1, 1, 7]).squeeze::<1>());
+            [None, Some(bias)]
+                .into_iter()
+                .map(|bias| {
+                    let host = host_linear::<B>(x.clone(), weight.clone(), bias.clone(), None);
+                    let ops = linear::tensor_forward::<B>(x.clone(), weight.clone(), bias, None);
+                    max_abs_diff(
+                        "linear",
+                        &float::<B, 3>(host).into_data().convert::<f64>(),
+                        &float::<B, 3>(ops).into_data().convert::<f64>(),
+                    )
+                })
+                .fold(0.0, f64::max)
+        }
+        let (single, double) = (worst::<burn::backend::NdArray<f32>>(), worst::<F64>());
+        assert!(
+            single < 1e-5 && double < 1e-12,
+            "differ by {single} (f32), {double} (f64)"
+        );
     }
 
     /// The projection and the outputs op on host memory against their tensor-op defaults
