@@ -615,7 +615,7 @@ pub fn matmul<F: HostFloat>(dst: &mut MatMut<F>, a: MatRef<F>, b: MatRef<F>, acc
 }
 
 /// Rows per task of [`linear_grads`] and [`product_by_rows`].
-const LINEAR_ROWS: usize = 512;
+pub(crate) const LINEAR_ROWS: usize = 2048;
 
 /// `a · b (+ bias on every row)` in a new row-major buffer, a chunk of `a`'s rows per task, `b`
 /// packed once for the step product's kernel where the CPU has one: for the many rows and

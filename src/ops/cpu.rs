@@ -912,7 +912,9 @@ mod tests {
     /// not a multiple of it; with a passthrough, the two ops it falls back on.
     #[test]
     fn host_linear_grads_match_tensor_ops() {
-        let x = primitive(float::<F64, 3>(random([41, 30, 5])).swap_dims(0, 1));
+        // More rows than a chunk holds, and not a multiple of it.
+        let len = host::LINEAR_ROWS / 30 + 2;
+        let x = primitive(float::<F64, 3>(random([len, 30, 5])).swap_dims(0, 1));
         let weight = random([6, 5]);
         let passed = Passthrough {
             start: 2,
@@ -921,7 +923,7 @@ mod tests {
         };
         let mut worst = 0.0f64;
         for passthrough in [None, Some(passed)] {
-            let grad = random([30, 41, 6 + passthrough.map_or(0, |p| p.width)]);
+            let grad = random([30, len, 6 + passthrough.map_or(0, |p| p.width)]);
             let (dx, dw, db) =
                 host_linear_grads::<F64>(grad.clone(), x.clone(), weight.clone(), passthrough);
             let expected_dx =
@@ -958,7 +960,8 @@ mod tests {
             let random = |shape: [usize; 3]| {
                 Tensor::<B, 3>::random(shape, Distribution::Uniform(-1.0, 1.0), &device)
             };
-            let x = primitive(random([41, 30, 24]).narrow(2, 0, 19).swap_dims(0, 1));
+            let len = host::LINEAR_ROWS / 30 + 2;
+            let x = primitive(random([len, 30, 24]).narrow(2, 0, 19).swap_dims(0, 1));
             let weight = primitive(random([1, 7, 19]).squeeze::<2>());
             let bias = primitive(random([1, 1, 7]).squeeze::<1>());
             [None, Some(bias)]
