@@ -748,8 +748,12 @@ pub fn host_linear<B: HostTensors>(
         let (xs, ws) = (B::host_rows::<F, 3>(&x), B::host_slice::<F, 2>(&weight));
         let (xs, ws) = (xs.mat(), MatRef::new(&ws, out, inner).t());
         let bias = bias.map(|bias| B::host_slice::<F, 1>(&bias).into_owned());
-        if passthrough.is_none() {
+        if passthrough.is_none() && out <= host::FEW_OUTPUTS {
             let y = host::product_by_rows(xs, ws, bias.as_deref());
+            return from_host::<B, F, 3>(y, [len, batch, out], &B::float_device(&x));
+        }
+        if bias.is_none() && passthrough.is_none() {
+            let y = host::product(xs, ws);
             return from_host::<B, F, 3>(y, [len, batch, out], &B::float_device(&x));
         }
         // Each row: the bias (or zeros) for the GEMM to add to, then the copied columns.
@@ -842,7 +846,8 @@ pub fn host_linear_grad_params<B: HostTensors>(
 }
 
 /// [`host_linear_grad_input`] and [`host_linear_grad_params`] as one pass over the rows
-/// ([`host::linear_grads`]); with a passthrough, the two.
+/// ([`host::linear_grads`]) for a map of [`host::FEW_OUTPUTS`] outputs or fewer; else (or
+/// with a passthrough) the two.
 pub fn host_linear_grads<B: HostTensors>(
     grad: FloatTensor<B>,
     x: FloatTensor<B>,
@@ -870,7 +875,7 @@ pub fn host_linear_grads<B: HostTensors>(
             from_host::<B, F, 1>(db, [out], &device),
         )
     }
-    if passthrough.is_some() {
+    if passthrough.is_some() || dims::<B>(&weight)[0] > host::FEW_OUTPUTS {
         let grad_x = host_linear_grad_input::<B>(grad.clone(), weight, passthrough);
         let (grad_weight, grad_bias) = host_linear_grad_params::<B>(grad, x, passthrough);
         return (grad_x, grad_weight, grad_bias);
@@ -952,7 +957,7 @@ mod tests {
 
     /// The per-step head's product in chunks of rows, in `f32` (the packed kernel's type, where
     /// the CPU has one) and `f64`, with and without a bias: more rows than one chunk holds,
-    /// and not a multiple of it, read through the layer's strided view.
+    /// and not a multiple of it, read through the layer's strided view; and a wider map's.
     #[test]
     fn host_linear_by_rows_matches_tensor_ops() {
         fn worst<B: HostTensors>() -> f64 {
@@ -962,13 +967,16 @@ mod tests {
             };
             let len = host::LINEAR_ROWS / 30 + 2;
             let x = primitive(random([len, 30, 24]).narrow(2, 0, 19).swap_dims(0, 1));
-            let weight = primitive(random([1, 7, 19]).squeeze::<2>());
-            let bias = primitive(random([1, 1, 7]).squeeze::<1>());
-            [None, Some(bias)]
-                .into_iter()
-                .map(|bias| {
+            // A head's few outputs, and as many as an input projection's (the GEMM's path).
+            let cases = [7, host::FEW_OUTPUTS + 5].into_iter().flat_map(|out| {
+                let weight = primitive(random([1, out, 19]).squeeze::<2>());
+                let bias = primitive(random([1, 1, out]).squeeze::<1>());
+                [(weight.clone(), None), (weight, Some(bias))]
+            });
+            cases
+                .map(|(weight, bias)| {
                     let host = host_linear::<B>(x.clone(), weight.clone(), bias.clone(), None);
-                    let ops = linear::tensor_forward::<B>(x.clone(), weight.clone(), bias, None);
+                    let ops = linear::tensor_forward::<B>(x.clone(), weight, bias, None);
                     max_abs_diff(
                         "linear",
                         &float::<B, 3>(host).into_data().convert::<f64>(),
