@@ -875,18 +875,17 @@ pub fn host_linear_grads<B: HostTensors>(
             from_host::<B, F, 1>(db, [out], &device),
         )
     }
-    if passthrough.is_some() || dims::<B>(&weight)[0] > host::FEW_OUTPUTS {
+    let apart = |grad: FloatTensor<B>, x, weight| {
         let grad_x = host_linear_grad_input::<B>(grad.clone(), weight, passthrough);
         let (grad_weight, grad_bias) = host_linear_grad_params::<B>(grad, x, passthrough);
-        return (grad_x, grad_weight, grad_bias);
+        (grad_x, grad_weight, grad_bias)
+    };
+    if passthrough.is_some() || dims::<B>(&weight)[0] > host::FEW_OUTPUTS {
+        return apart(grad, x, weight);
     }
     by_float_type!(&grad,
-    F => run::<B, F>(grad, x, weight),
-    other => {
-        let grad_x = linear::tensor_grad_input::<B>(grad.clone(), weight, None);
-        let (grad_weight, grad_bias) = linear::tensor_grad_params::<B>(grad, x, None);
-        (grad_x, grad_weight, grad_bias)
-    })
+        F => run::<B, F>(grad, x, weight),
+        other => apart(grad, x, weight))
 }
 
 #[cfg(test)]
