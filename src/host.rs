@@ -637,28 +637,20 @@ pub fn product_by_rows<F: HostFloat>(a: MatRef<F>, b: MatRef<F>, bias: Option<&[
     }
     let packed = Packed::of(b);
     let b = packed.as_ref().map_or(b, |packed| b.with_packed(packed));
-    let mut out = Vec::with_capacity(m * n);
-    out.spare_capacity_mut()[..m * n]
-        .par_chunks_mut(LINEAR_ROWS * n)
-        .enumerate()
-        .for_each(|(chunk, dst)| {
+    // SAFETY: every chunk is zeroed before the product adds into it.
+    unsafe {
+        written_by_chunks(m * n, LINEAR_ROWS * n, |chunk, dst| {
             let rows = dst.len() / n;
             let a = a.rows_range(chunk * LINEAR_ROWS, rows);
             // Each row starts as the bias (or zeros) for the product to add to.
-            for row in dst.chunks_exact_mut(n) {
-                match bias {
-                    Some(bias) => copy_uninit(row, bias),
-                    None => row.fill(MaybeUninit::new(F::zero())),
-                }
+            let dst = zeroed(dst);
+            if let Some(bias) = bias {
+                dst.chunks_exact_mut(n)
+                    .for_each(|row| row.copy_from_slice(bias));
             }
-            // SAFETY: every element was initialised just above, and `MaybeUninit<F>` has the
-            // layout of `F`.
-            let dst = unsafe { &mut *(dst as *mut [MaybeUninit<F>] as *mut [F]) };
             with_serial(true, || matmul(&mut MatMut::new(dst, rows, n), a, b, true));
-        });
-    // SAFETY: the chunks cover all `m × n` elements, each written above.
-    unsafe { out.set_len(m * n) };
-    out
+        })
+    }
 }
 
 /// Both gradients of a linear map `x · wᵀ (+ b)` from the gradient `g` of its output (`g`
