@@ -292,20 +292,42 @@ pub fn projected_backward_in_parts<B: RnnBackend, K: Recurrence>(
     let (x, weight, has_bias) = (input.x.clone(), input.weight.clone(), input.bias.is_some());
     let passthrough = input.passthrough;
     let grads = B::rnn_recurrence_backward(kernel, input.projected(), packed, grad);
-    let (x_grad, grad_weight, grad_bias) = if grad_x {
-        let (x_grad, grad_weight, grad_bias) =
-            B::rnn_linear_grads(grads.xp, x, weight, passthrough);
-        (Some(x_grad), grad_weight, grad_bias)
-    } else {
-        let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grads.xp, x, passthrough);
-        (None, grad_weight, grad_bias)
-    };
+    let (x_grad, params) = linear_grads_wanted::<B>(grads.xp, x, weight, passthrough, grad_x, true);
+    let (grad_weight, grad_bias) = params.expect("the parameters' gradients were asked for");
     ProjectedGrads {
         x: x_grad,
         weight: grad_weight,
         bias: has_bias.then_some(grad_bias),
         state0: grads.state0,
         params: grads.params,
+    }
+}
+
+/// A projection's weight and bias gradients.
+type ParamGrads<B> = (FloatTensor<B>, FloatTensor<B>);
+
+/// The projection's gradients that are asked for: its input's (`want_x`), and its weight's and
+/// bias's (`want_params`); through [`RnnBackend::rnn_linear_grads`] when both are.
+fn linear_grads_wanted<B: RnnBackend>(
+    grad: FloatTensor<B>,
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    passthrough: Option<Passthrough>,
+    want_x: bool,
+    want_params: bool,
+) -> (Option<FloatTensor<B>>, Option<ParamGrads<B>>) {
+    match (want_x, want_params) {
+        (true, true) => {
+            let (grad_x, grad_weight, grad_bias) =
+                B::rnn_linear_grads(grad, x, weight, passthrough);
+            (Some(grad_x), Some((grad_weight, grad_bias)))
+        }
+        (true, false) => (
+            Some(B::rnn_linear_grad_input(grad, weight, passthrough)),
+            None,
+        ),
+        (false, true) => (None, Some(B::rnn_linear_grad_params(grad, x, passthrough))),
+        (false, false) => (None, None),
     }
 }
 
@@ -1104,19 +1126,8 @@ impl LinearBackward {
         let (node_x, node_weight) = (parents.next().flatten(), parents.next().flatten());
         let node_bias = parents.next().flatten();
         let params = node_weight.is_some() || node_bias.is_some();
-        let (grad_x, grad_params) = match (node_x.is_some(), params) {
-            (true, true) => {
-                let (grad_x, grad_weight, grad_bias) =
-                    B::rnn_linear_grads(grad, x, weight, passthrough);
-                (Some(grad_x), Some((grad_weight, grad_bias)))
-            }
-            (true, false) => (
-                Some(B::rnn_linear_grad_input(grad, weight, passthrough)),
-                None,
-            ),
-            (false, true) => (None, Some(B::rnn_linear_grad_params(grad, x, passthrough))),
-            (false, false) => (None, None),
-        };
+        let (grad_x, grad_params) =
+            linear_grads_wanted::<B>(grad, x, weight, passthrough, node_x.is_some(), params);
         if let (Some(node), Some(grad_x)) = (node_x, grad_x) {
             grads.register::<B>(node.id, grad_x);
         }
