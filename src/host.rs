@@ -1364,8 +1364,7 @@ struct BackwardShared<'a, F, K> {
     products: &'a [WeightProduct],
     packed: &'a [F],
     packed_strides: RowStrides,
-    grad: &'a [F],
-    grad_strides: RowStrides,
+    grad: OutputGrad<'a, F>,
     steps: &'a [usize],
     w: Widths,
     /// How many steps' rows a written product operand keeps: all of them, or (with a
@@ -1401,7 +1400,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
         kernel, input, w, ..
     } = *shared;
     let (n, batch) = (rows.len(), input.batch);
-    let grad_w = w.visible();
+    let grad_w = shared.grad.width;
     let mut grad_params = vec![F::zero(); input.params.len()];
     let mut grad_state = vec![F::zero(); n * w.state];
     let mut grad_prev = vec![F::zero(); n * w.state];
@@ -1424,7 +1423,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     let steps = shared.steps;
     // A batch-major gradient (the layer's own, passed as a view) lies a sequence apart from
     // one batch row to the next: its rows are fetched a step ahead.
-    let batch_major_grad = shared.grad_strides.step < shared.grad_strides.row;
+    let batch_major_grad = shared.grad.strides.step < shared.grad.strides.row;
     for (position, &t) in steps.iter().enumerate().rev() {
         // Where this step finds its rows of the written operands.
         let slot = t % shared.kept_steps;
@@ -1436,10 +1435,13 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             0 => RowStrides::time_major(batch, w.state).step_rows(input.state0, 0, &rows, w.state),
             _ => packed_rows(steps[position - 1]).cols(w.state_at, w.state),
         };
-        let grad_rows = shared.grad_strides.step_rows(shared.grad, t, &rows, grad_w);
+        let grad_rows = shared
+            .grad
+            .strides
+            .step_rows(shared.grad.values, t, &rows, grad_w);
         let next_grad_rows = (position > 0 && batch_major_grad).then(|| {
-            let strides = shared.grad_strides;
-            strides.step_rows(shared.grad, steps[position - 1], &rows, grad_w)
+            let strides = shared.grad.strides;
+            strides.step_rows(shared.grad.values, steps[position - 1], &rows, grad_w)
         });
         let row = packed_rows(t);
         for b in 0..n {
@@ -1588,19 +1590,37 @@ fn operand_rows<'a, F: Copy + Send + Sync>(
     MatMut::new(rows, n, width)
 }
 
+/// The gradient of the recurrence op's output as the backward reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputGrad<'a, F> {
+    /// The rows, where `strides` says.
+    pub values: &'a [F],
+    /// Where the rows lie in `values`.
+    pub strides: RowStrides,
+    /// Columns per row: the op's whole output (`[T, batch, O + S]`, or `[T, batch, S]` where
+    /// the rows leave the output out), or its first `O` columns alone, the state's gradient
+    /// then zero (see [`crate::ops::RnnBackend::rnn_takes_output_grads`]).
+    pub width: usize,
+}
+
 /// The backward of the recurrence op, from its inputs, the full packed sequence (as
-/// [`forward`] lays it out) and the gradient of the op's output (`[T, batch, O + S]`, or
-/// `[T, batch, S]` where the rows leave the output out; its rows where `grad_strides` says).
+/// [`forward`] lays it out) and the gradient of the op's output.
 pub fn backward<F: HostFloat, K: Recurrence>(
     kernel: &K,
     input: HostInput<F>,
     packed: &[F],
-    grad: &[F],
-    grad_strides: RowStrides,
+    grad: OutputGrad<F>,
 ) -> HostGrads<F> {
     let projection = packed_projection(&input);
     let input = with_packed_projection(input, &projection);
     let w = Widths::of(kernel, input.mask.is_some());
+    assert!(
+        grad.width == w.visible() || grad.width == w.output,
+        "the gradient has {} columns: the op's output has {} and its outputs alone {}",
+        grad.width,
+        w.visible(),
+        w.output
+    );
     let (len, batch) = (input.len, input.batch);
     let packed_strides = match packs_batch_major(kernel, &input) {
         true => RowStrides::batch_major(len, w.packed),
@@ -1678,7 +1698,6 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         packed,
         packed_strides,
         grad,
-        grad_strides,
         steps: &steps,
         w,
         kept_steps,

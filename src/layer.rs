@@ -505,16 +505,12 @@ impl<B: RnnBackend, C: Cell<B>> RnnLayer<B, C> {
                 // (the output columns come first, unless left out: `host_output_in_state`).
                 let last = if reverse { 0 } else { len - 1 };
                 let state_width = hidden * n_components;
-                let state_at = packed.dims()[2] - state_width;
-                let final_state = packed
-                    .clone()
-                    .narrow(0, last, 1)
-                    .narrow(2, state_at, state_width)
-                    .reshape([batch, state_width]);
+                let (output, final_state) =
+                    ops::layer_outputs(packed, hidden, state_width, last, path);
                 for (k, parts) in finals.iter_mut().enumerate() {
                     parts.push(final_state.clone().narrow(1, k * hidden, hidden));
                 }
-                outputs.push(ops::outputs_batch_major(packed, hidden));
+                outputs.push(output);
             }
             x = match outputs.len() {
                 1 => outputs.pop().expect("one direction"),

@@ -5,7 +5,8 @@
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rnn_zoo::cell::cell_names;
 use rnn_zoo::check::{
-    finite_differences, layer_results, max_abs_diff, max_difference, values, F64Autodiff, F64,
+    finite_differences, gradients_of, layer_results, max_abs_diff, max_difference, values,
+    F64Autodiff, F64,
 };
 use rnn_zoo::layer::MaskError;
 use rnn_zoo::ops::{self, Recurrence, RecurrencePath};
@@ -268,6 +269,54 @@ fn regularised_layer_matches_finite_differences() {
             "regularised finite differences {name:>14}: {} gradients, max relative error {:.1e}",
             report.compared, report.max_relative_error
         );
+    }
+}
+
+/// The fused op's backward takes the gradient of the outputs alone where the loss reads only
+/// them, and the final state's node widens it where the loss reads the state too: with the
+/// outputs, the final states or both in the loss, and masked or not, the gradients are the
+/// plain path's. (The state here is not the output for the SRU and the LSTM's `c`.)
+#[test]
+fn gradients_match_the_plain_path_whether_the_loss_reads_outputs_or_states() {
+    type B = F64Autodiff;
+    let device = Default::default();
+    let mask = Mask::from_lengths(&[5, 2, 4], 5, &device).unwrap();
+    for name in ["sru", "lstm", "indrnn"] {
+        let layer = config(name, 3, 4)
+            .with_num_layers(2)
+            .with_bidirectional(true)
+            .init::<B>(&device);
+        let input = Tensor::<B, 3>::random([3, 5, 3], Distribution::Default, &device);
+        for (reads, mask) in [("outputs", None), ("states", None), ("both", Some(&mask))] {
+            let gradients = |path| {
+                let x = input.clone().require_grad();
+                let (output, state) = layer.forward_with_path(x.clone(), mask, None, path);
+                let outputs = (output.clone() * output).sum();
+                let states = state
+                    .components
+                    .into_iter()
+                    .map(|c| (c.clone() * c).sum())
+                    .reduce(|a, b| a + b)
+                    .expect("a state");
+                let loss = match reads {
+                    "outputs" => outputs,
+                    "states" => states,
+                    _ => outputs + states,
+                };
+                let grads = loss.backward();
+                let mut found = vec![x.grad(&grads).expect("input gradient").into_data()];
+                let params = gradients_of(layer.clone(), &grads).state_dict();
+                found.extend(params.into_iter().map(|(_, d)| d));
+                found
+            };
+            let fused = gradients(RecurrencePath::Fused);
+            let worst = max_difference(name, &fused, &gradients(RecurrencePath::Plain));
+            println!("{name:>6}, loss of the {reads}: max abs difference {worst:.1e}");
+            assert!(
+                worst < 1e-5,
+                "{name} ({reads}): fused and plain differ by {worst:e}"
+            );
+        }
     }
 }
 

@@ -116,6 +116,10 @@ where
     fn rnn_outputs_backward(grad: FloatTensor<Self>, width: usize) -> FloatTensor<Self> {
         host_outputs_backward::<Self>(grad, width)
     }
+
+    fn rnn_takes_output_grads(grad: &FloatTensor<Self>) -> bool {
+        host_takes_output_grads::<Self>(grad)
+    }
 }
 
 /// Rows (batch rows or steps) per chunk of the layout changes between the recurrence's
@@ -196,6 +200,13 @@ pub fn host_outputs_backward<B: HostTensors>(grad: FloatTensor<B>, width: usize)
     by_float_type!(&grad,
         F => run::<B, F>(grad, width),
         other => outputs::tensor_backward::<B>(grad, width))
+}
+
+/// [`RnnBackend::rnn_takes_output_grads`] on host memory: for the float types whose recurrence
+/// backward runs here (it reads the state's gradient as zeros where the rows stop at the
+/// outputs, see [`host::OutputGrad`]).
+pub fn host_takes_output_grads<B: Backend>(grad: &FloatTensor<B>) -> bool {
+    matches!(float::<B, 3>(grad.clone()).dtype(), DType::F32 | DType::F64)
 }
 
 /// How a backend lends its tensors to the host path: by default a copy through `into_data`;
@@ -589,8 +600,14 @@ pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
         let device = B::float_device(&input.xp);
         let view = HostView::<F>::read(&input);
         let packed = B::host_slice::<F, 3>(&packed);
-        let (grad, grad_strides) = host_sequence::<B, F>(&grad);
-        let grads = host::backward(kernel, view.view(), &packed, &grad, grad_strides);
+        let (values, strides) = host_sequence::<B, F>(&grad);
+        let width = dims3::<B>(&grad)[2];
+        let grad = host::OutputGrad {
+            values: &values,
+            strides,
+            width,
+        };
+        let grads = host::backward(kernel, view.view(), &packed, grad);
         let [len, batch, width] = view.dims;
         let param_len = grads.params.len();
         RecurrenceGrads {
@@ -684,8 +701,14 @@ pub fn host_projected_backward<B: HostTensors + RnnBackend, K: Recurrence>(
         let device = B::float_device(&input.x);
         let view = HostView::<F>::read_projected(&input, grad_x);
         let packed = B::host_slice::<F, 3>(&packed);
-        let (grad, grad_strides) = host_sequence::<B, F>(&grad);
-        let grads = host::backward(kernel, view.view(), &packed, &grad, grad_strides);
+        let (values, strides) = host_sequence::<B, F>(&grad);
+        let width = dims3::<B>(&grad)[2];
+        let grad = host::OutputGrad {
+            values: &values,
+            strides,
+            width,
+        };
+        let grads = host::backward(kernel, view.view(), &packed, grad);
         let ([len, batch, width], [input_width, _]) =
             (dims3::<B>(&input.x), dims::<B>(&input.weight));
         let (mut weight, mut bias) = grads.projection.expect("a projected backward");

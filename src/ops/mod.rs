@@ -21,7 +21,11 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
     Autodiff,
 };
-use burn::tensor::{backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
+use burn::tensor::{
+    backend::{AutodiffBackend, Backend},
+    ops::FloatTensor,
+    Tensor, TensorPrimitive,
+};
 
 use crate::cell::sru::SruKernel;
 use crate::host::{HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
@@ -477,6 +481,33 @@ pub trait RnnBackend: Backend {
     fn rnn_outputs_backward(grad: FloatTensor<Self>, width: usize) -> FloatTensor<Self> {
         outputs::tensor_backward::<Self>(grad, width)
     }
+
+    /// Whether the recurrence op's backward takes, for a gradient like `grad` (of the op's
+    /// outputs, `[batch, T, O]`), that gradient alone, its first two axes swapped (`[T, batch,
+    /// O]`, the state's gradient zero), in place of the op's whole `[T, batch, W]` gradient.
+    /// The host path does: where the state is not an output (SRU, the LSTMs' `c`), the whole
+    /// gradient of a long sequence is mostly zeros, which cost a copy twice its size and a
+    /// second read. Default: no.
+    fn rnn_takes_output_grads(grad: &FloatTensor<Self>) -> bool {
+        let _ = grad;
+        false
+    }
+
+    /// What a layer reads of the recurrence op's own output `visible` (`[T, batch, W]`): each
+    /// step's output, batch-major (as [`rnn_outputs`](RnnBackend::rnn_outputs) gives it), and
+    /// the final state, the last `state_width` columns of step `last` (`[batch, S]`). The
+    /// op's backward may then take the outputs' gradient alone ([`rnn_takes_output_grads`]).
+    ///
+    /// [`rnn_takes_output_grads`]: RnnBackend::rnn_takes_output_grads
+    fn rnn_layer_outputs(
+        visible: FloatTensor<Self>,
+        output_width: usize,
+        state_width: usize,
+        last: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let final_state = outputs::final_state::<Self>(visible.clone(), state_width, last);
+        (Self::rnn_outputs(visible, output_width), final_state)
+    }
 }
 
 /// The batch-major output layout and its backward with plain tensor ops (the host versions
@@ -494,6 +525,36 @@ pub mod outputs {
                 .narrow(2, 0, output_width)
                 .swap_dims(0, 1),
         )
+    }
+
+    /// The last `state_width` columns of step `last` of `[T, batch, W]`: `[batch, S]`.
+    pub fn final_state<B: Backend>(
+        visible: FloatTensor<B>,
+        state_width: usize,
+        last: usize,
+    ) -> FloatTensor<B> {
+        let visible = float::<B, 3>(visible);
+        let [_, batch, width] = visible.dims();
+        primitive(
+            visible
+                .narrow(0, last, 1)
+                .narrow(2, width - state_width, state_width)
+                .reshape([batch, state_width]),
+        )
+    }
+
+    /// `full` `[T, batch, W]` with `grad` (`[batch, S]`) added to the last `S` columns of step
+    /// `last`: the backward of [`final_state`].
+    pub fn add_final_state_grad<B: Backend>(
+        full: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        last: usize,
+    ) -> FloatTensor<B> {
+        let (full, grad) = (float::<B, 3>(full), float::<B, 2>(grad));
+        let ([_, batch, width], [_, state_width]) = (full.dims(), grad.dims());
+        let at = [last..last + 1, 0..batch, width - state_width..width];
+        let sum = full.clone().slice(at.clone()) + grad.reshape([1, batch, state_width]);
+        primitive(full.slice_assign(at, sum))
     }
 
     /// `[batch, T, O]` back to `[T, batch, W]`, zeros beyond the first `O` columns.
@@ -963,20 +1024,35 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
         }
     }
 
-    fn rnn_outputs(visible: FloatTensor<Self>, output_width: usize) -> FloatTensor<Self> {
-        let width = float::<B, 3>(visible.primitive.clone()).dims()[2];
-        match OutputsBackward
-            .prepare::<C>([visible.node])
+    fn rnn_layer_outputs(
+        visible: FloatTensor<Self>,
+        output_width: usize,
+        state_width: usize,
+        last: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let inner = visible.primitive.clone();
+        let final_state = outputs::final_state::<B>(inner.clone(), state_width, last);
+        let dims = float::<B, 3>(inner.clone()).dims();
+        let final_state = match FinalStateBackward
+            .prepare::<C>([visible.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
-                prep.finish(width, B::rnn_outputs(visible.primitive, output_width))
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::rnn_outputs(visible.primitive, output_width))
-            }
-        }
+            OpsKind::Tracked(prep) => prep.finish((final_state.clone(), dims, last), final_state),
+            OpsKind::UnTracked(prep) => prep.finish(final_state),
+        };
+        // The final state is a parent of the outputs only so that their node is deeper in the
+        // graph: burn runs its backward first (see `FinalStateBackward`).
+        let outputs = B::rnn_outputs(inner, output_width);
+        let outputs = match OutputsBackward
+            .prepare::<C>([visible.node, final_state.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(dims[2], outputs),
+            OpsKind::UnTracked(prep) => prep.finish(outputs),
+        };
+        (outputs, final_state)
     }
 
     fn rnn_linear(
@@ -1096,19 +1172,81 @@ where
     }
 }
 
-/// The autodiff node of [`RnnBackend::rnn_outputs`]; its state is the input's width.
+/// The autodiff node of the outputs that [`RnnBackend::rnn_layer_outputs`] returns (parents:
+/// the recurrence op's output and the final state, which gets no gradient here); its state is
+/// the op output's width.
 #[derive(Debug)]
 struct OutputsBackward;
 
-impl<B: RnnBackend> Backward<B, 1> for OutputsBackward {
+impl<B: RnnBackend> Backward<B, 2> for OutputsBackward {
     type State = usize;
 
-    fn backward(self, ops: Ops<usize, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<usize, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
-        if let [Some(node)] = ops.parents {
-            grads.register::<B>(node.id, B::rnn_outputs_backward(grad, ops.state));
+        if let [Some(node), _] = ops.parents {
+            let grad = match B::rnn_takes_output_grads(&grad) {
+                true => B::float_swap_dims(grad, 0, 1),
+                false => B::rnn_outputs_backward(grad, ops.state),
+            };
+            grads.register::<B>(node.id, grad);
         }
     }
+}
+
+/// The autodiff node of the final state that [`RnnBackend::rnn_layer_outputs`] returns
+/// (parent: the recurrence op's output); its state is that output's shape and the step the
+/// state was read from. The outputs' node runs its backward first and may have registered the
+/// outputs' gradient alone ([`RnnBackend::rnn_takes_output_grads`]), to which burn could not
+/// add a whole-width gradient: this node takes that back, widens it, adds the final state's
+/// gradient at its step and registers the sum. It runs only where the loss reads the state.
+#[derive(Debug)]
+struct FinalStateBackward;
+
+impl<B: RnnBackend> Backward<B, 1> for FinalStateBackward {
+    type State = (FloatTensor<B>, [usize; 3], usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (template, [len, batch, width], last) = ops.state.clone();
+        // The outputs' node reaches this one as its parent even where the loss does not read
+        // the state: then there is no gradient here.
+        let Some(grad) = take_registered::<B, _, 1>(grads, &ops, None, template) else {
+            return;
+        };
+        let Some(node) = ops.parents[0].clone() else {
+            return;
+        };
+        let full = match take_registered::<B, _, 1>(grads, &ops, Some(0), grad.clone()) {
+            Some(alone) if float::<B, 3>(alone.clone()).dims()[2] < width => {
+                B::rnn_outputs_backward(B::float_swap_dims(alone, 0, 1), width)
+            }
+            Some(full) => full,
+            None => {
+                let device = B::float_device(&grad);
+                primitive(Tensor::<B, 3>::zeros([len, batch, width], &device))
+            }
+        };
+        let sum = outputs::add_final_state_grad::<B>(full, grad, last);
+        grads.register::<B>(node.id, sum);
+    }
+}
+
+/// Takes out of `grads` the gradient registered for `ops`' node, or for its parent number
+/// `parent`: `None` where there is none (where `Gradients::consume` would panic). `Gradients`
+/// finds a gradient by a tensor of the node: one is made for the purpose from `template`.
+fn take_registered<B: Backend, S, const N: usize>(
+    grads: &mut Gradients,
+    ops: &Ops<S, N>,
+    parent: Option<usize>,
+    template: FloatTensor<B>,
+) -> Option<FloatTensor<B>> {
+    let node = match parent {
+        None => ops.node.clone(),
+        Some(index) => ops.parents[index].clone()?,
+    };
+    let mut probe = <Autodiff<B> as AutodiffBackend>::from_inner(template);
+    probe.rc = std::sync::Arc::new(node.id);
+    probe.node = node;
+    grads.remove::<B>(&probe)
 }
 
 /// The autodiff node of the projection (parents: input, weight and, when present, bias); its
@@ -1302,13 +1440,27 @@ pub enum RecurrencePath {
     Plain,
 }
 
-/// Each step's output, batch-major (`[batch, T, O]`, see [`RnnBackend::rnn_outputs`]), from
-/// the recurrence op's output: what the layer returns.
-pub fn outputs_batch_major<B: RnnBackend>(
+/// What a layer reads of the recurrence op's output (`[T, batch, W]`): each step's output,
+/// batch-major (`[batch, T, O]`, see [`RnnBackend::rnn_outputs`]), and the final state, the
+/// last `state_width` columns of step `last` (`[batch, S]`); `path`: the path that computed
+/// the op's output. The plain path reads them with burn's own tensor ops, the fused one with
+/// [`RnnBackend::rnn_layer_outputs`].
+pub fn layer_outputs<B: RnnBackend>(
     visible: Tensor<B, 3>,
     output_width: usize,
-) -> Tensor<B, 3> {
-    float(B::rnn_outputs(primitive(visible), output_width))
+    state_width: usize,
+    last: usize,
+    path: RecurrencePath,
+) -> (Tensor<B, 3>, Tensor<B, 2>) {
+    let visible = primitive(visible);
+    let (outputs, final_state) = match path {
+        RecurrencePath::Fused => B::rnn_layer_outputs(visible, output_width, state_width, last),
+        RecurrencePath::Plain => (
+            outputs::tensor_forward::<B>(visible.clone(), output_width),
+            outputs::final_state::<B>(visible, state_width, last),
+        ),
+    };
+    (float(outputs), float(final_state))
 }
 
 /// The projected recurrence op ([`RnnBackend::rnn_projected_recurrence`]) on high-level
