@@ -496,7 +496,9 @@ pub trait RnnBackend: Backend {
     /// What a layer reads of the recurrence op's own output `visible` (`[T, batch, W]`): each
     /// step's output, batch-major (as [`rnn_outputs`](RnnBackend::rnn_outputs) gives it), and
     /// the final state, the last `state_width` columns of step `last` (`[batch, S]`). The
-    /// op's backward may then take the outputs' gradient alone ([`rnn_takes_output_grads`]).
+    /// op's backward may then take the outputs' gradient alone ([`rnn_takes_output_grads`]),
+    /// so these two must be the only readers of `visible` (burn cannot sum that gradient with
+    /// a whole-width one from another node).
     ///
     /// [`rnn_takes_output_grads`]: RnnBackend::rnn_takes_output_grads
     fn rnn_layer_outputs(
@@ -1198,7 +1200,8 @@ impl<B: RnnBackend> Backward<B, 2> for OutputsBackward {
 /// state was read from. The outputs' node runs its backward first and may have registered the
 /// outputs' gradient alone ([`RnnBackend::rnn_takes_output_grads`]), to which burn could not
 /// add a whole-width gradient: this node takes that back, widens it, adds the final state's
-/// gradient at its step and registers the sum. It runs only where the loss reads the state.
+/// gradient at its step and registers the sum, where the loss reads the state (else it finds
+/// no gradient of its own and does nothing).
 #[derive(Debug)]
 struct FinalStateBackward;
 
