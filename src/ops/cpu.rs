@@ -525,6 +525,24 @@ impl<'a, F: HostFloat> HostView<'a, F> {
         }
     }
 
+    /// The backward on host memory, from the full packed sequence and the gradient of the op's
+    /// output (whole, or of the outputs alone: see [`host::OutputGrad`]).
+    fn backward<B: HostTensors, K: Recurrence>(
+        &self,
+        kernel: &K,
+        packed: &FloatTensor<B>,
+        grad: &FloatTensor<B>,
+    ) -> host::HostGrads<F> {
+        let packed = B::host_slice::<F, 3>(packed);
+        let (values, strides) = host_sequence::<B, F>(grad);
+        let grad = host::OutputGrad {
+            values: &values,
+            strides,
+            width: dims3::<B>(grad)[2],
+        };
+        host::backward(kernel, self.view(), &packed, grad)
+    }
+
     /// The forward on host memory: the full packed sequence and the op's output (a view of it).
     fn forward<B: HostTensors, K: Recurrence>(
         &self,
@@ -599,15 +617,7 @@ pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
     ) -> RecurrenceGrads<B> {
         let device = B::float_device(&input.xp);
         let view = HostView::<F>::read(&input);
-        let packed = B::host_slice::<F, 3>(&packed);
-        let (values, strides) = host_sequence::<B, F>(&grad);
-        let width = dims3::<B>(&grad)[2];
-        let grad = host::OutputGrad {
-            values: &values,
-            strides,
-            width,
-        };
-        let grads = host::backward(kernel, view.view(), &packed, grad);
+        let grads = view.backward::<B, K>(kernel, &packed, &grad);
         let [len, batch, width] = view.dims;
         let param_len = grads.params.len();
         RecurrenceGrads {
@@ -700,15 +710,7 @@ pub fn host_projected_backward<B: HostTensors + RnnBackend, K: Recurrence>(
     ) -> ProjectedGrads<B> {
         let device = B::float_device(&input.x);
         let view = HostView::<F>::read_projected(&input, grad_x);
-        let packed = B::host_slice::<F, 3>(&packed);
-        let (values, strides) = host_sequence::<B, F>(&grad);
-        let width = dims3::<B>(&grad)[2];
-        let grad = host::OutputGrad {
-            values: &values,
-            strides,
-            width,
-        };
-        let grads = host::backward(kernel, view.view(), &packed, grad);
+        let grads = view.backward::<B, K>(kernel, &packed, &grad);
         let ([len, batch, width], [input_width, _]) =
             (dims3::<B>(&input.x), dims::<B>(&input.weight));
         let (mut weight, mut bias) = grads.projection.expect("a projected backward");
