@@ -1400,7 +1400,6 @@ fn backward_block<F: HostFloat, K: Recurrence>(
         kernel, input, w, ..
     } = *shared;
     let (n, batch) = (rows.len(), input.batch);
-    let grad_w = shared.grad.width;
     let mut grad_params = vec![F::zero(); input.params.len()];
     let mut grad_state = vec![F::zero(); n * w.state];
     let mut grad_prev = vec![F::zero(); n * w.state];
@@ -1423,7 +1422,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     let steps = shared.steps;
     // A batch-major gradient (the layer's own, passed as a view) lies a sequence apart from
     // one batch row to the next: its rows are fetched a step ahead.
-    let batch_major_grad = shared.grad.strides.step < shared.grad.strides.row;
+    let batch_major_grad = shared.grad.is_batch_major();
     for (position, &t) in steps.iter().enumerate().rev() {
         // Where this step finds its rows of the written operands.
         let slot = t % shared.kept_steps;
@@ -1435,14 +1434,9 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             0 => RowStrides::time_major(batch, w.state).step_rows(input.state0, 0, &rows, w.state),
             _ => packed_rows(steps[position - 1]).cols(w.state_at, w.state),
         };
-        let grad_rows = shared
-            .grad
-            .strides
-            .step_rows(shared.grad.values, t, &rows, grad_w);
-        let next_grad_rows = (position > 0 && batch_major_grad).then(|| {
-            let strides = shared.grad.strides;
-            strides.step_rows(shared.grad.values, steps[position - 1], &rows, grad_w)
-        });
+        let grad_rows = shared.grad.step_rows(t, &rows);
+        let next_grad_rows = (position > 0 && batch_major_grad)
+            .then(|| shared.grad.step_rows(steps[position - 1], &rows));
         let row = packed_rows(t);
         for b in 0..n {
             let g = grad_rows.row(b);
@@ -1601,6 +1595,19 @@ pub struct OutputGrad<'a, F> {
     /// the rows leave the output out), or its first `O` columns alone, the state's gradient
     /// then zero (see [`crate::ops::RnnBackend::rnn_takes_output_grads`]).
     pub width: usize,
+}
+
+impl<'a, F: Copy> OutputGrad<'a, F> {
+    /// Rows `rows` of step `t`.
+    fn step_rows(&self, t: usize, rows: &Range<usize>) -> MatRef<'a, F> {
+        self.strides.step_rows(self.values, t, rows, self.width)
+    }
+
+    /// Whether one batch row lies a sequence apart from the next (the layer's own gradient,
+    /// passed as a view).
+    fn is_batch_major(&self) -> bool {
+        self.strides.step < self.strides.row
+    }
 }
 
 /// The backward of the recurrence op, from its inputs, the full packed sequence (as
