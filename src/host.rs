@@ -1335,6 +1335,8 @@ pub struct HostGrads<F> {
     /// With a [`Projection`]: the gradients of `W` (`[input_width, width]`) and of `b` (empty
     /// without a bias); `xp` then holds the gradient of `x` (empty when not asked for).
     pub projection: Option<(Vec<F>, Vec<F>)>,
+    /// With a [`HeadGrad`]: the head's weight gradient `[k, O]`.
+    pub head_weight: Option<Vec<F>>,
 }
 
 /// A contiguous copy of `m` transposed.
@@ -1387,15 +1389,19 @@ struct BlockGrads<'a, F> {
     products: Vec<ProductRows<'a, F>>,
 }
 
+/// What one block of the backward returns: its rows of the initial state's gradient, its sums
+/// of the parameter gradients that are not weight products (all of them with a projection),
+/// of the projection's gradients and of a head's weight gradient.
+type BlockResult<F> = (Vec<F>, Vec<F>, Vec<F>, Vec<F>);
+
 /// The backward walk over one block of batch rows: writes its rows of the projected-input
-/// gradient (of `x` with a projection) and of the written product operands; returns its rows
-/// of the initial state's gradient, its sum of the parameter gradients that are not weight
-/// products (all of them with a projection), and its sums of the projection's gradients.
+/// gradient (of `x` with a projection) and of the written product operands; returns the
+/// block's sums ([`BlockResult`]).
 fn backward_block<F: HostFloat, K: Recurrence>(
     shared: &BackwardShared<'_, F, K>,
     rows: Range<usize>,
     mut out: BlockGrads<'_, F>,
-) -> (Vec<F>, Vec<F>, Vec<F>) {
+) -> BlockResult<F> {
     let BackwardShared {
         kernel, input, w, ..
     } = *shared;
@@ -1420,9 +1426,11 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     let mut grad_projection =
         vec![F::zero(); input.projection.map_or(0, |p| p.weights.rows * w.input)];
     let steps = shared.steps;
-    // A batch-major gradient (the layer's own, passed as a view) lies a sequence apart from
-    // one batch row to the next: its rows are fetched a step ahead.
-    let batch_major_grad = shared.grad.is_batch_major();
+    let grad = shared.grad;
+    // With a head: each step's output gradient, and the block's sum of the head's weight
+    // gradient.
+    let mut head_rows = vec![F::zero(); grad.head.map_or(0, |_| n * grad.width(w.output))];
+    let mut head_weight = vec![F::zero(); grad.head.map_or(0, |h| h.weight.rows * w.output)];
     for (position, &t) in steps.iter().enumerate().rev() {
         // Where this step finds its rows of the written operands.
         let slot = t % shared.kept_steps;
@@ -1434,9 +1442,13 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             0 => RowStrides::time_major(batch, w.state).step_rows(input.state0, 0, &rows, w.state),
             _ => packed_rows(steps[position - 1]).cols(w.state_at, w.state),
         };
-        let grad_rows = shared.grad.step_rows(t, &rows);
-        let next_grad_rows = (position > 0 && batch_major_grad)
-            .then(|| shared.grad.step_rows(steps[position - 1], &rows));
+        let grad_rows = grad.step_rows(t, &rows, &mut head_rows);
+        // A batch-major gradient (the layer's own, passed as a view) lies a sequence apart
+        // from one batch row to the next: its rows are fetched a step ahead.
+        let next_grad_rows = match position {
+            0 => None,
+            _ => grad.rows_to_prefetch(steps[position - 1], &rows),
+        };
         let row = packed_rows(t);
         for b in 0..n {
             let g = grad_rows.row(b);
@@ -1503,6 +1515,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
                 .collect(),
         };
         kernel.host_step_backward(shared.params, step, grads);
+        grad.add_head_weight_grad(t, &rows, &mut head_weight);
         if let (Some(projection), Some(x)) = (&input.projection, projected_x) {
             let grad_xp = MatRef::new(&grad_xp_scratch, n, w.input);
             // [Wᵀ | b] += [x | 1]ᵀ · g.
@@ -1525,7 +1538,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             add_into(&mut grad_state, &carried);
         }
     }
-    (grad_state, grad_params, grad_projection)
+    (grad_state, grad_params, grad_projection, head_weight)
 }
 
 /// Asks the CPU to bring `values` into its caches; a no-op where there is no such instruction.
@@ -1584,20 +1597,18 @@ fn operand_rows<'a, F: Copy + Send + Sync>(
     MatMut::new(rows, n, width)
 }
 
-/// The gradient of the recurrence op's output as the backward reads it.
+/// Rows of a sequence where they lie: step `t`'s rows start `t · strides.step` in.
 #[derive(Debug, Clone, Copy)]
-pub struct OutputGrad<'a, F> {
+pub struct SequenceRows<'a, F> {
     /// The rows, where `strides` says.
     pub values: &'a [F],
     /// Where the rows lie in `values`.
     pub strides: RowStrides,
-    /// Columns per row: the op's whole output (`[T, batch, O + S]`, or `[T, batch, S]` where
-    /// the rows leave the output out), or its first `O` columns alone, the state's gradient
-    /// then zero (see [`crate::ops::RnnBackend::rnn_takes_output_grads`]).
+    /// Columns per row.
     pub width: usize,
 }
 
-impl<'a, F: Copy> OutputGrad<'a, F> {
+impl<'a, F: Copy> SequenceRows<'a, F> {
     /// Rows `rows` of step `t`.
     fn step_rows(&self, t: usize, rows: &Range<usize>) -> MatRef<'a, F> {
         self.strides.step_rows(self.values, t, rows, self.width)
@@ -1607,6 +1618,82 @@ impl<'a, F: Copy> OutputGrad<'a, F> {
     /// passed as a view).
     fn is_batch_major(&self) -> bool {
         self.strides.step < self.strides.row
+    }
+}
+
+/// The gradient of a per-step linear head `y_t = x_t · Wᵀ + b` on the op's outputs (`x_t`),
+/// in factors: the gradient `g_t` of `y_t` and `W`. The walk adds `g_t · W` to its step's
+/// output gradient and `g_tᵀ · x_t` to the head's weight gradient while the step's rows are
+/// in cache, where the head's own backward would write the whole `[T, batch, O]` gradient
+/// to memory for the walk to read back.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadGrad<'a, F> {
+    /// `g`, `k` columns.
+    pub grad: SequenceRows<'a, F>,
+    /// `W` `[k, O]`.
+    pub weight: MatRef<'a, F>,
+    /// `x`, the head's input: the op's outputs, `O` columns.
+    pub input: SequenceRows<'a, F>,
+}
+
+/// The gradient of the recurrence op's output as the backward reads it: a tensor's rows, a
+/// head's factors, or both summed.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputGrad<'a, F> {
+    /// Rows of the op's whole output (`[T, batch, O + S]`, or `[T, batch, S]` where the rows
+    /// leave the output out), or of its first `O` columns alone, the state's gradient then
+    /// zero (see [`crate::ops::RnnBackend::rnn_takes_output_grads`]).
+    pub rows: Option<SequenceRows<'a, F>>,
+    /// A per-step head's gradient, added to the output columns.
+    pub head: Option<HeadGrad<'a, F>>,
+}
+
+impl<'a, F: HostFloat> OutputGrad<'a, F> {
+    /// Columns per row of the gradient the walk reads (`output`: the op's output width).
+    fn width(&self, output: usize) -> usize {
+        self.rows.map_or(output, |rows| rows.width)
+    }
+
+    /// Rows `rows` of step `t`: where they lie, or with a head written into `scratch` (`n ×`
+    /// [`width`](Self::width)).
+    fn step_rows<'s>(&self, t: usize, rows: &Range<usize>, scratch: &'s mut [F]) -> MatRef<'s, F>
+    where
+        'a: 's,
+    {
+        let Some(head) = self.head else {
+            return self.rows.expect("a gradient").step_rows(t, rows);
+        };
+        let (n, output) = (rows.len(), head.weight.cols);
+        let width = scratch.len() / n.max(1);
+        let mut dst = MatMut::new(scratch, n, width);
+        let g = head.grad.step_rows(t, rows);
+        match self.rows {
+            Some(dense) => {
+                let dense = dense.step_rows(t, rows);
+                for b in 0..n {
+                    dst.row_mut(b).copy_from_slice(dense.row(b));
+                }
+                matmul(&mut dst.cols_mut(0, output), g, head.weight, true);
+            }
+            None => matmul(&mut dst, g, head.weight, false),
+        }
+        MatRef::new(scratch, n, width)
+    }
+
+    /// Adds step `t`'s share of the head's weight gradient, `g_tᵀ · x_t` over `rows`, to `acc`.
+    fn add_head_weight_grad(&self, t: usize, rows: &Range<usize>, acc: &mut [F]) {
+        if let Some(head) = self.head {
+            let (k, output) = (head.weight.rows, head.weight.cols);
+            let (g, x) = (head.grad.step_rows(t, rows), head.input.step_rows(t, rows));
+            matmul(&mut MatMut::new(acc, k, output), g.t(), x, true);
+        }
+    }
+
+    /// The next step's rows worth fetching ahead: a batch-major gradient's, whose rows lie a
+    /// sequence apart.
+    fn rows_to_prefetch(&self, t: usize, rows: &Range<usize>) -> Option<MatRef<'a, F>> {
+        let dense = self.rows.filter(|dense| dense.is_batch_major())?;
+        Some(dense.step_rows(t, rows))
     }
 }
 
@@ -1621,12 +1708,16 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     let projection = packed_projection(&input);
     let input = with_packed_projection(input, &projection);
     let w = Widths::of(kernel, input.mask.is_some());
+    let width = grad.width(w.output);
     assert!(
-        grad.width == w.visible() || grad.width == w.output,
-        "the gradient has {} columns: the op's output has {} and its outputs alone {}",
-        grad.width,
+        width == w.visible() || width == w.output,
+        "the gradient has {width} columns: the op's output has {} and its outputs alone {}",
         w.visible(),
         w.output
+    );
+    assert!(
+        grad.rows.is_some() || grad.head.is_some(),
+        "a gradient of the op's output"
     );
     let (len, batch) = (input.len, input.batch);
     let packed_strides = match packs_batch_major(kernel, &input) {
@@ -1717,15 +1808,19 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     let mut grad_state = Vec::with_capacity(batch * w.state);
     let mut grad_params = vec![F::zero(); input.params.len()];
     let mut grad_projection = Vec::new();
-    for (state, params, projection) in results {
+    let mut head_weight = Vec::new();
+    for (state, params, projection, head) in results {
         grad_state.extend_from_slice(&state);
         add_into(&mut grad_params, &params);
-        if grad_projection.is_empty() {
-            grad_projection = projection;
-        } else {
-            add_into(&mut grad_projection, &projection);
+        for (sum, block) in [(&mut grad_projection, projection), (&mut head_weight, head)] {
+            if sum.is_empty() {
+                *sum = block;
+            } else {
+                add_into(sum, &block);
+            }
         }
     }
+    let head_weight = grad.head.map(|_| head_weight);
     if let Some(projection) = input.projection {
         // The products were summed step by step.
         // Without a bias, `bias` is empty.
@@ -1736,6 +1831,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
             state0: grad_state,
             params: grad_params,
             projection: Some((weight, bias.to_vec())),
+            head_weight,
         };
     }
 
@@ -1769,6 +1865,7 @@ pub fn backward<F: HostFloat, K: Recurrence>(
         state0: grad_state,
         params: grad_params,
         projection: None,
+        head_weight,
     }
 }
 

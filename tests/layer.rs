@@ -320,6 +320,70 @@ fn gradients_match_the_plain_path_whether_the_loss_reads_outputs_or_states() {
     }
 }
 
+/// A per-step head on the layer's outputs passes its gradient to the recurrence op in factors
+/// on the fused path (`rnn_zoo::ops::head`): every gradient, of the layer's and the head's
+/// parameters and of the input, matches the plain path, alone and beside other readers of the
+/// outputs and states, masked or not, one layer or two, and with the head's weight frozen.
+#[test]
+fn gradients_through_a_per_step_head_match_the_plain_path() {
+    type B = F64Autodiff;
+    let device = Default::default();
+    let mask = Mask::from_lengths(&[5, 2, 4], 5, &device).unwrap();
+    let weights = Tensor::<B, 3>::random([3, 5, 2], Distribution::Default, &device);
+    for name in cell_names() {
+        for (layers, input_width) in [(1, 3), (2, 40)] {
+            let layer = config(name, input_width, 4)
+                .with_num_layers(layers)
+                .init::<B>(&device);
+            let head = burn::nn::LinearConfig::new(4, 2).init::<B>(&device);
+            let input = Tensor::<B, 3>::random([3, 5, input_width], Distribution::Default, &device);
+            let cases = [
+                ("head", None, false),
+                ("head", Some(&mask), false),
+                ("head+outputs", None, false),
+                ("head+states", Some(&mask), false),
+                ("head, frozen", None, true),
+            ];
+            for (reads, mask, frozen) in cases {
+                let head = match frozen {
+                    true => burn::module::Module::no_grad(head.clone()),
+                    false => head.clone(),
+                };
+                let gradients = |path| {
+                    let x = input.clone().require_grad();
+                    let (output, state) = layer.forward_with_path(x.clone(), mask, None, path);
+                    let projected = rnn_zoo::layer::linear_per_step(&head, output.clone());
+                    let mut loss = (projected * weights.clone()).sum();
+                    if reads.contains("outputs") {
+                        loss = loss + (output.clone() * output).sum();
+                    }
+                    if reads.contains("states") {
+                        let c = state.components[0].clone();
+                        loss = loss + (c.clone() * c).sum();
+                    }
+                    let grads = loss.backward();
+                    let mut found = vec![x.grad(&grads).expect("input gradient").into_data()];
+                    let params = gradients_of(layer.clone(), &grads).state_dict();
+                    found.extend(params.into_iter().map(|(_, d)| d));
+                    if !frozen {
+                        let bias = head.bias.as_ref().expect("a bias").val();
+                        found.push(head.weight.val().grad(&grads).unwrap().into_data());
+                        found.push(bias.grad(&grads).unwrap().into_data());
+                    }
+                    found
+                };
+                let fused = gradients(RecurrencePath::Fused);
+                let worst = max_difference(name, &fused, &gradients(RecurrencePath::Plain));
+                assert!(
+                    worst < 1e-5,
+                    "{name}, {layers} layer(s), {reads}, masked {}: fused and plain differ by {worst:e}",
+                    mask.is_some()
+                );
+            }
+        }
+    }
+}
+
 /// Recurrent dropout 0.4, zoneout 0.3.
 fn regularised(config: RnnLayerConfig<AnyCellConfig>) -> RnnLayerConfig<AnyCellConfig> {
     config.with_recurrent_dropout(0.4).with_zoneout(0.3)

@@ -120,6 +120,31 @@ where
     fn rnn_takes_output_grads(grad: &FloatTensor<Self>) -> bool {
         host_takes_output_grads::<Self>(grad)
     }
+
+    fn rnn_takes_head_grads(visible: &FloatTensor<Self>) -> bool {
+        host_takes_output_grads::<Self>(visible)
+    }
+
+    fn rnn_recurrence_backward_with_head<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: Option<FloatTensor<Self>>,
+        head: HeadGrad<Self>,
+    ) -> (RecurrenceGrads<Self>, FloatTensor<Self>) {
+        host_recurrence_backward_with_head::<Self, K>(kernel, input, packed, grad, head)
+    }
+
+    fn rnn_projected_backward_with_head<K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: Option<FloatTensor<Self>>,
+        head: HeadGrad<Self>,
+        grad_x: bool,
+    ) -> (ProjectedGrads<Self>, FloatTensor<Self>) {
+        host_projected_backward_with_head::<Self, K>(kernel, input, packed, grad, head, grad_x)
+    }
 }
 
 /// Rows (batch rows or steps) per chunk of the layout changes between the recurrence's
@@ -526,19 +551,39 @@ impl<'a, F: HostFloat> HostView<'a, F> {
     }
 
     /// The backward on host memory, from the full packed sequence and the gradient of the op's
-    /// output (whole, or of the outputs alone: see [`host::OutputGrad`]).
+    /// output: a tensor (whole, or of the outputs alone), a head's in factors, or both (see
+    /// [`host::OutputGrad`]).
     fn backward<B: HostTensors, K: Recurrence>(
         &self,
         kernel: &K,
         packed: &FloatTensor<B>,
-        grad: &FloatTensor<B>,
+        grad: Option<&FloatTensor<B>>,
+        head: Option<&HeadGrad<B>>,
     ) -> host::HostGrads<F> {
         let packed = B::host_slice::<F, 3>(packed);
-        let (values, strides) = host_sequence::<B, F>(grad);
+        let rows = grad.map(HostSequence::<F>::read::<B>);
+        // The head's gradient and input, time-major views of their batch-major tensors.
+        let time_major = |tensor: &FloatTensor<B>| B::float_swap_dims(tensor.clone(), 0, 1);
+        let head_tensors = head.map(|head| (time_major(&head.grad), time_major(&head.input)));
+        let head_rows = head
+            .zip(head_tensors.as_ref())
+            .map(|(head, (grad, input))| {
+                let weight = B::host_slice::<F, 2>(&head.weight);
+                (
+                    HostSequence::read::<B>(grad),
+                    weight,
+                    HostSequence::read::<B>(input),
+                )
+            });
         let grad = host::OutputGrad {
-            values: &values,
-            strides,
-            width: dims3::<B>(grad)[2],
+            rows: rows.as_ref().map(HostSequence::rows),
+            head: head_rows
+                .as_ref()
+                .map(|(grad, weight, input)| host::HeadGrad {
+                    grad: grad.rows(),
+                    weight: MatRef::new(weight, grad.width, input.width),
+                    input: input.rows(),
+                }),
         };
         host::backward(kernel, self.view(), &packed, grad)
     }
@@ -566,6 +611,33 @@ impl<'a, F: HostFloat> HostView<'a, F> {
         match batch_major {
             true => (packed, B::float_swap_dims(output, 0, 1)),
             false => (packed, output),
+        }
+    }
+}
+
+/// A `[T, batch, width]` tensor's rows on host memory ([`host_sequence`]).
+struct HostSequence<'a, F: Clone> {
+    values: Cow<'a, [F]>,
+    strides: host::RowStrides,
+    width: usize,
+}
+
+impl<'a, F: HostFloat> HostSequence<'a, F> {
+    fn read<B: HostTensors>(tensor: &'a FloatTensor<B>) -> Self {
+        let (values, strides) = host_sequence::<B, F>(tensor);
+        let width = dims3::<B>(tensor)[2];
+        Self {
+            values,
+            strides,
+            width,
+        }
+    }
+
+    fn rows(&self) -> host::SequenceRows<'_, F> {
+        host::SequenceRows {
+            values: &self.values,
+            strides: self.strides,
+            width: self.width,
         }
     }
 }
@@ -603,32 +675,71 @@ pub fn host_recurrence_forward<B: HostTensors, K: Recurrence>(
 }
 
 /// The backward of [`host_recurrence_forward`].
-pub fn host_recurrence_backward<B: HostTensors, K: Recurrence>(
+pub fn host_recurrence_backward<B: HostTensors + RnnBackend, K: Recurrence>(
     kernel: &K,
     input: RecurrenceInput<B>,
     packed: FloatTensor<B>,
     grad: FloatTensor<B>,
 ) -> RecurrenceGrads<B> {
-    fn run<B: HostTensors, F: HostFloat, K: Recurrence>(
-        kernel: &K,
-        input: RecurrenceInput<B>,
-        packed: FloatTensor<B>,
-        grad: FloatTensor<B>,
-    ) -> RecurrenceGrads<B> {
-        let device = B::float_device(&input.xp);
-        let view = HostView::<F>::read(&input);
-        let grads = view.backward::<B, K>(kernel, &packed, &grad);
-        let [len, batch, width] = view.dims;
-        let param_len = grads.params.len();
-        RecurrenceGrads {
-            xp: from_host::<B, F, 3>(grads.xp, [len, batch, width], &device),
-            state0: from_host::<B, F, 2>(grads.state0, [batch, kernel.state_width()], &device),
-            params: from_host::<B, F, 1>(grads.params, [param_len], &device),
-        }
-    }
     by_float_type!(&input.xp,
-        F => run::<B, F, K>(kernel, input, packed, grad),
+        F => host_recurrence_grads::<B, F, K>(kernel, input, packed, Some(grad), None).0,
         other => recurrence_backward::<B, K>(kernel, input, packed, grad))
+}
+
+/// [`RnnBackend::rnn_recurrence_backward_with_head`] on host memory: the head's share added
+/// step by step in the walk.
+pub fn host_recurrence_backward_with_head<B: HostTensors + RnnBackend, K: Recurrence>(
+    kernel: &K,
+    input: RecurrenceInput<B>,
+    packed: FloatTensor<B>,
+    grad: Option<FloatTensor<B>>,
+    head: HeadGrad<B>,
+) -> (RecurrenceGrads<B>, FloatTensor<B>) {
+    by_float_type!(&input.xp,
+    F => {
+        let (grads, weight) =
+            host_recurrence_grads::<B, F, K>(kernel, input, packed, grad, Some(head));
+        (grads, weight.expect("the head's weight gradient"))
+    },
+    other => {
+        let (grad, weight) = head.materialised(grad);
+        (recurrence_backward::<B, K>(kernel, input, packed, grad), weight)
+    })
+}
+
+/// The recurrence's gradients on host memory, and a head's weight gradient where there is a
+/// head.
+fn host_recurrence_grads<B: HostTensors, F: HostFloat, K: Recurrence>(
+    kernel: &K,
+    input: RecurrenceInput<B>,
+    packed: FloatTensor<B>,
+    grad: Option<FloatTensor<B>>,
+    head: Option<HeadGrad<B>>,
+) -> (RecurrenceGrads<B>, Option<FloatTensor<B>>) {
+    let device = B::float_device(&input.xp);
+    let view = HostView::<F>::read(&input);
+    let grads = view.backward::<B, K>(kernel, &packed, grad.as_ref(), head.as_ref());
+    let [len, batch, width] = view.dims;
+    let param_len = grads.params.len();
+    let recurrence = RecurrenceGrads {
+        xp: from_host::<B, F, 3>(grads.xp, [len, batch, width], &device),
+        state0: from_host::<B, F, 2>(grads.state0, [batch, kernel.state_width()], &device),
+        params: from_host::<B, F, 1>(grads.params, [param_len], &device),
+    };
+    (
+        recurrence,
+        head_weight::<B, F>(grads.head_weight, head, &device),
+    )
+}
+
+/// The head's weight gradient as a tensor of the head weight's shape.
+fn head_weight<B: HostTensors, F: HostFloat>(
+    values: Option<Vec<F>>,
+    head: Option<HeadGrad<B>>,
+    device: &B::Device,
+) -> Option<FloatTensor<B>> {
+    let shape = dims::<B>(&head?.weight);
+    Some(from_host::<B, F, 2>(values?, shape, device))
 }
 
 /// The widest layer input whose projection the CPU recurrence computes step by step: up to
@@ -701,37 +812,67 @@ pub fn host_projected_backward<B: HostTensors + RnnBackend, K: Recurrence>(
     grad: FloatTensor<B>,
     grad_x: bool,
 ) -> ProjectedGrads<B> {
-    fn run<B: HostTensors + RnnBackend, F: HostFloat, K: Recurrence>(
-        kernel: &K,
-        input: ProjectedInput<B>,
-        packed: FloatTensor<B>,
-        grad: FloatTensor<B>,
-        grad_x: bool,
-    ) -> ProjectedGrads<B> {
-        let device = B::float_device(&input.x);
-        let view = HostView::<F>::read_projected(&input, grad_x);
-        let grads = view.backward::<B, K>(kernel, &packed, &grad);
-        let ([len, batch, width], [input_width, _]) =
-            (dims3::<B>(&input.x), dims::<B>(&input.weight));
-        let (mut weight, mut bias) = grads.projection.expect("a projected backward");
-        // The passed-through columns' rows of the gradients belong to no parameter.
-        weight.truncate(input_width * width);
-        bias.truncate(input_width);
-        let param_len = grads.params.len();
-        ProjectedGrads {
-            x: grad_x.then(|| from_host::<B, F, 3>(grads.xp, [len, batch, width], &device)),
-            weight: from_host::<B, F, 2>(weight, [input_width, width], &device),
-            bias: input
-                .bias
-                .is_some()
-                .then(|| from_host::<B, F, 1>(bias, [input_width], &device)),
-            state0: from_host::<B, F, 2>(grads.state0, [batch, kernel.state_width()], &device),
-            params: from_host::<B, F, 1>(grads.params, [param_len], &device),
-        }
-    }
     by_float_type!(&input.x,
-        F => run::<B, F, K>(kernel, input, packed, grad, grad_x),
+        F => host_projected_grads::<B, F, K>(kernel, input, packed, Some(grad), None, grad_x).0,
         other => projected_backward_in_parts::<B, K>(kernel, input, packed, grad, grad_x))
+}
+
+/// [`RnnBackend::rnn_projected_backward_with_head`] on host memory: the head's share added
+/// step by step in the walk.
+pub fn host_projected_backward_with_head<B: HostTensors + RnnBackend, K: Recurrence>(
+    kernel: &K,
+    input: ProjectedInput<B>,
+    packed: FloatTensor<B>,
+    grad: Option<FloatTensor<B>>,
+    head: HeadGrad<B>,
+    grad_x: bool,
+) -> (ProjectedGrads<B>, FloatTensor<B>) {
+    by_float_type!(&input.x,
+    F => {
+        let (grads, weight) =
+            host_projected_grads::<B, F, K>(kernel, input, packed, grad, Some(head), grad_x);
+        (grads, weight.expect("the head's weight gradient"))
+    },
+    other => {
+        let (grad, weight) = head.materialised(grad);
+        let grads = projected_backward_in_parts::<B, K>(kernel, input, packed, grad, grad_x);
+        (grads, weight)
+    })
+}
+
+/// The projected recurrence's gradients on host memory, and a head's weight gradient where
+/// there is a head.
+fn host_projected_grads<B: HostTensors + RnnBackend, F: HostFloat, K: Recurrence>(
+    kernel: &K,
+    input: ProjectedInput<B>,
+    packed: FloatTensor<B>,
+    grad: Option<FloatTensor<B>>,
+    head: Option<HeadGrad<B>>,
+    grad_x: bool,
+) -> (ProjectedGrads<B>, Option<FloatTensor<B>>) {
+    let device = B::float_device(&input.x);
+    let view = HostView::<F>::read_projected(&input, grad_x);
+    let grads = view.backward::<B, K>(kernel, &packed, grad.as_ref(), head.as_ref());
+    let ([len, batch, width], [input_width, _]) = (dims3::<B>(&input.x), dims::<B>(&input.weight));
+    let (mut weight, mut bias) = grads.projection.expect("a projected backward");
+    // The passed-through columns' rows of the gradients belong to no parameter.
+    weight.truncate(input_width * width);
+    bias.truncate(input_width);
+    let param_len = grads.params.len();
+    let projected = ProjectedGrads {
+        x: grad_x.then(|| from_host::<B, F, 3>(grads.xp, [len, batch, width], &device)),
+        weight: from_host::<B, F, 2>(weight, [input_width, width], &device),
+        bias: input
+            .bias
+            .is_some()
+            .then(|| from_host::<B, F, 1>(bias, [input_width], &device)),
+        state0: from_host::<B, F, 2>(grads.state0, [batch, kernel.state_width()], &device),
+        params: from_host::<B, F, 1>(grads.params, [param_len], &device),
+    };
+    (
+        projected,
+        head_weight::<B, F>(grads.head_weight, head, &device),
+    )
 }
 
 /// The rows of a `[T, batch, width]` tensor where they lie (burn-ndarray: in place, whether

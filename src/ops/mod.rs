@@ -29,6 +29,7 @@ use burn::tensor::{
 
 use crate::cell::sru::SruKernel;
 use crate::host::{HostFloat, HostStep, HostStepGrads, MatMut, MatRef, WeightProduct};
+pub use head::HeadGrad;
 
 #[cfg(feature = "ndarray")]
 pub mod cpu;
@@ -38,6 +39,7 @@ pub mod cube;
 pub mod cube_lstm;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod fusion;
+pub mod head;
 
 /// The recurrent part of a cell, free of any backend: it knows the widths of its tensors and
 /// how to advance one step (and its backward) from an input that was projected beforehand.
@@ -493,6 +495,47 @@ pub trait RnnBackend: Backend {
         false
     }
 
+    /// Whether the recurrence op's backward, for an output like `visible`, takes the gradient
+    /// of a per-step linear head on its outputs in factors ([`HeadGrad`], see [`head`]). The
+    /// host path does. Default: no.
+    fn rnn_takes_head_grads(visible: &FloatTensor<Self>) -> bool {
+        let _ = visible;
+        false
+    }
+
+    /// [`rnn_recurrence_backward`](RnnBackend::rnn_recurrence_backward) from `grad` (the
+    /// gradient that reached the op as a tensor, if any) and a head's gradient in factors;
+    /// also the head's weight gradient. The default materialises the head's gradient
+    /// ([`HeadGrad::materialised`]).
+    fn rnn_recurrence_backward_with_head<K: Recurrence>(
+        kernel: &K,
+        input: RecurrenceInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: Option<FloatTensor<Self>>,
+        head: HeadGrad<Self>,
+    ) -> (RecurrenceGrads<Self>, FloatTensor<Self>) {
+        let (grad, grad_weight) = head.materialised(grad);
+        let grads = Self::rnn_recurrence_backward(kernel, input, packed, grad);
+        (grads, grad_weight)
+    }
+
+    /// [`rnn_projected_backward`](RnnBackend::rnn_projected_backward) with a head's gradient
+    /// in factors, as [`rnn_recurrence_backward_with_head`].
+    ///
+    /// [`rnn_recurrence_backward_with_head`]: RnnBackend::rnn_recurrence_backward_with_head
+    fn rnn_projected_backward_with_head<K: Recurrence>(
+        kernel: &K,
+        input: ProjectedInput<Self>,
+        packed: FloatTensor<Self>,
+        grad: Option<FloatTensor<Self>>,
+        head: HeadGrad<Self>,
+        grad_x: bool,
+    ) -> (ProjectedGrads<Self>, FloatTensor<Self>) {
+        let (grad, grad_weight) = head.materialised(grad);
+        let grads = Self::rnn_projected_backward(kernel, input, packed, grad, grad_x);
+        (grads, grad_weight)
+    }
+
     /// What a layer reads of the recurrence op's own output `visible` (`[T, batch, W]`): each
     /// step's output, batch-major (as [`rnn_outputs`](RnnBackend::rnn_outputs) gives it), and
     /// the final state, the last `state_width` columns of step `last` (`[batch, S]`). The
@@ -933,7 +976,7 @@ pub fn recurrence_backward<B: Backend, K: Recurrence>(
 struct RecurrenceBackward<K>(K);
 
 impl<B: RnnBackend, K: Recurrence> Backward<B, 3> for RecurrenceBackward<K> {
-    type State = (RecurrenceInput<B>, FloatTensor<B>);
+    type State = (RecurrenceInput<B>, FloatTensor<B>, Option<HeadToken>);
 
     fn backward(
         self,
@@ -941,10 +984,26 @@ impl<B: RnnBackend, K: Recurrence> Backward<B, 3> for RecurrenceBackward<K> {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let (rows, head) = op_grad::<B, _, 3>(grads, &ops, ops.state.1.clone());
         let [node_xp, node_state0, node_params] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (input, packed) = ops.state;
-        let result = B::rnn_recurrence_backward(&self.0, input, packed, grad);
+        let (input, packed, _) = ops.state;
+        let result = match head {
+            None => {
+                let Some(rows) = rows else { return };
+                B::rnn_recurrence_backward(&self.0, input, packed, rows)
+            }
+            Some(pending) => {
+                let (result, grad_weight) = B::rnn_recurrence_backward_with_head(
+                    &self.0,
+                    input,
+                    packed,
+                    rows,
+                    pending.head,
+                );
+                register_head_weight::<B>(grads, pending.weight_node, grad_weight);
+                result
+            }
+        };
         for (node, grad) in [
             (node_xp, result.xp),
             (node_state0, result.state0),
@@ -981,7 +1040,8 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (packed, output) = B::rnn_recurrence_split(kernel, inner.clone());
-                prep.finish((inner, packed), output)
+                let token = op_token::<B>(&output);
+                marked_op(prep.finish((inner, packed, token.clone()), output), token)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rnn_recurrence(kernel, inner)),
         }
@@ -1046,12 +1106,25 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
         // The final state is a parent of the outputs only so that their node is deeper in the
         // graph: burn runs its backward first (see `FinalStateBackward`).
         let outputs = B::rnn_outputs(inner, output_width);
+        let op = (visible.node.id, visible.node.order);
         let outputs = match OutputsBackward
             .prepare::<C>([visible.node, final_state.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(dims[2], outputs),
+            OpsKind::Tracked(prep) => {
+                // A head on these outputs may pass its gradient in factors where they read a
+                // recurrence op that takes them (see `head`).
+                let token = head::take_op_mark(op.0).then(HeadToken::default);
+                let state = (dims[2], outputs.clone(), token.clone());
+                let outputs = prep.finish(state, outputs);
+                if let Some(token) = &token {
+                    let (op_order, op_width) = (op.1, dims[2]);
+                    let mark = head::OutputsMark { op_order, op_width };
+                    head::mark_outputs(outputs.node.id, mark, token);
+                }
+                outputs
+            }
             OpsKind::UnTracked(prep) => prep.finish(outputs),
         };
         (outputs, final_state)
@@ -1102,7 +1175,7 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
 #[derive(Debug)]
 struct ProjectedBackward<K>(K);
 
-type ProjectedState<B> = (ProjectedInput<B>, FloatTensor<B>);
+type ProjectedState<B> = (ProjectedInput<B>, FloatTensor<B>, Option<HeadToken>);
 
 impl<K: Recurrence> ProjectedBackward<K> {
     fn run<B: RnnBackend, const N: usize>(
@@ -1110,8 +1183,8 @@ impl<K: Recurrence> ProjectedBackward<K> {
         ops: Ops<ProjectedState<B>, N>,
         grads: &mut Gradients,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
-        let (input, packed) = ops.state;
+        let (rows, head) = op_grad::<B, _, N>(grads, &ops, ops.state.1.clone());
+        let (input, packed, _) = ops.state;
         let has_bias = input.bias.is_some();
         let mut parents = ops.parents.into_iter();
         let (node_x, node_weight) = (parents.next().flatten(), parents.next().flatten());
@@ -1121,7 +1194,25 @@ impl<K: Recurrence> ProjectedBackward<K> {
             None
         };
         let (node_state0, node_params) = (parents.next().flatten(), parents.next().flatten());
-        let result = B::rnn_projected_backward(&self.0, input, packed, grad, node_x.is_some());
+        let grad_x = node_x.is_some();
+        let result = match head {
+            None => {
+                let Some(rows) = rows else { return };
+                B::rnn_projected_backward(&self.0, input, packed, rows, grad_x)
+            }
+            Some(pending) => {
+                let (result, grad_weight) = B::rnn_projected_backward_with_head(
+                    &self.0,
+                    input,
+                    packed,
+                    rows,
+                    pending.head,
+                    grad_x,
+                );
+                register_head_weight::<B>(grads, pending.weight_node, grad_weight);
+                result
+            }
+        };
         let pairs = [
             (node_x, result.x),
             (node_weight, Some(result.weight)),
@@ -1168,7 +1259,8 @@ where
     match kind {
         OpsKind::Tracked(prep) => {
             let (packed, output) = B::rnn_projected_split(kernel, inner.clone());
-            prep.finish((inner, packed), output)
+            let token = op_token::<B>(&output);
+            marked_op(prep.finish((inner, packed, token.clone()), output), token)
         }
         OpsKind::UnTracked(prep) => prep.finish(B::rnn_projected_recurrence(kernel, inner)),
     }
@@ -1176,21 +1268,30 @@ where
 
 /// The autodiff node of the outputs that [`RnnBackend::rnn_layer_outputs`] returns (parents:
 /// the recurrence op's output and the final state, which gets no gradient here); its state is
-/// the op output's width.
+/// the op output's width, the outputs (to probe `Gradients` with) and, where a head may pass
+/// its gradient in factors, the token of this node's mark (see [`head`]).
 #[derive(Debug)]
 struct OutputsBackward;
 
 impl<B: RnnBackend> Backward<B, 2> for OutputsBackward {
-    type State = usize;
+    type State = (usize, FloatTensor<B>, Option<HeadToken>);
 
-    fn backward(self, ops: Ops<usize, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<B>(&ops.node);
-        if let [Some(node), _] = ops.parents {
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = take_registered::<B, _, 2>(grads, &ops, None, ops.state.1.clone());
+        // Taken whether or not there is a parent to hand it to: nothing is left behind.
+        let head = head::take_head::<B>(ops.node.id);
+        let [Some(node), _] = ops.parents else {
+            return;
+        };
+        if let Some(grad) = grad {
             let grad = match B::rnn_takes_output_grads(&grad) {
                 true => B::float_swap_dims(grad, 0, 1),
-                false => B::rnn_outputs_backward(grad, ops.state),
+                false => B::rnn_outputs_backward(grad, ops.state.0),
             };
             grads.register::<B>(node.id, grad);
+        }
+        if let Some(pending) = head {
+            head::put_head(node.id, pending);
         }
     }
 }
@@ -1252,6 +1353,48 @@ fn take_registered<B: Backend, S, const N: usize>(
     grads.remove::<B>(&probe)
 }
 
+/// What keeps a mark of [`head`] alive: held in its node's state.
+type HeadToken = std::sync::Arc<()>;
+
+/// A token for the mark of a recurrence op's `output`, where the backend's backward takes a
+/// head's gradient in factors.
+fn op_token<B: RnnBackend>(output: &FloatTensor<B>) -> Option<HeadToken> {
+    B::rnn_takes_head_grads(output).then(HeadToken::default)
+}
+
+/// The recurrence op's output, marked for a layer outputs' node where there is a `token`.
+fn marked_op<B: Backend>(
+    output: FloatTensor<Autodiff<B>>,
+    token: Option<HeadToken>,
+) -> FloatTensor<Autodiff<B>> {
+    if let Some(token) = &token {
+        head::mark_op(output.node.id, token);
+    }
+    output
+}
+
+/// The gradient of a recurrence op's output: what reached its node through `Gradients`, and a
+/// head's gradient in factors (either may be missing); `template`: any tensor of `B`.
+fn op_grad<B: RnnBackend, S, const N: usize>(
+    grads: &mut Gradients,
+    ops: &Ops<S, N>,
+    template: FloatTensor<B>,
+) -> (Option<FloatTensor<B>>, Option<head::Pending<B>>) {
+    let rows = take_registered::<B, S, N>(grads, ops, None, template);
+    (rows, head::take_head::<B>(ops.node.id))
+}
+
+/// Registers a head's weight gradient that the recurrence op computed, where it is wanted.
+fn register_head_weight<B: Backend>(
+    grads: &mut Gradients,
+    node: Option<burn::backend::autodiff::NodeId>,
+    grad: FloatTensor<B>,
+) {
+    if let Some(node) = node {
+        grads.register::<B>(node, grad);
+    }
+}
+
 /// The autodiff node of the projection (parents: input, weight and, when present, bias); its
 /// state is the input, the weight and the passthrough.
 #[derive(Debug)]
@@ -1266,6 +1409,19 @@ impl LinearBackward {
         let mut parents = ops.parents.into_iter();
         let (node_x, node_weight) = (parents.next().flatten(), parents.next().flatten());
         let node_bias = parents.next().flatten();
+        // A head on a layer's outputs: its input gradient goes to the recurrence op in factors.
+        let outputs_mark = match (&node_x, passthrough) {
+            (Some(node), None) => head::take_outputs_mark(node.id).map(|mark| (node.id, mark)),
+            _ => None,
+        };
+        if let Some((node, mark)) = outputs_mark {
+            let weight_node = node_weight.map(|node| (node.id, node.order));
+            let bias_node = node_bias.map(|node| node.id);
+            let pending =
+                head_in_factors::<B>(grads, grad, x, weight, mark, weight_node, bias_node);
+            head::put_head(node, pending);
+            return;
+        }
         let params = node_weight.is_some() || node_bias.is_some();
         let (grad_x, grad_params) =
             linear_grads_wanted::<B>(grad, x, weight, passthrough, node_x.is_some(), params);
@@ -1280,6 +1436,48 @@ impl LinearBackward {
                 grads.register::<B>(node.id, grad_bias);
             }
         }
+    }
+}
+
+/// A head's gradient in factors for the recurrence op (see [`head`]), once this registers what
+/// the op does not compute: the bias gradient, and the weight's where burn runs the weight
+/// node's backward before the op's (its node `(id, order)` as deep as the op's or deeper).
+fn head_in_factors<B: RnnBackend>(
+    grads: &mut Gradients,
+    grad: FloatTensor<B>,
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    mark: head::OutputsMark,
+    weight_node: Option<(burn::backend::autodiff::NodeId, usize)>,
+    bias_node: Option<burn::backend::autodiff::NodeId>,
+) -> head::Pending<B> {
+    let (by_op, by_head) = match weight_node {
+        Some((id, order)) if order < mark.op_order => (Some(id), None),
+        other => (None, other.map(|(id, _)| id)),
+    };
+    if let Some(node) = by_head {
+        let (grad_weight, grad_bias) = B::rnn_linear_grad_params(grad.clone(), x.clone(), None);
+        grads.register::<B>(node, grad_weight);
+        if let Some(node) = bias_node {
+            grads.register::<B>(node, grad_bias);
+        }
+    } else if let Some(node) = bias_node {
+        let k = float::<B, 3>(grad.clone()).dims()[2];
+        let sums = float::<B, 3>(grad.clone())
+            .sum_dim(0)
+            .sum_dim(1)
+            .reshape([k]);
+        grads.register::<B>(node, primitive(sums));
+    }
+    let head = HeadGrad {
+        grad,
+        weight,
+        input: x,
+        op_width: mark.op_width,
+    };
+    head::Pending {
+        head,
+        weight_node: by_op,
     }
 }
 
