@@ -1430,7 +1430,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     // With a head: each step's output gradient, and the block's sum of the head's weight
     // gradient.
     let mut head_rows = vec![F::zero(); grad.head.map_or(0, |_| n * grad.width(w.output))];
-    let mut head_weight = vec![F::zero(); grad.head.map_or(0, |h| h.weight.rows * w.output)];
+    let mut head_weight = vec![F::zero(); grad.head_weight_len()];
     for (position, &t) in steps.iter().enumerate().rev() {
         // Where this step finds its rows of the written operands.
         let slot = t % shared.kept_steps;
@@ -1634,6 +1634,8 @@ pub struct HeadGrad<'a, F> {
     pub weight: MatRef<'a, F>,
     /// `x`, the head's input: the op's outputs, `O` columns.
     pub input: SequenceRows<'a, F>,
+    /// Whether to sum the weight gradient.
+    pub weight_grad: bool,
 }
 
 /// The gradient of the recurrence op's output as the backward reads it: a tensor's rows, a
@@ -1680,9 +1682,16 @@ impl<'a, F: HostFloat> OutputGrad<'a, F> {
         MatRef::new(scratch, n, width)
     }
 
-    /// Adds step `t`'s share of the head's weight gradient, `g_tᵀ · x_t` over `rows`, to `acc`.
+    /// Elements of the head's weight gradient, where the walk sums it (else 0).
+    fn head_weight_len(&self) -> usize {
+        let summed = self.head.filter(|head| head.weight_grad);
+        summed.map_or(0, |head| head.weight.rows * head.weight.cols)
+    }
+
+    /// Adds step `t`'s share of the head's weight gradient, `g_tᵀ · x_t` over `rows`, to `acc`,
+    /// where the walk sums it.
     fn add_head_weight_grad(&self, t: usize, rows: &Range<usize>, acc: &mut [F]) {
-        if let Some(head) = self.head {
+        if let Some(head) = self.head.filter(|head| head.weight_grad) {
             let (k, output) = (head.weight.rows, head.weight.cols);
             let (g, x) = (head.grad.step_rows(t, rows), head.input.step_rows(t, rows));
             matmul(&mut MatMut::new(acc, k, output), g.t(), x, true);
@@ -1820,7 +1829,10 @@ pub fn backward<F: HostFloat, K: Recurrence>(
             }
         }
     }
-    let head_weight = grad.head.map(|_| head_weight);
+    let head_weight = grad
+        .head
+        .filter(|head| head.weight_grad)
+        .map(|_| head_weight);
     if let Some(projection) = input.projection {
         // The products were summed step by step.
         // Without a bias, `bias` is empty.

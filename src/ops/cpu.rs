@@ -131,7 +131,7 @@ where
         packed: FloatTensor<Self>,
         grad: Option<FloatTensor<Self>>,
         head: HeadGrad<Self>,
-    ) -> (RecurrenceGrads<Self>, FloatTensor<Self>) {
+    ) -> (RecurrenceGrads<Self>, Option<FloatTensor<Self>>) {
         host_recurrence_backward_with_head::<Self, K>(kernel, input, packed, grad, head)
     }
 
@@ -142,7 +142,7 @@ where
         grad: Option<FloatTensor<Self>>,
         head: HeadGrad<Self>,
         grad_x: bool,
-    ) -> (ProjectedGrads<Self>, FloatTensor<Self>) {
+    ) -> (ProjectedGrads<Self>, Option<FloatTensor<Self>>) {
         host_projected_backward_with_head::<Self, K>(kernel, input, packed, grad, head, grad_x)
     }
 }
@@ -569,20 +569,21 @@ impl<'a, F: HostFloat> HostView<'a, F> {
             .zip(head_tensors.as_ref())
             .map(|(head, (grad, input))| {
                 let weight = B::host_slice::<F, 2>(&head.weight);
-                (
+                let (grad, input) = (
                     HostSequence::read::<B>(grad),
-                    weight,
                     HostSequence::read::<B>(input),
-                )
+                );
+                (grad, weight, input, head.weight_grad)
             });
         let grad = host::OutputGrad {
             rows: rows.as_ref().map(HostSequence::rows),
             head: head_rows
                 .as_ref()
-                .map(|(grad, weight, input)| host::HeadGrad {
+                .map(|(grad, weight, input, weight_grad)| host::HeadGrad {
                     grad: grad.rows(),
                     weight: MatRef::new(weight, grad.width, input.width),
                     input: input.rows(),
+                    weight_grad: *weight_grad,
                 }),
         };
         host::backward(kernel, self.view(), &packed, grad)
@@ -694,13 +695,9 @@ pub fn host_recurrence_backward_with_head<B: HostTensors + RnnBackend, K: Recurr
     packed: FloatTensor<B>,
     grad: Option<FloatTensor<B>>,
     head: HeadGrad<B>,
-) -> (RecurrenceGrads<B>, FloatTensor<B>) {
+) -> (RecurrenceGrads<B>, Option<FloatTensor<B>>) {
     by_float_type!(&input.xp,
-    F => {
-        let (grads, weight) =
-            host_recurrence_grads::<B, F, K>(kernel, input, packed, grad, Some(head));
-        (grads, weight.expect("the head's weight gradient"))
-    },
+    F => host_recurrence_grads::<B, F, K>(kernel, input, packed, grad, Some(head)),
     other => {
         let (grad, weight) = head.materialised(grad);
         (recurrence_backward::<B, K>(kernel, input, packed, grad), weight)
@@ -732,7 +729,7 @@ fn host_recurrence_grads<B: HostTensors, F: HostFloat, K: Recurrence>(
     )
 }
 
-/// The head's weight gradient as a tensor of the head weight's shape.
+/// The head's weight gradient as a tensor of the head weight's shape, where the walk summed it.
 fn head_weight<B: HostTensors, F: HostFloat>(
     values: Option<Vec<F>>,
     head: Option<HeadGrad<B>>,
@@ -826,13 +823,9 @@ pub fn host_projected_backward_with_head<B: HostTensors + RnnBackend, K: Recurre
     grad: Option<FloatTensor<B>>,
     head: HeadGrad<B>,
     grad_x: bool,
-) -> (ProjectedGrads<B>, FloatTensor<B>) {
+) -> (ProjectedGrads<B>, Option<FloatTensor<B>>) {
     by_float_type!(&input.x,
-    F => {
-        let (grads, weight) =
-            host_projected_grads::<B, F, K>(kernel, input, packed, grad, Some(head), grad_x);
-        (grads, weight.expect("the head's weight gradient"))
-    },
+    F => host_projected_grads::<B, F, K>(kernel, input, packed, grad, Some(head), grad_x),
     other => {
         let (grad, weight) = head.materialised(grad);
         let grads = projected_backward_in_parts::<B, K>(kernel, input, packed, grad, grad_x);

@@ -33,17 +33,29 @@ pub struct HeadGrad<B: Backend> {
     pub input: FloatTensor<B>,
     /// Columns of the op's output, `W`.
     pub op_width: usize,
+    /// Whether the op sums the head's weight gradient (not where it is not wanted, or where
+    /// the head's own node computes it).
+    pub weight_grad: bool,
 }
 
 impl<B: RnnBackend> HeadGrad<B> {
     /// What the head's own backward and the outputs' node would give, with the backend's ops:
     /// the op's whole output gradient `[T, batch, W]`, `rows` (the gradient that reached the
     /// op through `Gradients`, whole or of the outputs alone) plus the head's share, and the
-    /// head's weight gradient.
-    pub fn materialised(self, rows: Option<FloatTensor<B>>) -> (FloatTensor<B>, FloatTensor<B>) {
+    /// head's weight gradient where [`weight_grad`](Self::weight_grad).
+    pub fn materialised(
+        self,
+        rows: Option<FloatTensor<B>>,
+    ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
         let width = self.op_width;
-        let (grad_x, grad_weight, _) =
-            B::rnn_linear_grads(self.grad, self.input, self.weight, None);
+        let (grad_x, grad_weight) = match self.weight_grad {
+            true => {
+                let (grad_x, grad_weight, _) =
+                    B::rnn_linear_grads(self.grad, self.input, self.weight, None);
+                (grad_x, Some(grad_weight))
+            }
+            false => (B::rnn_linear_grad_input(self.grad, self.weight, None), None),
+        };
         let own = B::rnn_outputs_backward(grad_x, width);
         let grad = match rows {
             None => own,
@@ -60,7 +72,7 @@ impl<B: RnnBackend> HeadGrad<B> {
 }
 
 /// A head's gradient on its way to the op, and the node of the head's weight where the op
-/// registers its gradient (`None`: not wanted, or computed by the head's node).
+/// registers its gradient (where [`HeadGrad::weight_grad`]).
 pub(super) struct Pending<B: RnnBackend> {
     pub head: HeadGrad<B>,
     pub weight_node: Option<NodeId>,
@@ -113,15 +125,10 @@ pub(super) fn mark_op(node: NodeId, token: &Arc<()>) {
 
 /// Takes the mark of an op output: whether `node` is one.
 pub(super) fn take_op_mark(node: NodeId) -> bool {
-    let mut entries = entries();
-    match entries.remove(&node.value) {
-        Some(Entry::Op { .. }) => true,
-        Some(other) => {
-            entries.insert(node.value, other);
-            false
-        }
-        None => false,
-    }
+    take_if(node, |entry| {
+        matches!(entry, Entry::Op { .. }).then_some(())
+    })
+    .is_some()
 }
 
 /// Marks a layer outputs' node; the mark lives as long as `token`.
@@ -132,15 +139,18 @@ pub(super) fn mark_outputs(node: NodeId, mark: OutputsMark, token: &Arc<()>) {
 
 /// Takes the mark of a layer outputs' node, if `node` is one.
 pub(super) fn take_outputs_mark(node: NodeId) -> Option<OutputsMark> {
+    take_if(node, |entry| match entry {
+        Entry::Outputs { mark, .. } => Some(*mark),
+        _ => None,
+    })
+}
+
+/// Removes the entry of `node` where `read` finds in it what it looks for.
+fn take_if<T>(node: NodeId, read: impl FnOnce(&Entry) -> Option<T>) -> Option<T> {
     let mut entries = entries();
-    match entries.remove(&node.value) {
-        Some(Entry::Outputs { mark, .. }) => Some(mark),
-        Some(other) => {
-            entries.insert(node.value, other);
-            None
-        }
-        None => None,
-    }
+    let found = read(entries.get(&node.value)?)?;
+    entries.remove(&node.value);
+    Some(found)
 }
 
 /// Leaves a head's gradient for the backward of `node`.

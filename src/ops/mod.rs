@@ -505,15 +505,15 @@ pub trait RnnBackend: Backend {
 
     /// [`rnn_recurrence_backward`](RnnBackend::rnn_recurrence_backward) from `grad` (the
     /// gradient that reached the op as a tensor, if any) and a head's gradient in factors;
-    /// also the head's weight gradient. The default materialises the head's gradient
-    /// ([`HeadGrad::materialised`]).
+    /// also the head's weight gradient where [`HeadGrad::weight_grad`]. The default
+    /// materialises the head's gradient ([`HeadGrad::materialised`]).
     fn rnn_recurrence_backward_with_head<K: Recurrence>(
         kernel: &K,
         input: RecurrenceInput<Self>,
         packed: FloatTensor<Self>,
         grad: Option<FloatTensor<Self>>,
         head: HeadGrad<Self>,
-    ) -> (RecurrenceGrads<Self>, FloatTensor<Self>) {
+    ) -> (RecurrenceGrads<Self>, Option<FloatTensor<Self>>) {
         let (grad, grad_weight) = head.materialised(grad);
         let grads = Self::rnn_recurrence_backward(kernel, input, packed, grad);
         (grads, grad_weight)
@@ -530,7 +530,7 @@ pub trait RnnBackend: Backend {
         grad: Option<FloatTensor<Self>>,
         head: HeadGrad<Self>,
         grad_x: bool,
-    ) -> (ProjectedGrads<Self>, FloatTensor<Self>) {
+    ) -> (ProjectedGrads<Self>, Option<FloatTensor<Self>>) {
         let (grad, grad_weight) = head.materialised(grad);
         let grads = Self::rnn_projected_backward(kernel, input, packed, grad, grad_x);
         (grads, grad_weight)
@@ -1384,13 +1384,13 @@ fn op_grad<B: RnnBackend, S, const N: usize>(
     (rows, head::take_head::<B>(ops.node.id))
 }
 
-/// Registers a head's weight gradient that the recurrence op computed, where it is wanted.
+/// Registers a head's weight gradient that the recurrence op computed.
 fn register_head_weight<B: Backend>(
     grads: &mut Gradients,
     node: Option<burn::backend::autodiff::NodeId>,
-    grad: FloatTensor<B>,
+    grad: Option<FloatTensor<B>>,
 ) {
-    if let Some(node) = node {
+    if let (Some(node), Some(grad)) = (node, grad) {
         grads.register::<B>(node, grad);
     }
 }
@@ -1474,6 +1474,7 @@ fn head_in_factors<B: RnnBackend>(
         weight,
         input: x,
         op_width: mark.op_width,
+        weight_grad: by_op.is_some(),
     };
     head::Pending {
         head,
