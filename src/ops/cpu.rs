@@ -1309,6 +1309,76 @@ mod tests {
     /// and not (a kernel whose output is in its state then leaves it out of the host rows);
     /// and the same with each kind of recurrent noise around the cell (random noise values:
     /// the formulas hold for any).
+    /// The host backward with a head's gradient in factors gives what the head's gradient
+    /// materialised with the backend's ops gives ([`HeadGrad::materialised`], the path of
+    /// backends that do not take factors): every cell, masked or not, with and without a
+    /// gradient of the op's output beside the head's.
+    #[test]
+    fn head_in_factors_matches_the_materialised_head() {
+        let (len, batch, k) = (5, 3, 2);
+        let mask: Vec<f64> = (0..len)
+            .flat_map(|t| (0..batch).map(move |b| if t <= 4 - b { 1.0 } else { 0.0 }))
+            .collect();
+        for name in cell_names() {
+            let config = AnyCellConfig::named(name, 3, 4).unwrap();
+            let kernel = config.init_cell::<F64>(&Default::default()).kernel();
+            let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
+            for (masked, beside) in [(false, false), (false, true), (true, false), (true, true)] {
+                let input = RecurrenceInput::<F64> {
+                    xp: random([len, batch, kernel.input_width()]),
+                    state0: random([batch, kernel.state_width()]),
+                    params: random([param_len]),
+                    mask: masked.then(|| {
+                        primitive(Tensor::<F64, 2>::from_data(
+                            TensorData::new(mask.clone(), [len, batch]),
+                            &Default::default(),
+                        ))
+                    }),
+                    reverse: false,
+                };
+                let (packed, visible) = host_recurrence_forward::<F64, _>(&kernel, input.clone());
+                let width = dims3::<F64>(&visible)[2];
+                let output_width = kernel.output_width();
+                let head = HeadGrad {
+                    grad: random([batch, len, k]),
+                    weight: random([k, output_width]),
+                    input: host_outputs::<F64>(visible, output_width),
+                    op_width: width,
+                    weight_grad: true,
+                };
+                let rows = beside.then(|| random([len, batch, width]));
+                let (factors, weight) = host_recurrence_backward_with_head::<F64, _>(
+                    &kernel,
+                    input.clone(),
+                    packed.clone(),
+                    rows.clone(),
+                    head.clone(),
+                );
+                let (grad, expected_weight) = head.materialised(rows);
+                let expected = host_recurrence_backward::<F64, _>(&kernel, input, packed, grad);
+                let case = format!("{name} (masked {masked}, a gradient beside {beside})");
+                let weights = (weight.expect("summed"), expected_weight.expect("summed"));
+                let worst = [
+                    max_abs_diff(&case, &data::<3>(factors.xp), &data::<3>(expected.xp)),
+                    max_abs_diff(
+                        &case,
+                        &data::<2>(factors.state0),
+                        &data::<2>(expected.state0),
+                    ),
+                    max_abs_diff(
+                        &case,
+                        &data::<1>(factors.params),
+                        &data::<1>(expected.params),
+                    ),
+                    max_abs_diff(&case, &data::<2>(weights.0), &data::<2>(weights.1)),
+                ]
+                .into_iter()
+                .fold(0.0, f64::max);
+                assert!(worst < 1e-12, "{case}: {worst:e}");
+            }
+        }
+    }
+
     #[test]
     fn host_path_matches_tensor_path() {
         for name in cell_names() {
