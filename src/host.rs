@@ -875,6 +875,21 @@ pub struct HostStep<'a, F> {
     /// The transposed parameters, contiguous (a GEMM reads them 2-3x faster than a transposed
     /// view), in the order of [`Recurrence::param_shapes`].
     pub params_t: &'a [MatRef<'a, F>],
+    /// Rows that the next steps read from far apart in memory (`[batch, ·]` each): the kernel
+    /// fetches row `b` of each while it works on its own row `b`
+    /// ([`fetch_ahead`](HostStep::fetch_ahead)).
+    pub ahead: &'a [MatRef<'a, F>],
+}
+
+impl<F: Copy> HostStep<'_, F> {
+    /// Asks for row `b` of every [`ahead`](HostStep::ahead) view: called from the kernel's
+    /// loop over its rows, the fetches go out a row at a time between its computations,
+    /// where all of them at once would queue behind each other and stall the walk.
+    pub fn fetch_ahead(&self, b: usize) {
+        for rows in self.ahead {
+            prefetch(rows.row(b));
+        }
+    }
 }
 
 /// Where a host step's backward writes.
@@ -934,13 +949,11 @@ pub struct Projection<'a, F> {
     pub grad_x: bool,
 }
 
-impl<F: HostFloat> Projection<'_, F> {
+impl<'a, F: HostFloat> Projection<'a, F> {
     /// Rows `rows` of step `t` of the input, each with a 1 appended when there is a bias
     /// (`buf` holds them then): `[n, weights.rows]`.
     fn step_x<'s>(&'s self, t: usize, rows: &Range<usize>, buf: &'s mut Vec<F>) -> MatRef<'s, F> {
-        let [step, row] = self.x_strides;
-        let first = t * step + rows.start * row;
-        let x = MatRef::strided(&self.x[first..], rows.len(), self.width, row);
+        let x = self.x_rows(t, rows);
         if self.weights.rows == self.width {
             return x;
         }
@@ -950,6 +963,13 @@ impl<F: HostFloat> Projection<'_, F> {
             buf.push(F::one());
         }
         MatRef::new(buf, x.rows, self.width + 1)
+    }
+
+    /// Rows `rows` of step `t` of the input, where they lie.
+    fn x_rows(&self, t: usize, rows: &Range<usize>) -> MatRef<'a, F> {
+        let [step, row] = self.x_strides;
+        let first = t * step + rows.start * row;
+        MatRef::strided(&self.x[first..], rows.len(), self.width, row)
     }
 }
 
@@ -1431,6 +1451,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     // gradient.
     let mut head_rows = vec![F::zero(); grad.head.map_or(0, |_| n * grad.width(w.output))];
     let mut head_weight = vec![F::zero(); grad.head_weight_len()];
+    let mut ahead = Vec::new();
     for (position, &t) in steps.iter().enumerate().rev() {
         // Where this step finds its rows of the written operands.
         let slot = t % shared.kept_steps;
@@ -1443,23 +1464,26 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             _ => packed_rows(steps[position - 1]).cols(w.state_at, w.state),
         };
         let grad_rows = grad.step_rows(t, &rows, &mut head_rows);
-        // A batch-major gradient (the layer's own, passed as a view) lies a sequence apart
-        // from one batch row to the next: its rows are fetched a step ahead.
-        let next_grad_rows = match position {
-            0 => None,
-            _ => grad.rows_to_prefetch(steps[position - 1], &rows),
-        };
+        // What the next steps read where one batch row lies far from the next (a whole
+        // `[batch, width]` slab, or in a batch-major buffer a whole sequence, where the
+        // hardware's prefetcher loses track), for the kernel to fetch while it works: the
+        // previous state of the step after next, the next step's gradient and input rows.
+        ahead.clear();
+        if position >= 2 {
+            ahead.push(packed_rows(steps[position - 2]).cols(w.state_at, w.state));
+        }
+        if let Some(&next) = position.checked_sub(1).map(|p| &steps[p]) {
+            ahead.extend(grad.rows_ahead(next, &rows));
+            ahead.extend(input.projection.map(|p| p.x_rows(next, &rows)));
+        }
         let row = packed_rows(t);
         for b in 0..n {
             let g = grad_rows.row(b);
-            // The rows read below lie far apart in memory (a whole `[batch, width]` slab, or
-            // in a batch-major buffer a whole sequence, where the hardware's prefetcher loses
-            // track): fetched here, a row at a time between the state gradient's loads, they
-            // arrive while this loop runs instead of stalling the kernel. The packed row
-            // without its output columns: no kernel's backward reads them.
-            if let Some(next) = &next_grad_rows {
-                prefetch(next.row(b));
-            }
+            // This step's rows, where the last step did not fetch them (its first rows)
+            // or the cache lost them: fetched here, a row at a time between the state
+            // gradient's loads, they arrive while this loop runs instead of stalling the
+            // kernel. The packed row without its output columns: no kernel's backward reads
+            // them.
             prefetch(&g[..w.state_at]);
             prefetch(prev.row(b));
             prefetch(&row.row(b)[w.state_at..]);
@@ -1497,6 +1521,7 @@ fn backward_block<F: HostFloat, K: Recurrence>(
             grad_output,
             grad_state: MatRef::new(&grad_state, n, w.state),
             params_t: shared.params_t,
+            ahead: &ahead,
         };
         let xp_rows = zeroed(std::mem::take(&mut out.xp[t]));
         let grad_xp = match input.projection {
@@ -1698,11 +1723,16 @@ impl<'a, F: HostFloat> OutputGrad<'a, F> {
         }
     }
 
-    /// The next step's rows worth fetching ahead: a batch-major gradient's, whose rows lie a
-    /// sequence apart.
-    fn rows_to_prefetch(&self, t: usize, rows: &Range<usize>) -> Option<MatRef<'a, F>> {
-        let dense = self.rows.filter(|dense| dense.is_batch_major())?;
-        Some(dense.step_rows(t, rows))
+    /// Step `t`'s rows worth fetching ahead: those of a batch-major gradient (the layer's
+    /// own, passed as a view), whose rows lie a sequence apart, and the head's gradient.
+    fn rows_ahead(&self, t: usize, rows: &Range<usize>) -> impl Iterator<Item = MatRef<'a, F>> {
+        let dense = self.rows.filter(|dense| dense.is_batch_major());
+        let head = self.head.map(|head| head.grad);
+        let rows = rows.clone();
+        [dense, head]
+            .into_iter()
+            .flatten()
+            .map(move |sequence| sequence.step_rows(t, &rows))
     }
 }
 

@@ -497,6 +497,7 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
                 grad_output,
                 grad_state: MatRef::new(&grad_cell_state, batch, s),
                 params_t: step.params_t,
+                ahead: step.ahead,
             },
             HostStepGrads {
                 xp: xp.cols_mut(0, i),

@@ -324,6 +324,7 @@ impl Recurrence for GruKernel {
             &mut grads.prev,
             written,
             |b, dxp, grad_prev, operand| {
+                step.fetch_ahead(b);
                 // Every slice cut to `hd` first: the loops then run without bounds checks and
                 // vectorise.
                 let saved = &step.row.row(b)[hd..];

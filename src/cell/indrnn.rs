@@ -142,6 +142,7 @@ impl Recurrence for IndRnnKernel {
     ) {
         let u = params[0].row(0);
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, d_pre, grad_prev| {
+            step.fetch_ahead(b);
             // The state's gradient holds the output's too.
             let (h_new, g) = (step.row.row(b), step.grad_state.row(b));
             // Zipped rather than indexed: without bounds checks the loop vectorises (the

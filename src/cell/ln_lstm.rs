@@ -336,6 +336,7 @@ impl Recurrence for LnLstmKernel {
         // slot, and the gradient of the recurrent projection into dr; d(γ_c ĉ + β_c) waits in
         // the h_prev gradient's slot.
         host::for_each_row_triple(&mut grads.xp, &mut grads.prev, dr, |b, dz, gp, dr| {
+            step.fetch_ahead(b);
             let row = step.row.row(b);
             let gates = &row[at.gates..at.r_hat];
             let (r_hat, c_hat) = (&row[at.r_hat..at.c_hat], &row[at.c_hat..at.act]);

@@ -479,6 +479,7 @@ impl Recurrence for LstmKernel {
         // One batch row: writes dz (the gate pre-activation gradients, also the gradient of
         // the projected input) and the gradient of c_prev.
         let row_backward = |b: usize, dz: &mut [F], grad_prev: &mut [F]| {
+            step.fetch_ahead(b);
             let row = step.row.row(b);
             let rows = LstmRowGrads {
                 c_new: &row[hd..2 * hd],

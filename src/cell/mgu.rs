@@ -208,6 +208,7 @@ impl Recurrence for MguKernel {
             &mut grads.prev,
             fh,
             |b, dxp, grad_prev, operand| {
+                step.fetch_ahead(b);
                 // Every slice cut to `hd` first: the loop then runs without bounds checks and
                 // vectorises.
                 let saved = &step.row.row(b)[hd..];

@@ -214,6 +214,7 @@ impl Recurrence for RnnKernel {
     ) {
         let hd = self.hidden;
         grads.xp.for_each_row(|b, grad_pre| {
+            step.fetch_ahead(b);
             // The state's gradient holds the output's too.
             let (h, g) = (step.row.row(b), step.grad_state.row(b));
             for j in 0..hd {

@@ -364,6 +364,7 @@ impl Recurrence for SruKernel {
         let tanh_on = if self.use_tanh { one } else { F::zero() };
         let keep = host_product_keep(step.xp, self.dropout, hd);
         host::for_each_row_pair(&mut grads.xp, &mut grads.prev, |b, dxp, grad_c_prev| {
+            step.fetch_ahead(b);
             let c_new = &step.row.row(b)[hd..2 * hd];
             let (u0, x_f, x_r, skip) = sru_input_parts(step.xp.row(b), hd);
             let c_prev = &step.prev.row(b)[..hd];

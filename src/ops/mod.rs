@@ -115,7 +115,9 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
     );
     /// [`step_backward`](Recurrence::step_backward) on host memory. Weight gradients listed in
     /// [`host_weight_products`](Recurrence::host_weight_products) are left to the driver: the
-    /// step writes their operands instead.
+    /// step writes their operands instead. Its loop over the batch rows calls
+    /// [`step.fetch_ahead(b)`](HostStep::fetch_ahead) for each row `b` (the next steps' rows,
+    /// fetched while this one computes).
     fn host_step_backward<F: HostFloat>(
         &self,
         params: &[MatRef<F>],
