@@ -1,16 +1,18 @@
-//! The fused GPU kernels (SRU: `ops::cube`, LSTM: `ops::cube_lstm`) on the compiled-in GPU
-//! backend (`cuda`, else `wgpu`) against the plain tensor path on the same backend and against
-//! the CPU (burn-ndarray) op: outputs and every gradient, masked or not, in both directions
-//! (SRU also with and without `tanh`), then through a masked bidirectional layer. With `wgpu`
-//! it runs on any Vulkan device; CI uses Mesa's software one (lavapipe), so the shapes are
-//! small. H = 5 on purpose: a width that is not a multiple of 4 caught outputs allocated with
-//! padded rows on CUDA. The LSTM op also runs at H = 37, where the kernel's thread groups each
-//! sum several products. (`check`, the comparison helpers, comes with the default `ndarray`.)
+//! The fused GPU kernels (SRU: `ops::cube`, LSTM: `ops::cube_lstm`, GRU: `ops::cube_gru`) on
+//! the compiled-in GPU backend (`cuda`, else `wgpu`) against the plain tensor path on the same
+//! backend and against the CPU (burn-ndarray) op: outputs and every gradient, masked or not, in
+//! both directions (SRU also with and without `tanh`), then through a masked bidirectional
+//! layer. With `wgpu` it runs on any Vulkan device; CI uses Mesa's software one (lavapipe), so
+//! the shapes are small. H = 5 on purpose: a width that is not a multiple of 4 caught outputs
+//! allocated with padded rows on CUDA. The LSTM and GRU ops also run at H = 37, where the
+//! kernel's thread groups each sum several products. (`check`, the comparison helpers, comes
+//! with the default `ndarray`.)
 #![cfg(all(any(feature = "wgpu", feature = "cuda"), feature = "ndarray"))]
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
+use rnn_zoo::cell::gru::GruKernel;
 use rnn_zoo::cell::lstm::LstmKernel;
 use rnn_zoo::cell::sru::SruKernel;
 use rnn_zoo::check::{layer_results, max_abs_diff, max_difference};
@@ -189,6 +191,26 @@ fn fused_lstm_op_matches_plain_path_and_cpu() {
     assert!(failed.is_empty(), "paths differ: {failed:?}");
 }
 
+#[test]
+fn fused_gru_op_matches_plain_path_and_cpu() {
+    let mut failed = Vec::new();
+    // As for the LSTM: at 37 units each thread group sums a share of several products.
+    for hidden in [5, 37] {
+        let kernel = GruKernel {
+            hidden,
+            reset_after: true,
+            dropout: false,
+        };
+        failed.extend(compare_paths(
+            &format!("gru hidden={hidden}"),
+            &kernel,
+            true,
+            true,
+        ));
+    }
+    assert!(failed.is_empty(), "paths differ: {failed:?}");
+}
+
 /// Through the layer: a bidirectional, masked layer of `cell` reaches its kernel through
 /// `AnyCell`; output, states, the input's and every parameter's gradient, within `tolerance`.
 fn fused_layer_matches_plain_path(cell: &str, hidden: usize, tolerance: f64) {
@@ -243,6 +265,14 @@ fn fused_sru_layer_matches_plain_path() {
 fn fused_lstm_layer_matches_plain_path() {
     // The plain path's recurrent matmuls are TF32 on CUDA (measured 6.3e-4 on an H100).
     fused_layer_matches_plain_path("lstm", 5, MATMUL_TOLERANCE);
+}
+
+#[test]
+fn fused_gru_layer_matches_plain_path() {
+    // `gru-cho` (reset before the matmul) takes the plain tensor op on a GPU backend.
+    for cell in ["gru", "gru-cho"] {
+        fused_layer_matches_plain_path(cell, 5, MATMUL_TOLERANCE);
+    }
 }
 
 /// Recurrent dropout and zoneout wrap the cell's kernel, which then takes the GPU backend's

@@ -398,6 +398,11 @@ impl Recurrence for GruKernel {
         })
     }
 
+    fn as_plain_gru(&self) -> Option<usize> {
+        // The fused GPU kernel knows neither the reset-before variant nor dropout.
+        (self.reset_after && !self.dropout).then_some(self.hidden)
+    }
+
     fn host_weight_products(&self) -> Vec<WeightProduct> {
         let hd = self.hidden;
         // Under dropout the products read the masked state, which the step writes.

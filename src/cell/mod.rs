@@ -533,6 +533,9 @@ macro_rules! register_cells {
             fn as_plain_lstm(&self) -> Option<usize> {
                 match self { $(Self::$variant(k) => k.as_plain_lstm()),* }
             }
+            fn as_plain_gru(&self) -> Option<usize> {
+                match self { $(Self::$variant(k) => k.as_plain_gru()),* }
+            }
             fn with_product_dropout(&self) -> Option<Self> {
                 match self { $(Self::$variant(k) => k.with_product_dropout().map(Self::$variant)),* }
             }

@@ -26,7 +26,11 @@ const MAX_SPLIT: usize = 8;
 
 /// The `[start, end)` slice of `0..len` that group `group` of `split` sums over.
 #[cube]
-fn share_of(group: usize, #[comptime] len: usize, #[comptime] split: usize) -> (usize, usize) {
+pub(super) fn share_of(
+    group: usize,
+    #[comptime] len: usize,
+    #[comptime] split: usize,
+) -> (usize, usize) {
     let chunk = comptime!(len.div_ceil(split));
     let start = group * chunk;
     let mut end = start + chunk;
@@ -253,7 +257,7 @@ fn max_units_per_cube<R: CubeRuntime>(tensor: &CubeTensor<R>) -> usize {
 
 /// How many thread groups share a step's dot products: the most, up to [`MAX_SPLIT`], that
 /// fit in a cube.
-fn split_of<R: CubeRuntime>(tensor: &CubeTensor<R>, hidden: usize) -> usize {
+pub(super) fn split_of<R: CubeRuntime>(tensor: &CubeTensor<R>, hidden: usize) -> usize {
     let max_units = max_units_per_cube(tensor);
     (1..=MAX_SPLIT)
         .rev()
@@ -261,7 +265,7 @@ fn split_of<R: CubeRuntime>(tensor: &CubeTensor<R>, hidden: usize) -> usize {
         .unwrap_or(1)
 }
 
-fn launch_size(batch: usize, hidden: usize, split: usize) -> (CubeCount, CubeDim) {
+pub(super) fn launch_size(batch: usize, hidden: usize, split: usize) -> (CubeCount, CubeDim) {
     (
         CubeCount::Static(batch as u32, 1, 1),
         CubeDim::new_2d(hidden as u32, split as u32),

@@ -36,6 +36,8 @@ pub mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod cube_gru;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube_lstm;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod fusion;
@@ -144,6 +146,11 @@ pub trait Recurrence: Clone + Send + Sync + core::fmt::Debug + 'static {
     /// The hidden size, when this is `torch.nn.LSTM`'s cell (no peepholes, separate gates;
     /// params `[W_hhᵀ]`): the GPU backends have a fused kernel for it.
     fn as_plain_lstm(&self) -> Option<usize> {
+        None
+    }
+    /// The hidden size, when this is `torch.nn.GRU`'s cell (reset after the recurrent matmul;
+    /// params `[W_hhᵀ, b_hh]`): the GPU backends have a fused kernel for it.
+    fn as_plain_gru(&self) -> Option<usize> {
         None
     }
 }
@@ -1500,8 +1507,8 @@ impl<B: RnnBackend> Backward<B, 3> for LinearBackward {
     }
 }
 
-// GPU backends: the SRU and the plain LSTM run as one fused kernel per pass (`cube`,
-// `cube_lstm`), other cells as plain tensor ops.
+// GPU backends: the SRU, the plain LSTM and the plain GRU run as one fused kernel per pass
+// (`cube`, `cube_lstm`, `cube_gru`), other cells as plain tensor ops.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 impl<R, F, I, BT> RnnBackend for burn_cubecl::CubeBackend<R, F, I, BT>
 where
@@ -1517,8 +1524,9 @@ where
         if let Some(sru) = kernel.as_sru() {
             return cube::sru_forward(sru, cube_input(input));
         }
-        match fused_lstm_hidden(kernel, &input) {
-            Some(hidden) => cube_lstm::lstm_forward(hidden, cube_input(input)),
+        match fused_gated(kernel, &input) {
+            Some(Gated::Lstm(hidden)) => cube_lstm::lstm_forward(hidden, cube_input(input)),
+            Some(Gated::Gru(hidden)) => cube_gru::gru_forward(hidden, cube_input(input)),
             None => split::<Self, K>(kernel, recurrence_forward::<Self, K>(kernel, input)),
         }
     }
@@ -1539,50 +1547,65 @@ where
                 params: primitive(per_row.sum_dim(0).reshape([width])),
             };
         }
-        match fused_lstm_hidden(kernel, &input) {
-            Some(hidden) => lstm_backward_cube(hidden, input, packed, grad),
+        match fused_gated(kernel, &input) {
+            Some(Gated::Lstm(hidden)) => lstm_backward_cube(hidden, input, packed, grad),
+            Some(Gated::Gru(hidden)) => gru_backward_cube(hidden, input, packed, grad),
             None => recurrence_backward::<Self, K>(kernel, input, packed, grad),
         }
     }
 }
 
-/// The hidden size when the fused LSTM kernel runs this recurrence.
+/// A gated cell that one of the fused row-per-cube kernels runs, with its hidden size.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn fused_lstm_hidden<R, F, I, BT, K: Recurrence>(
+#[derive(Debug, Clone, Copy)]
+enum Gated {
+    Lstm(usize),
+    Gru(usize),
+}
+
+/// The fused kernel that runs this recurrence, where one does: `torch.nn.LSTM`'s or
+/// `torch.nn.GRU`'s cell, of at most as many units as a cube has threads.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn fused_gated<R, F, I, BT, K: Recurrence>(
     kernel: &K,
     input: &RecurrenceInput<burn_cubecl::CubeBackend<R, F, I, BT>>,
-) -> Option<usize>
+) -> Option<Gated>
 where
     R: burn_cubecl::CubeRuntime,
     F: burn_cubecl::FloatElement,
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
-    kernel
-        .as_plain_lstm()
-        .filter(|&hidden| cube_lstm::fits(&input.xp, hidden))
+    let gated = match (kernel.as_plain_lstm(), kernel.as_plain_gru()) {
+        (Some(hidden), _) => Gated::Lstm(hidden),
+        (None, Some(hidden)) => Gated::Gru(hidden),
+        (None, None) => return None,
+    };
+    let (Gated::Lstm(hidden) | Gated::Gru(hidden)) = gated;
+    cube_lstm::fits(&input.xp, hidden).then_some(gated)
 }
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+type Cube<R, F, I, BT> = burn_cubecl::CubeBackend<R, F, I, BT>;
 
 /// The fused LSTM backward: the kernel gives `dz` and the initial state's gradient; the
 /// weight gradient `Σ h_prevᵀ dz` is one chunked product over every step.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn lstm_backward_cube<R, F, I, BT>(
     hidden: usize,
-    input: RecurrenceInput<burn_cubecl::CubeBackend<R, F, I, BT>>,
-    packed: FloatTensor<burn_cubecl::CubeBackend<R, F, I, BT>>,
-    grad: FloatTensor<burn_cubecl::CubeBackend<R, F, I, BT>>,
-) -> RecurrenceGrads<burn_cubecl::CubeBackend<R, F, I, BT>>
+    input: RecurrenceInput<Cube<R, F, I, BT>>,
+    packed: FloatTensor<Cube<R, F, I, BT>>,
+    grad: FloatTensor<Cube<R, F, I, BT>>,
+) -> RecurrenceGrads<Cube<R, F, I, BT>>
 where
     R: burn_cubecl::CubeRuntime,
     F: burn_cubecl::FloatElement,
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
-    type Cb<R, F, I, BT> = burn_cubecl::CubeBackend<R, F, I, BT>;
     let gates = 4 * hidden;
-    let reverse = input.reverse;
-    let state0 = float::<Cb<R, F, I, BT>, 2>(input.state0.clone());
-    let weight = float::<Cb<R, F, I, BT>, 1>(input.params.clone())
+    let (state0, reverse) = (input.state0.clone(), input.reverse);
+    let weight = float::<Cube<R, F, I, BT>, 1>(input.params.clone())
         .reshape([hidden, gates])
         .transpose();
     let (grad_xp, grad_state0) = cube_lstm::lstm_backward(
@@ -1592,25 +1615,92 @@ where
         packed.clone(),
         grad,
     );
-    // The state each step started from, in step order.
-    let h_seq = float::<Cb<R, F, I, BT>, 3>(packed).narrow(2, hidden, hidden);
-    let len = h_seq.dims()[0];
-    let h0 = state0.narrow(1, 0, hidden).unsqueeze_dim::<3>(0);
-    let h_prev = match (len, reverse) {
-        (1, _) => h0,
-        (_, false) => Tensor::cat(vec![h0, h_seq.narrow(0, 0, len - 1)], 0),
-        (_, true) => Tensor::cat(vec![h_seq.narrow(0, 1, len - 1), h0], 0),
-    };
-    let (grad_weight, _) =
-        linear::tensor_grad_params::<Cb<R, F, I, BT>>(grad_xp.clone(), primitive(h_prev), None);
-    let grad_params = float::<Cb<R, F, I, BT>, 2>(grad_weight)
-        .transpose()
-        .reshape([hidden * gates]);
+    let h_prev = previous_h::<Cube<R, F, I, BT>>(packed, state0, hidden, reverse);
+    let (grad_weight, _) = recurrent_weight_grads::<Cube<R, F, I, BT>>(grad_xp.clone(), h_prev);
     RecurrenceGrads {
         xp: grad_xp,
         state0: grad_state0,
-        params: primitive(grad_params),
+        params: grad_weight,
     }
+}
+
+/// The fused GRU backward: the kernel gives the gradients of the projected input, of the
+/// initial state and of the recurrent pre-activations `d_hz`; the weight and bias gradients
+/// `Σ h_prevᵀ d_hz` and `Σ d_hz` are one chunked product over every step.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn gru_backward_cube<R, F, I, BT>(
+    hidden: usize,
+    input: RecurrenceInput<Cube<R, F, I, BT>>,
+    packed: FloatTensor<Cube<R, F, I, BT>>,
+    grad: FloatTensor<Cube<R, F, I, BT>>,
+) -> RecurrenceGrads<Cube<R, F, I, BT>>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    let gates = 3 * hidden;
+    let (state0, reverse) = (input.state0.clone(), input.reverse);
+    let weight = float::<Cube<R, F, I, BT>, 1>(input.params.clone())
+        .narrow(0, 0, hidden * gates)
+        .reshape([hidden, gates])
+        .transpose();
+    let grads = cube_gru::gru_backward(
+        hidden,
+        cube_input(input),
+        primitive(weight),
+        packed.clone(),
+        grad,
+    );
+    let h_prev = previous_h::<Cube<R, F, I, BT>>(packed, state0, hidden, reverse);
+    let (grad_weight, grad_bias) = recurrent_weight_grads::<Cube<R, F, I, BT>>(grads.hz, h_prev);
+    let params = Tensor::cat(
+        vec![
+            float::<Cube<R, F, I, BT>, 1>(grad_weight),
+            float::<Cube<R, F, I, BT>, 1>(grad_bias),
+        ],
+        0,
+    );
+    RecurrenceGrads {
+        xp: grads.xp,
+        state0: grads.state0,
+        params: primitive(params),
+    }
+}
+
+/// The `h` each step started from, in step order, `[T, B, H]`: `state0`'s first `H` columns
+/// and the packed sequence's columns `H..2H` (a fused gated kernel's `h out | h | ..` rows).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn previous_h<B: Backend>(
+    packed: FloatTensor<B>,
+    state0: FloatTensor<B>,
+    hidden: usize,
+    reverse: bool,
+) -> FloatTensor<B> {
+    let h_seq = float::<B, 3>(packed).narrow(2, hidden, hidden);
+    let len = h_seq.dims()[0];
+    let h0 = float::<B, 2>(state0)
+        .narrow(1, 0, hidden)
+        .unsqueeze_dim::<3>(0);
+    primitive(match (len, reverse) {
+        (1, _) => h0,
+        (_, false) => Tensor::cat(vec![h0, h_seq.narrow(0, 0, len - 1)], 0),
+        (_, true) => Tensor::cat(vec![h_seq.narrow(0, 1, len - 1), h0], 0),
+    })
+}
+
+/// The gradients of a recurrent weight `W_hhᵀ` `[H, G]` (flat) and of a bias added after it
+/// (`[G]`), from the gradient `d` `[T, B, G]` of their output and the `h` it read `[T, B, H]`.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn recurrent_weight_grads<B: Backend>(
+    d: FloatTensor<B>,
+    h_prev: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (grad_weight, grad_bias) = linear::tensor_grad_params::<B>(d, h_prev, None);
+    let grad_weight = float::<B, 2>(grad_weight).transpose();
+    let [hidden, gates] = grad_weight.dims();
+    (primitive(grad_weight.reshape([hidden * gates])), grad_bias)
 }
 
 /// The op's inputs as the fused SRU kernels take them.
