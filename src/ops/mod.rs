@@ -1548,8 +1548,7 @@ where
             };
         }
         match fused_gated(kernel, &input) {
-            Some(Gated::Lstm(hidden)) => lstm_backward_cube(hidden, input, packed, grad),
-            Some(Gated::Gru(hidden)) => gru_backward_cube(hidden, input, packed, grad),
+            Some(gated) => gated_backward_cube(gated, input, packed, grad),
             None => recurrence_backward::<Self, K>(kernel, input, packed, grad),
         }
     }
@@ -1588,11 +1587,13 @@ where
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 type Cube<R, F, I, BT> = burn_cubecl::CubeBackend<R, F, I, BT>;
 
-/// The fused LSTM backward: the kernel gives `dz` and the initial state's gradient; the
-/// weight gradient `Σ h_prevᵀ dz` is one chunked product over every step.
+/// The fused gated backward: the kernel gives the gradients of the projected input, of the
+/// initial state and of the recurrent pre-activations (the LSTM's are the projected input's,
+/// `dz`; the GRU's differ in the candidate's block, `r ⊙ dn`); the recurrent weight's gradient
+/// `Σ h_prevᵀ d` (and the GRU's recurrent bias', `Σ d`) is one chunked product over every step.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn lstm_backward_cube<R, F, I, BT>(
-    hidden: usize,
+fn gated_backward_cube<R, F, I, BT>(
+    gated: Gated,
     input: RecurrenceInput<Cube<R, F, I, BT>>,
     packed: FloatTensor<Cube<R, F, I, BT>>,
     grad: FloatTensor<Cube<R, F, I, BT>>,
@@ -1603,69 +1604,44 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
-    let gates = 4 * hidden;
+    let (hidden, gates) = match gated {
+        Gated::Lstm(hidden) => (hidden, 4 * hidden),
+        Gated::Gru(hidden) => (hidden, 3 * hidden),
+    };
     let (state0, reverse) = (input.state0.clone(), input.reverse);
-    let weight = float::<Cube<R, F, I, BT>, 1>(input.params.clone())
-        .reshape([hidden, gates])
-        .transpose();
-    let (grad_xp, grad_state0) = cube_lstm::lstm_backward(
-        hidden,
-        cube_input(input),
-        primitive(weight),
-        packed.clone(),
-        grad,
-    );
-    let h_prev = previous_h::<Cube<R, F, I, BT>>(packed, state0, hidden, reverse);
-    let (grad_weight, _) = recurrent_weight_grads::<Cube<R, F, I, BT>>(grad_xp.clone(), h_prev);
-    RecurrenceGrads {
-        xp: grad_xp,
-        state0: grad_state0,
-        params: grad_weight,
-    }
-}
-
-/// The fused GRU backward: the kernel gives the gradients of the projected input, of the
-/// initial state and of the recurrent pre-activations `d_hz`; the weight and bias gradients
-/// `Σ h_prevᵀ d_hz` and `Σ d_hz` are one chunked product over every step.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn gru_backward_cube<R, F, I, BT>(
-    hidden: usize,
-    input: RecurrenceInput<Cube<R, F, I, BT>>,
-    packed: FloatTensor<Cube<R, F, I, BT>>,
-    grad: FloatTensor<Cube<R, F, I, BT>>,
-) -> RecurrenceGrads<Cube<R, F, I, BT>>
-where
-    R: burn_cubecl::CubeRuntime,
-    F: burn_cubecl::FloatElement,
-    I: burn_cubecl::IntElement,
-    BT: burn_cubecl::BoolElement,
-{
-    let gates = 3 * hidden;
-    let (state0, reverse) = (input.state0.clone(), input.reverse);
+    // `W_hh` `[G, H]` from the params' `W_hhᵀ` (the GRU's `b_hh` follows it).
     let weight = float::<Cube<R, F, I, BT>, 1>(input.params.clone())
         .narrow(0, 0, hidden * gates)
         .reshape([hidden, gates])
         .transpose();
-    let grads = cube_gru::gru_backward(
-        hidden,
-        cube_input(input),
-        primitive(weight),
-        packed.clone(),
-        grad,
-    );
+    let (weight, packed_in) = (primitive(weight), packed.clone());
+    let (grad_xp, grad_state0, recurrent) = match gated {
+        Gated::Lstm(_) => {
+            let (dz, state0) =
+                cube_lstm::lstm_backward(hidden, cube_input(input), weight, packed_in, grad);
+            (dz.clone(), state0, dz)
+        }
+        Gated::Gru(_) => {
+            let grads = cube_gru::gru_backward(hidden, cube_input(input), weight, packed_in, grad);
+            (grads.xp, grads.state0, grads.hz)
+        }
+    };
     let h_prev = previous_h::<Cube<R, F, I, BT>>(packed, state0, hidden, reverse);
-    let (grad_weight, grad_bias) = recurrent_weight_grads::<Cube<R, F, I, BT>>(grads.hz, h_prev);
-    let params = Tensor::cat(
-        vec![
-            float::<Cube<R, F, I, BT>, 1>(grad_weight),
-            float::<Cube<R, F, I, BT>, 1>(grad_bias),
-        ],
-        0,
-    );
+    let (grad_weight, grad_bias) = recurrent_weight_grads::<Cube<R, F, I, BT>>(recurrent, h_prev);
+    let params = match gated {
+        Gated::Lstm(_) => grad_weight,
+        Gated::Gru(_) => primitive(Tensor::cat(
+            vec![
+                float::<Cube<R, F, I, BT>, 1>(grad_weight),
+                float::<Cube<R, F, I, BT>, 1>(grad_bias),
+            ],
+            0,
+        )),
+    };
     RecurrenceGrads {
-        xp: grads.xp,
-        state0: grads.state0,
-        params: primitive(params),
+        xp: grad_xp,
+        state0: grad_state0,
+        params,
     }
 }
 
