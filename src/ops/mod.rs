@@ -1562,6 +1562,22 @@ enum Gated {
     Gru(usize),
 }
 
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl Gated {
+    fn hidden(self) -> usize {
+        let (Self::Lstm(hidden) | Self::Gru(hidden)) = self;
+        hidden
+    }
+
+    /// Width of the recurrent product `h · W_hhᵀ`: four gates or three.
+    fn gates(self) -> usize {
+        match self {
+            Self::Lstm(hidden) => 4 * hidden,
+            Self::Gru(hidden) => 3 * hidden,
+        }
+    }
+}
+
 /// The fused kernel that runs this recurrence, where one does: `torch.nn.LSTM`'s or
 /// `torch.nn.GRU`'s cell, of at most as many units as a cube has threads.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
@@ -1580,8 +1596,7 @@ where
         (None, Some(hidden)) => Gated::Gru(hidden),
         (None, None) => return None,
     };
-    let (Gated::Lstm(hidden) | Gated::Gru(hidden)) = gated;
-    cube_lstm::fits(&input.xp, hidden).then_some(gated)
+    cube_lstm::fits(&input.xp, gated.hidden()).then_some(gated)
 }
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
@@ -1604,10 +1619,7 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
-    let (hidden, gates) = match gated {
-        Gated::Lstm(hidden) => (hidden, 4 * hidden),
-        Gated::Gru(hidden) => (hidden, 3 * hidden),
-    };
+    let (hidden, gates) = (gated.hidden(), gated.gates());
     let (state0, reverse) = (input.state0.clone(), input.reverse);
     // `W_hh` `[G, H]` from the params' `W_hhᵀ` (the GRU's `b_hh` follows it).
     let weight = float::<Cube<R, F, I, BT>, 1>(input.params.clone())
@@ -1679,7 +1691,7 @@ fn recurrent_weight_grads<B: Backend>(
     (primitive(grad_weight.reshape([hidden * gates])), grad_bias)
 }
 
-/// The op's inputs as the fused SRU kernels take them.
+/// The op's inputs as the fused kernels take them.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn cube_input<R, F, I, BT>(
     input: RecurrenceInput<burn_cubecl::CubeBackend<R, F, I, BT>>,
