@@ -947,6 +947,12 @@ pub struct Projection<'a, F> {
     pub weights: MatRef<'a, F>,
     /// Whether the backward computes the gradient of `x` (not for a layer's first input).
     pub grad_x: bool,
+    /// Recurrent noise, the step input's columns after the projection's (see
+    /// [`Regularised`](crate::regularisation::Regularised)): a multiplier per sequence,
+    /// `[batch, ·]`, the same at every step (dropout's) ...
+    pub keep: Option<MatRef<'a, F>>,
+    /// ... then rows of every step (zoneout's), `[T, batch, ·]`.
+    pub zone: Option<SequenceRows<'a, F>>,
 }
 
 impl<'a, F: HostFloat> Projection<'a, F> {
@@ -963,6 +969,21 @@ impl<'a, F: HostFloat> Projection<'a, F> {
             buf.push(F::one());
         }
         MatRef::new(buf, x.rows, self.width + 1)
+    }
+
+    /// Writes the noise of step `t`'s rows `rows` into the noise columns of `xp` (the
+    /// projection's own are the first `weights.cols`).
+    fn add_noise(&self, t: usize, rows: &Range<usize>, xp: &mut MatMut<F>) {
+        let keep = self
+            .keep
+            .map(|keep| keep.rows_range(rows.start, rows.len()));
+        let zone = self.zone.map(|zone| zone.step_rows(t, rows));
+        let mut at = self.weights.cols;
+        for noise in [keep, zone].into_iter().flatten() {
+            xp.cols_mut(at, noise.cols)
+                .for_each_row(|b, row| row.copy_from_slice(noise.row(b)));
+            at += noise.cols;
+        }
     }
 
     /// Rows `rows` of step `t` of the input, where they lie.
@@ -1008,7 +1029,9 @@ fn step_input<'a, F: HostFloat>(
         Some(projection) => {
             let x = projection.step_x(t, rows, &mut scratch.x);
             let mut xp = MatMut::new(&mut scratch.xp, rows.len(), width);
-            matmul(&mut xp, x, projection.weights, false);
+            let projected = projection.weights.cols;
+            matmul(&mut xp.cols_mut(0, projected), x, projection.weights, false);
+            projection.add_noise(t, rows, &mut xp);
             (MatRef::new(&scratch.xp, rows.len(), width), Some(x))
         }
         None => {
@@ -1443,8 +1466,12 @@ fn backward_block<F: HostFloat, K: Recurrence>(
     // of the projection's gradients, `[Wᵀ | b]`.
     let mut scratch = StepScratch::for_block(&input, n, w.input);
     let mut grad_xp_scratch = vec![F::zero(); scratch.xp.len()];
-    let mut grad_projection =
-        vec![F::zero(); input.projection.map_or(0, |p| p.weights.rows * w.input)];
+    let mut grad_projection = vec![
+        F::zero();
+        input
+            .projection
+            .map_or(0, |p| p.weights.rows * p.weights.cols)
+    ];
     let steps = shared.steps;
     let grad = shared.grad;
     // With a head: each step's output gradient, and the block's sum of the head's weight
@@ -1543,18 +1570,20 @@ fn backward_block<F: HostFloat, K: Recurrence>(
         grad.add_head_weight_grad(t, &rows, &mut head_weight);
         if let (Some(projection), Some(x)) = (&input.projection, projected_x) {
             let grad_xp = MatRef::new(&grad_xp_scratch, n, w.input);
+            // The projection's own columns (the noise's gradient belongs to nothing).
+            let (rows, cols) = (projection.weights.rows, projection.weights.cols);
+            let grad_projected = grad_xp.cols(0, cols);
             // [Wᵀ | b] += [x | 1]ᵀ · g.
-            let rows = projection.weights.rows;
             matmul(
-                &mut MatMut::new(&mut grad_projection, rows, w.input),
+                &mut MatMut::new(&mut grad_projection, rows, cols),
                 x.t(),
-                grad_xp,
+                grad_projected,
                 true,
             );
             if projection.grad_x {
                 let weight_t = projection.weights.rows_range(0, projection.width);
                 let mut dx = MatMut::new(xp_rows, n, projection.width);
-                matmul(&mut dx, grad_xp, weight_t.t(), false);
+                matmul(&mut dx, grad_projected, weight_t.t(), false);
             }
             add_step_products(shared, prev, grad_xp, &out.products, slot, &mut grad_params);
         }
@@ -1866,8 +1895,9 @@ pub fn backward<F: HostFloat, K: Recurrence>(
     if let Some(projection) = input.projection {
         // The products were summed step by step.
         // Without a bias, `bias` is empty.
-        let (weight_t, bias) = grad_projection.split_at(projection.width * w.input);
-        let weight = transpose(MatRef::new(weight_t, projection.width, w.input));
+        let cols = projection.weights.cols;
+        let (weight_t, bias) = grad_projection.split_at(projection.width * cols);
+        let weight = transpose(MatRef::new(weight_t, projection.width, cols));
         return HostGrads {
             xp: grad_xp,
             state0: grad_state,

@@ -19,10 +19,10 @@
 //!   `p` at each step: `s' = z ⊙ s + (1 − z) ⊙ cell(s)`, `z ~ Bernoulli(p)`; the step's
 //!   output is the cell's own (as the authors' code). At evaluation `z = p`, the expectation.
 
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Distribution, Tensor, TensorPrimitive};
 
 use crate::host::{self, HostFloat, HostStep, HostStepGrads, MatMut, MatRef, Operand};
-use crate::ops::{Recurrence, StepOutput, StepRecord};
+use crate::ops::{InputNoise, Recurrence, StepOutput, StepRecord};
 
 /// The noise of one cell over one sequence batch.
 #[derive(Debug, Clone)]
@@ -83,19 +83,25 @@ impl<B: Backend> StateNoise<B> {
         kernel: K,
         xp: Tensor<B, 3>,
     ) -> (Regularised<K>, Tensor<B, 3>) {
-        let [len, batch, _] = xp.dims();
-        let mut columns = vec![xp];
-        if let Some(keep) = &self.keep {
-            let width = keep.dims()[1];
-            columns.push(
-                keep.clone()
-                    .unsqueeze_dim::<3>(0)
-                    .expand([len, batch, width]),
-            );
+        let xp = self.input_noise().appended(xp.into_primitive().tensor());
+        (
+            self.wrapped(kernel),
+            Tensor::from_primitive(TensorPrimitive::Float(xp)),
+        )
+    }
+
+    /// The kernel wrapped to apply this noise, which reads it as columns of its input after
+    /// the cell's own ([`input_noise`](StateNoise::input_noise)).
+    pub fn wrapped<K: Recurrence>(&self, kernel: K) -> Regularised<K> {
+        Regularised::new(kernel, self.keep.is_some(), self.zone.is_some())
+    }
+
+    /// The noise as the recurrence ops take it.
+    pub fn input_noise(&self) -> InputNoise<B> {
+        InputNoise {
+            keep: self.keep.clone().map(|keep| keep.into_primitive().tensor()),
+            zone: self.zone.clone().map(|zone| zone.into_primitive().tensor()),
         }
-        columns.extend(self.zone.clone());
-        let wrapped = Regularised::new(kernel, self.keep.is_some(), self.zone.is_some());
-        (wrapped, Tensor::cat(columns, 2))
     }
 }
 

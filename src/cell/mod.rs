@@ -105,25 +105,38 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
         B: RnnBackend,
     {
         let params = self.recurrent_params();
-        // The projection and the recurrence as one op where the cell allows it (the backend
-        // decides whether to fuse them); recurrent noise widens the projected input instead.
-        let affine = match (noise, path) {
-            (None, RecurrencePath::Fused) => Some(self.input_affine()),
-            _ => None,
-        };
-        if let Some((weight, bias)) = affine {
+        // The projection and the recurrence as one op (the backend decides whether to fuse
+        // them); recurrent noise, as more columns of the kernel's input, goes with it.
+        if path == RecurrencePath::Fused {
+            let (weight, bias) = self.input_affine();
             check_input_width(&input, &weight);
-            return ops::projected_recurrence(
-                &self.kernel(),
-                input,
-                weight,
-                bias,
-                self.input_passthrough(),
-                state,
-                params,
-                mask,
-                reverse,
-            );
+            let passthrough = self.input_passthrough();
+            return match noise {
+                None => ops::projected_recurrence(
+                    &self.kernel(),
+                    input,
+                    weight,
+                    bias,
+                    passthrough,
+                    state,
+                    params,
+                    mask,
+                    reverse,
+                    None,
+                ),
+                Some(noise) => ops::projected_recurrence(
+                    &noise.wrapped(self.kernel()),
+                    input,
+                    weight,
+                    bias,
+                    passthrough,
+                    state,
+                    params,
+                    mask,
+                    reverse,
+                    Some(noise.input_noise()),
+                ),
+            };
         }
         let projected = self.project(input);
         match noise {

@@ -483,9 +483,12 @@ struct ProjectionView<'a, F: Clone> {
     x: Cow<'a, [F]>,
     x_strides: [usize; 2],
     width: usize,
-    /// `Wᵀ` `[width, input_width]`, with `b` as one more row (see [`host::Projection`]).
+    /// `Wᵀ` `[width, projected width]`, with `b` as one more row (see [`host::Projection`]).
     weights: Vec<F>,
     grad_x: bool,
+    /// Recurrent noise: a per-sequence `[batch, ·]` multiplier, per-step `[T, batch, ·]` rows.
+    keep: Option<(Cow<'a, [F]>, usize)>,
+    zone: Option<HostSequence<'a, F>>,
 }
 
 impl<'a, F: HostFloat> HostView<'a, F> {
@@ -507,7 +510,16 @@ impl<'a, F: HostFloat> HostView<'a, F> {
         let bias = input.bias.as_ref().map(|bias| B::host_slice::<F, 1>(bias));
         let (bias, passthrough) = (bias.as_deref(), input.passthrough);
         let weights = projection_weights(&weight, [out, width], bias, passthrough);
-        let input_width = out + passthrough.map_or(0, |p| p.width);
+        let projected_width = out + passthrough.map_or(0, |p| p.width);
+        let noise = input.noise.as_ref();
+        let keep = noise.and_then(|noise| noise.keep.as_ref()).map(|keep| {
+            let [_, width] = dims::<B>(keep);
+            (B::host_slice::<F, 2>(keep), width)
+        });
+        let zone = noise
+            .and_then(|noise| noise.zone.as_ref())
+            .map(|zone| HostSequence::read::<B>(zone));
+        let noise_width = keep.as_ref().map_or(0, |k| k.1) + zone.as_ref().map_or(0, |z| z.width);
         // The layer's input is a transposed view: read in place, not copied to time-major.
         let (x, x_strides) = match B::host_strided::<F>(&input.x) {
             Some((x, [step, row, _])) => (Cow::Borrowed(x), [step, row]),
@@ -521,25 +533,39 @@ impl<'a, F: HostFloat> HostView<'a, F> {
                 width,
                 weights,
                 grad_x,
+                keep,
+                zone,
             }),
             state0: B::host_slice::<F, 2>(&input.state0),
             params: B::host_slice::<F, 1>(&input.params),
             mask: input.mask.as_ref().map(|mask| B::host_slice::<F, 2>(mask)),
-            dims: [len, batch, input_width],
+            dims: [len, batch, projected_width + noise_width],
             reverse: input.reverse,
         }
     }
 
     fn view(&self) -> HostInput<'_, F> {
-        let input_width = self.dims[2];
+        let [_, batch, input_width] = self.dims;
         HostInput {
             xp: &self.xp,
-            projection: self.projection.as_ref().map(|p| host::Projection {
-                x: &p.x,
-                x_strides: p.x_strides,
-                width: p.width,
-                weights: MatRef::new(&p.weights, p.weights.len() / input_width, input_width),
-                grad_x: p.grad_x,
+            projection: self.projection.as_ref().map(|p| {
+                let keep = p
+                    .keep
+                    .as_ref()
+                    .map(|(keep, width)| MatRef::new(keep, batch, *width));
+                let zone = p.zone.as_ref().map(HostSequence::rows);
+                let noise_width = keep.map_or(0, |k| k.width()) + zone.map_or(0, |z| z.width);
+                let projected_width = input_width - noise_width;
+                let rows = p.weights.len() / projected_width;
+                host::Projection {
+                    x: &p.x,
+                    x_strides: p.x_strides,
+                    width: p.width,
+                    weights: MatRef::new(&p.weights, rows, projected_width),
+                    grad_x: p.grad_x,
+                    keep,
+                    zone,
+                }
             }),
             state0: &self.state0,
             params: &self.params,
@@ -1470,6 +1496,7 @@ mod tests {
                     ))
                 }),
                 reverse,
+                noise: None,
             };
             let xp =
                 linear::tensor_forward::<F64>(x.clone(), weight.clone(), bias.clone(), passthrough);

@@ -265,13 +265,63 @@ pub struct ProjectedInput<B: Backend> {
     pub mask: Option<FloatTensor<B>>,
     /// Walk the sequence from its end to its start.
     pub reverse: bool,
+    /// Recurrent noise, columns of the kernel's input after the projection's.
+    pub noise: Option<InputNoise<B>>,
+}
+
+/// Recurrent noise as columns of a kernel's projected input, after the projection's (see
+/// [`Regularised`](crate::regularisation::Regularised)); never differentiated.
+#[derive(Debug, Clone)]
+pub struct InputNoise<B: Backend> {
+    /// `[batch, width]`, the same at every step (a dropout mask), or `None`.
+    pub keep: Option<FloatTensor<B>>,
+    /// `[T, batch, width]` (zoneout's), or `None`.
+    pub zone: Option<FloatTensor<B>>,
+}
+
+impl<B: Backend> InputNoise<B> {
+    /// `xp` `[T, batch, ·]` with the noise columns appended (`keep`'s repeated at every step).
+    pub fn appended(self, xp: FloatTensor<B>) -> FloatTensor<B> {
+        let xp = float::<B, 3>(xp);
+        let [len, batch, _] = xp.dims();
+        let mut columns = vec![xp];
+        if let Some(keep) = self.keep {
+            let keep = float::<B, 2>(keep);
+            let width = keep.dims()[1];
+            columns.push(keep.unsqueeze_dim::<3>(0).expand([len, batch, width]));
+        }
+        columns.extend(self.zone.map(float::<B, 3>));
+        primitive(Tensor::cat(columns, 2))
+    }
+
+    /// Columns of the noise.
+    pub fn width(&self) -> usize {
+        let keep = self
+            .keep
+            .as_ref()
+            .map_or(0, |keep| float::<B, 2>(keep.clone()).dims()[1]);
+        keep + self
+            .zone
+            .as_ref()
+            .map_or(0, |zone| dims_of::<B, 3>(zone)[2])
+    }
+}
+
+/// The dims of a float tensor primitive.
+fn dims_of<B: Backend, const D: usize>(tensor: &FloatTensor<B>) -> [usize; D] {
+    float::<B, D>(tensor.clone()).dims()
 }
 
 impl<B: RnnBackend> ProjectedInput<B> {
-    /// The recurrence op's input, the projection computed beforehand by its own op.
+    /// The recurrence op's input, the projection computed beforehand by its own op (and the
+    /// noise appended to it).
     pub fn projected(self) -> RecurrenceInput<B> {
+        let xp = B::rnn_linear(self.x, self.weight, self.bias, self.passthrough);
         RecurrenceInput {
-            xp: B::rnn_linear(self.x, self.weight, self.bias, self.passthrough),
+            xp: match self.noise {
+                Some(noise) => noise.appended(xp),
+                None => xp,
+            },
             state0: self.state0,
             params: self.params,
             mask: self.mask,
@@ -306,8 +356,18 @@ pub fn projected_backward_in_parts<B: RnnBackend, K: Recurrence>(
 ) -> ProjectedGrads<B> {
     let (x, weight, has_bias) = (input.x.clone(), input.weight.clone(), input.bias.is_some());
     let passthrough = input.passthrough;
+    let noise_width = input.noise.as_ref().map_or(0, InputNoise::width);
     let grads = B::rnn_recurrence_backward(kernel, input.projected(), packed, grad);
-    let (x_grad, params) = linear_grads_wanted::<B>(grads.xp, x, weight, passthrough, grad_x, true);
+    // The noise columns' gradient belongs to nothing.
+    let grad_xp = match noise_width {
+        0 => grads.xp,
+        _ => {
+            let grad_xp = float::<B, 3>(grads.xp);
+            let width = grad_xp.dims()[2] - noise_width;
+            primitive(grad_xp.narrow(2, 0, width))
+        }
+    };
+    let (x_grad, params) = linear_grads_wanted::<B>(grad_xp, x, weight, passthrough, grad_x, true);
     let (grad_weight, grad_bias) = params.expect("the parameters' gradients were asked for");
     ProjectedGrads {
         x: x_grad,
@@ -1072,6 +1132,10 @@ impl<B: RnnBackend, C: CheckpointStrategy> RnnBackend for Autodiff<B, C> {
             params: input.params.primitive,
             mask: input.mask.map(|mask| mask.primitive),
             reverse: input.reverse,
+            noise: input.noise.map(|noise| InputNoise {
+                keep: noise.keep.map(|keep| keep.primitive),
+                zone: noise.zone.map(|zone| zone.primitive),
+            }),
         };
         let (x, weight) = (input.x.node, input.weight.node);
         let (state0, params) = (input.state0.node, input.params.node);
@@ -1748,7 +1812,8 @@ pub fn layer_outputs<B: RnnBackend>(
 /// The projected recurrence op ([`RnnBackend::rnn_projected_recurrence`]) on high-level
 /// tensors: the recurrence op's output `[T, batch, O + S]` (or `[T, batch, S]`, see
 /// [`with_output_columns`]) from the layer input `x` `[T, batch, width]`, the projection
-/// `x · weightᵀ + bias` and the columns of `x` that `passthrough` appends to it.
+/// `x · weightᵀ + bias`, the columns of `x` that `passthrough` appends to it and the
+/// recurrent `noise` columns after them.
 #[allow(clippy::too_many_arguments)]
 pub fn projected_recurrence<B: RnnBackend, K: Recurrence>(
     kernel: &K,
@@ -1760,6 +1825,7 @@ pub fn projected_recurrence<B: RnnBackend, K: Recurrence>(
     params: Tensor<B, 1>,
     mask: Option<Tensor<B, 2>>,
     reverse: bool,
+    noise: Option<InputNoise<B>>,
 ) -> Tensor<B, 3> {
     let input = ProjectedInput {
         x: primitive(x),
@@ -1770,6 +1836,7 @@ pub fn projected_recurrence<B: RnnBackend, K: Recurrence>(
         params: primitive(params),
         mask: mask.map(primitive),
         reverse,
+        noise,
     };
     float(B::rnn_projected_recurrence(kernel, input))
 }
