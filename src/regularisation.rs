@@ -447,15 +447,20 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
         let mut buffer = Vec::new();
         let read = self.host_read(step.xp, step.prev, &mut buffer);
         let zone = self.zone_col().map(|col| step.xp.cols(col, s));
-        let mut grad_cell_state: Vec<F> = (0..batch)
-            .flat_map(|b| {
-                let g = step.grad_state.row(b);
-                (0..s).map(move |j| match zone {
-                    Some(zone) => g[j] * (F::one() - zone.row(b)[j]),
-                    None => g[j],
-                })
-            })
-            .collect();
+        // The state's gradient reaching the cell: all of it, or the share zoneout did not keep.
+        // (Slices zipped row by row rather than indexed: the loops vectorise.)
+        let mut grad_cell_state = vec![F::zero(); batch * s];
+        for (b, cell) in grad_cell_state.chunks_exact_mut(s).enumerate() {
+            let grad = &step.grad_state.row(b)[..s];
+            match zone {
+                Some(zone) => {
+                    for ((c, &g), &z) in cell.iter_mut().zip(grad).zip(&zone.row(b)[..s]) {
+                        *c = g * (F::one() - z);
+                    }
+                }
+                None => cell.copy_from_slice(grad),
+            }
+        }
         // An inner kernel whose output is its state's first columns takes the output's
         // gradient added into the state's.
         let grad_output = match state_at {
@@ -514,11 +519,19 @@ impl<K: Recurrence> Recurrence for Regularised<K> {
         );
         let keep = self.keep_col().map(|col| step.xp.cols(col, s));
         prev.for_each_row(|b, row| {
-            let read_grad = &grad_read[b * s..(b + 1) * s];
-            for (j, g) in row.iter_mut().enumerate() {
-                *g = read_grad[j] * keep.map_or(F::one(), |k| k.row(b)[j]);
-                if let Some(zone) = zone {
-                    *g += step.grad_state.row(b)[j] * zone.row(b)[j];
+            let (row, read_grad) = (&mut row[..s], &grad_read[b * s..(b + 1) * s]);
+            match keep {
+                Some(keep) => {
+                    for ((g, &r), &k) in row.iter_mut().zip(read_grad).zip(&keep.row(b)[..s]) {
+                        *g = r * k;
+                    }
+                }
+                None => row.copy_from_slice(read_grad),
+            }
+            if let Some(zone) = zone {
+                let kept = step.grad_state.row(b)[..s].iter().zip(&zone.row(b)[..s]);
+                for (g, (&d, &z)) in row.iter_mut().zip(kept) {
+                    *g += d * z;
                 }
             }
         });
