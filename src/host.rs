@@ -401,10 +401,12 @@ fn parallel_inside() -> bool {
 /// Batch rows never interact in the recurrence, so it runs each block of rows through the
 /// whole sequence on its own, blocks in parallel: no synchronisation at every step. The blocks
 /// depend on the batch size only (at least 64 rows each, so that a step's GEMM stays
-/// efficient), which keeps the results independent of the thread count.
+/// efficient, but two of half as many where the batch has fewer than 128 rows and at least
+/// 32, so that two threads share a small batch), which keeps the results independent of the
+/// thread count.
 fn batch_blocks(batch: usize) -> Vec<Range<usize>> {
     const MIN_ROWS: usize = 64;
-    let count = (batch / MIN_ROWS).max(1);
+    let count = (batch / MIN_ROWS).max(if batch >= MIN_ROWS / 2 { 2 } else { 1 });
     (0..count)
         .map(|i| i * batch / count..(i + 1) * batch / count)
         .collect()
