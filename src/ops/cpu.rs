@@ -483,8 +483,10 @@ struct ProjectionView<'a, F: Clone> {
     x: Cow<'a, [F]>,
     x_strides: [usize; 2],
     width: usize,
-    /// `Wᵀ` `[width, projected width]`, with `b` as one more row (see [`host::Projection`]).
+    /// `Wᵀ` `[width, projected_width]`, with `b` as one more row (see [`host::Projection`]).
     weights: Vec<F>,
+    /// The projection's columns of the kernel's input (the noise's follow).
+    projected_width: usize,
     grad_x: bool,
     /// Recurrent noise: a per-sequence `[batch, ·]` multiplier, per-step `[T, batch, ·]` rows.
     keep: Option<(Cow<'a, [F]>, usize)>,
@@ -532,6 +534,7 @@ impl<'a, F: HostFloat> HostView<'a, F> {
                 x_strides,
                 width,
                 weights,
+                projected_width,
                 grad_x,
                 keep,
                 zone,
@@ -545,26 +548,22 @@ impl<'a, F: HostFloat> HostView<'a, F> {
     }
 
     fn view(&self) -> HostInput<'_, F> {
-        let [_, batch, input_width] = self.dims;
+        let batch = self.dims[1];
         HostInput {
             xp: &self.xp,
             projection: self.projection.as_ref().map(|p| {
-                let keep = p
-                    .keep
-                    .as_ref()
-                    .map(|(keep, width)| MatRef::new(keep, batch, *width));
-                let zone = p.zone.as_ref().map(HostSequence::rows);
-                let noise_width = keep.map_or(0, |k| k.width()) + zone.map_or(0, |z| z.width);
-                let projected_width = input_width - noise_width;
-                let rows = p.weights.len() / projected_width;
+                let columns = p.projected_width;
                 host::Projection {
                     x: &p.x,
                     x_strides: p.x_strides,
                     width: p.width,
-                    weights: MatRef::new(&p.weights, rows, projected_width),
+                    weights: MatRef::new(&p.weights, p.weights.len() / columns, columns),
                     grad_x: p.grad_x,
-                    keep,
-                    zone,
+                    keep: p
+                        .keep
+                        .as_ref()
+                        .map(|(keep, cols)| MatRef::new(keep, batch, *cols)),
+                    zone: p.zone.as_ref().map(HostSequence::rows),
                 }
             }),
             state0: &self.state0,
