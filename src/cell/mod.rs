@@ -111,30 +111,24 @@ pub trait Cell<B: Backend>: Module<B> + ModuleDisplay + core::fmt::Debug {
             let (weight, bias) = self.input_affine();
             check_input_width(&input, &weight);
             let passthrough = self.input_passthrough();
+            let input = ops::ProjectedInput::new(
+                input,
+                weight,
+                bias,
+                passthrough,
+                state,
+                params,
+                mask,
+                reverse,
+            );
             return match noise {
-                None => ops::projected_recurrence(
-                    &self.kernel(),
-                    input,
-                    weight,
-                    bias,
-                    passthrough,
-                    state,
-                    params,
-                    mask,
-                    reverse,
-                    None,
-                ),
+                None => ops::projected_recurrence(&self.kernel(), input),
                 Some(noise) => ops::projected_recurrence(
                     &noise.wrapped(self.kernel()),
-                    input,
-                    weight,
-                    bias,
-                    passthrough,
-                    state,
-                    params,
-                    mask,
-                    reverse,
-                    Some(noise.input_noise()),
+                    ops::ProjectedInput {
+                        noise: Some(noise.input_noise()),
+                        ..input
+                    },
                 ),
             };
         }

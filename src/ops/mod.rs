@@ -1811,34 +1811,41 @@ pub fn layer_outputs<B: RnnBackend>(
 
 /// The projected recurrence op ([`RnnBackend::rnn_projected_recurrence`]) on high-level
 /// tensors: the recurrence op's output `[T, batch, O + S]` (or `[T, batch, S]`, see
-/// [`with_output_columns`]) from the layer input `x` `[T, batch, width]`, the projection
-/// `x · weightᵀ + bias`, the columns of `x` that `passthrough` appends to it and the
-/// recurrent `noise` columns after them.
-#[allow(clippy::too_many_arguments)]
+/// [`with_output_columns`]) from `input`.
 pub fn projected_recurrence<B: RnnBackend, K: Recurrence>(
     kernel: &K,
-    x: Tensor<B, 3>,
-    weight: Tensor<B, 2>,
-    bias: Option<Tensor<B, 1>>,
-    passthrough: Option<Passthrough>,
-    state0: Tensor<B, 2>,
-    params: Tensor<B, 1>,
-    mask: Option<Tensor<B, 2>>,
-    reverse: bool,
-    noise: Option<InputNoise<B>>,
+    input: ProjectedInput<B>,
 ) -> Tensor<B, 3> {
-    let input = ProjectedInput {
-        x: primitive(x),
-        weight: primitive(weight),
-        bias: bias.map(primitive),
-        passthrough,
-        state0: primitive(state0),
-        params: primitive(params),
-        mask: mask.map(primitive),
-        reverse,
-        noise,
-    };
     float(B::rnn_projected_recurrence(kernel, input))
+}
+
+impl<B: Backend> ProjectedInput<B> {
+    /// The op's input from high-level tensors: the layer input `x` `[T, batch, width]`, the
+    /// projection `x · weightᵀ + bias` and the columns of `x` that `passthrough` appends to
+    /// it; no noise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        x: Tensor<B, 3>,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+        passthrough: Option<Passthrough>,
+        state0: Tensor<B, 2>,
+        params: Tensor<B, 1>,
+        mask: Option<Tensor<B, 2>>,
+        reverse: bool,
+    ) -> Self {
+        Self {
+            x: primitive(x),
+            weight: primitive(weight),
+            bias: bias.map(primitive),
+            passthrough,
+            state0: primitive(state0),
+            params: primitive(params),
+            mask: mask.map(primitive),
+            reverse,
+            noise: None,
+        }
+    }
 }
 
 /// Runs the recurrence op on high-level tensors along the chosen [`RecurrencePath`]: the
