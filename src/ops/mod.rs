@@ -299,7 +299,7 @@ impl<B: Backend> InputNoise<B> {
         let keep = self
             .keep
             .as_ref()
-            .map_or(0, |keep| float::<B, 2>(keep.clone()).dims()[1]);
+            .map_or(0, |keep| dims_of::<B, 2>(keep)[1]);
         keep + self
             .zone
             .as_ref()
