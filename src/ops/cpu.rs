@@ -1091,6 +1091,36 @@ mod tests {
         ))
     }
 
+    /// The `[T, batch]` mask of sequences where sequence `b` ends after step `len − 1 − b % 3`
+    /// (a whole sequence, then shorter ones).
+    fn stepped_mask(len: usize, batch: usize) -> FloatTensor<F64> {
+        let keep: Vec<f64> = (0..len)
+            .flat_map(|t| (0..batch).map(move |b| f64::from(t + 1 + b % 3 <= len)))
+            .collect();
+        primitive(Tensor::<F64, 2>::from_data(
+            TensorData::new(keep, [len, batch]),
+            &Default::default(),
+        ))
+    }
+
+    /// Random inputs of `kernel`'s recurrence over `len` steps of `batch` rows, masked by
+    /// [`stepped_mask`] when `masked`.
+    fn random_input<K: Recurrence>(
+        kernel: &K,
+        [len, batch]: [usize; 2],
+        masked: bool,
+        reverse: bool,
+    ) -> RecurrenceInput<F64> {
+        let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
+        RecurrenceInput {
+            xp: random([len, batch, kernel.input_width()]),
+            state0: random([batch, kernel.state_width()]),
+            params: random([param_len]),
+            mask: masked.then(|| stepped_mask(len, batch)),
+            reverse,
+        }
+    }
+
     fn data<const D: usize>(tensor: FloatTensor<F64>) -> TensorData {
         float::<F64, D>(tensor).into_data()
     }
@@ -1341,26 +1371,11 @@ mod tests {
     #[test]
     fn head_in_factors_matches_the_materialised_head() {
         let (len, batch, k) = (5, 3, 2);
-        let mask: Vec<f64> = (0..len)
-            .flat_map(|t| (0..batch).map(move |b| if t <= 4 - b { 1.0 } else { 0.0 }))
-            .collect();
         for name in cell_names() {
             let config = AnyCellConfig::named(name, 3, 4).unwrap();
             let kernel = config.init_cell::<F64>(&Default::default()).kernel();
-            let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
             for (masked, beside) in [(false, false), (false, true), (true, false), (true, true)] {
-                let input = RecurrenceInput::<F64> {
-                    xp: random([len, batch, kernel.input_width()]),
-                    state0: random([batch, kernel.state_width()]),
-                    params: random([param_len]),
-                    mask: masked.then(|| {
-                        primitive(Tensor::<F64, 2>::from_data(
-                            TensorData::new(mask.clone(), [len, batch]),
-                            &Default::default(),
-                        ))
-                    }),
-                    reverse: false,
-                };
+                let input = random_input(&kernel, [len, batch], masked, false);
                 let (packed, visible) = host_recurrence_forward::<F64, _>(&kernel, input.clone());
                 let width = dims3::<F64>(&visible)[2];
                 let output_width = kernel.output_width();
@@ -1478,9 +1493,6 @@ mod tests {
                 true => primitive(float::<F64, 3>(random([batch, len, width])).swap_dims(0, 1)),
                 false => random([len, batch, width]),
             };
-            let mask: Vec<f64> = (0..len)
-                .flat_map(|t| (0..batch).map(move |b| f64::from(t <= 4 - b % 3)))
-                .collect();
             let input = ProjectedInput::<F64> {
                 x: x.clone(),
                 weight: weight.clone(),
@@ -1488,12 +1500,7 @@ mod tests {
                 passthrough,
                 state0: random([batch, kernel.state_width()]),
                 params: random([param_len]),
-                mask: masked.then(|| {
-                    primitive(Tensor::<F64, 2>::from_data(
-                        TensorData::new(mask, [len, batch]),
-                        &Default::default(),
-                    ))
-                }),
+                mask: masked.then(|| stepped_mask(len, batch)),
                 reverse,
                 noise: None,
             };
@@ -1551,24 +1558,9 @@ mod tests {
     /// shorter ones), or (unmasked) every sequence is whole.
     fn compare_host_and_tensor_batch<K: Recurrence>(name: &str, kernel: &K, batch: usize) {
         let len = 5;
-        let mask: Vec<f64> = (0..len)
-            .flat_map(|t| (0..batch).map(move |b| if t <= 4 - b % 3 { 1.0 } else { 0.0 }))
-            .collect();
-        let param_len: usize = kernel.param_shapes().iter().map(|[r, c]| r * c).sum();
         for (reverse, masked) in [(false, true), (true, true), (false, false), (true, false)] {
             let case = format!("{name} (reverse {reverse}, masked {masked})");
-            let input = RecurrenceInput::<F64> {
-                xp: random([len, batch, kernel.input_width()]),
-                state0: random([batch, kernel.state_width()]),
-                params: random([param_len]),
-                mask: masked.then(|| {
-                    primitive(Tensor::<F64, 2>::from_data(
-                        TensorData::new(mask.clone(), [len, batch]),
-                        &Default::default(),
-                    ))
-                }),
-                reverse,
-            };
+            let input = random_input(kernel, [len, batch], masked, reverse);
             let tensor_out = recurrence_forward::<F64, _>(kernel, input.clone());
             let (host_out, host_visible) = host_recurrence_forward::<F64, _>(kernel, input.clone());
             let in_state = host::visible_width(kernel, masked) == kernel.state_width();
